@@ -1,0 +1,174 @@
+"""`kdplatform` command line: run, teacher, sweep, report, ui, methods, tasks.
+
+User mistakes (bad YAML, missing data, unusable checkpoints) print one clear message and exit 2, with
+nothing started and nothing written to MLflow. Heavy imports (torch, transformers, ray) happen inside the
+commands that need them, so `kdplatform --help` and validation stay fast.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kdplatform import tracking
+from kdplatform.config import ConfigError, ResolvedTrial, load_trials
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Sweeps of knowledge distillation and quantization-aware training for BERT-like encoders.")
+console = Console()
+err = Console(stderr=True)
+
+TrackingOpt = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
+                           "else sqlite:///./mlflow.db)")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _user_errors():
+    from kdplatform.distill.tasks import DataError
+    from kdplatform.distill.teacher import TeacherError
+
+    return (ConfigError, DataError, TeacherError)
+
+
+def _load(file: Path) -> tuple:
+    try:
+        return load_trials(file)
+    except ConfigError as e:
+        _fail(str(e).replace("[", r"\["))
+
+
+def _uri(tracking_uri: str | None, trials: list[ResolvedTrial] | None = None) -> str:
+    uri = tracking_uri or (trials[0].tracking_uri if trials and trials[0].tracking_uri else None) \
+        or tracking.default_tracking_uri()
+    return tracking.absolute_uri(uri)
+
+
+def trial_table(trials: list[ResolvedTrial], done: set[str] | None = None, title: str = "trials") -> Table:
+    table = Table(title=title)
+    for col in ("#", "run name", "stages", "teacher", "cfg hash", "status"):
+        table.add_column(col)
+    for i, t in enumerate(trials, 1):
+        stages = " -> ".join(f"{s.name}[{'+'.join(x.name for x in s.losses)}]" for s in t.train)
+        status = "done" if done and t.cfg_hash in done else "to run"
+        table.add_row(str(i), t.run_name, stages, t.teacher_hash[:8], t.cfg_hash[:8], status)
+    return table
+
+
+@app.command()
+def run(file: Path = typer.Argument(..., help="trial or sweep YAML"), tracking_uri: Optional[str] = TrackingOpt,
+        dry_run: bool = typer.Option(False, "--dry-run", help="validate and list the trials; run nothing")) -> None:
+    """Run the file's trials in this process, one after the other (no Ray)."""
+    spec, trials, notes = _load(file)
+    uri = _uri(tracking_uri, trials)
+    for n in notes:
+        console.print(f"[yellow]note:[/] {n}")
+    console.print(trial_table(trials, title=f"{len(trials)} trial(s) from {file}"))
+    if dry_run:
+        return
+    from kdplatform.distill.worker import DivergedError, run_trial
+
+    failed = 0
+    summary = Table(title=f"results ({tracking.redact(uri)}, experiment '{spec.name}')")
+    for col in ("run name", "status", "best dev score", "minutes", "run id"):
+        summary.add_column(col)
+    for i, trial in enumerate(trials, 1):
+        console.rule(f"[{i}/{len(trials)}] {trial.run_name}")
+        try:
+            res = run_trial(trial, tracking_uri=uri)
+            score = res.best.get("dev/best_score")
+            summary.add_row(trial.run_name, "FINISHED", f"{score:.4f}" if score is not None else "-",
+                            f"{res.seconds / 60:.1f}", res.run_id)
+        except _user_errors() as e:
+            _fail(str(e))
+        except DivergedError as e:
+            failed += 1
+            summary.add_row(trial.run_name, "[red]FAILED[/] (diverged)", "-", "-", str(e)[:60])
+    console.print(summary)
+    console.print(f"Browse: [bold]kdplatform ui --tracking-uri {tracking.redact(uri)}[/]")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def teacher(file: Path = typer.Argument(..., help="trial or sweep YAML"),
+            tracking_uri: Optional[str] = TrackingOpt) -> None:
+    """Fine-tune (or find) every distinct teacher the file needs, once each."""
+    _, trials, _ = _load(file)
+    uri = _uri(tracking_uri, trials)
+    from kdplatform.distill.teacher import ensure_teacher
+
+    seen: dict[str, ResolvedTrial] = {}
+    for t in trials:
+        seen.setdefault(t.teacher_hash, t)
+    for h, t in seen.items():
+        try:
+            folder = ensure_teacher(t, uri)
+        except _user_errors() as e:
+            _fail(str(e))
+        console.print(f"teacher {h} ({t.task}, {t.teacher.model}): {folder}")
+
+
+@app.command()
+def methods() -> None:
+    """List KD method presets and their loss terms per stage."""
+    from kdplatform.distill.methods import PRESETS
+
+    table = Table(title="methods")
+    for col in ("name", "stages (loss terms)", "axes", "description"):
+        table.add_column(col, overflow="fold")
+    for p in PRESETS.values():
+        stages = " -> ".join(f"{s.name}[{'+'.join(t['name'] for t in s.losses)}"
+                             f"{'+mixup' if s.mixup else ''}{'+consistency' if s.consistency else ''}]"
+                             for s in p.stages) or "(yours)"
+        axes = [a for a, used in (("layer_map", p.layer_map), ("consistency_weight", p.uses_consistency),
+                                  ("map_coeff/output_coeff", p.uses_mix_coeffs)) if used]
+        table.add_row(p.name, stages, ", ".join(axes) or "-", p.description)
+    console.print(table)
+
+
+@app.command()
+def tasks() -> None:
+    """List GLUE tasks, their metrics and where their data comes from."""
+    from kdplatform.distill.tasks import TASKS
+
+    glue = os.environ.get("KDP_GLUE_DIR")
+    table = Table(title=f"tasks (KDP_GLUE_DIR={glue or 'unset: hub'})")
+    for col in ("name", "labels", "metrics", "dev splits", "local files"):
+        table.add_column(col)
+    for t in TASKS.values():
+        local = "-"
+        if glue:
+            local = "yes" if (Path(glue) / t.glue_dir / "train.tsv").is_file() else "dev only" if \
+                (Path(glue) / t.glue_dir).is_dir() else "no"
+        table.add_row(t.name, str(t.num_labels), ", ".join(t.metrics), ", ".join(t.dev_splits), local)
+    console.print(table)
+
+
+@app.command()
+def ui(tracking_uri: Optional[str] = TrackingOpt,
+       host: str = typer.Option("127.0.0.1", help="bind address (127.0.0.1: this machine only)"),
+       port: int = typer.Option(5000)) -> None:
+    """Start the MLflow UI on the store (bound to 127.0.0.1 unless told otherwise)."""
+    uri = _uri(tracking_uri)
+    console.print(f"MLflow UI on http://{host}:{port} for {tracking.redact(uri)}")
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    raise typer.Exit(subprocess.call(cmd))
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

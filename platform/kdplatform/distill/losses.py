@@ -1,0 +1,222 @@
+"""The loss menu: small pure functions over tensors, registered by name (DESIGN.md section 4).
+
+Shapes: logits (B, C); hidden states and attention outputs (B, S, H); attention scores/probabilities
+(B, heads, S, S); `attention_mask` (B, S) of 0/1 for valid tokens. Every function returns a scalar and
+averages over valid (non-padding) positions only, so a value never depends on how a batch was padded.
+Layer-wise terms are summed over the mapped layers by `term_loss`.
+
+>>> import torch
+>>> s, t = torch.randn(4, 3), torch.randn(4, 3)
+>>> float(logit_kd(t, t, temperature=2.0)) >= 0
+True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+LOSSES: dict[str, Callable[..., Tensor]] = {}
+EPS_MAP = 1e-8  # KD-QAT clamps both attention maps at 1e-8 before the log
+
+
+def register(name: str) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
+    """Register a loss under a name usable in YAML (`losses: [{name: ...}]`)."""
+
+    def deco(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        LOSSES[name] = fn
+        return fn
+
+    return deco
+
+
+def _valid_mean(x: Tensor, attention_mask: Tensor) -> Tensor:
+    """Mean of a (B, S, ...) tensor over valid tokens and every trailing unit."""
+    m = attention_mask.to(x.dtype).reshape(*attention_mask.shape, *([1] * (x.dim() - 2)))
+    units = x[0, 0].numel()
+    return (x * m).sum() / (m.sum() * units).clamp_min(1)
+
+
+def _pair_mask(attention_mask: Tensor) -> Tensor:
+    """(B, 1, S, S) mask of valid (query, key) pairs."""
+    m = attention_mask.bool()
+    return (m[:, None, :, None] & m[:, None, None, :])
+
+
+@register("logit_kd")
+def logit_kd(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Soft cross-entropy -sum softmax(z_t/T) log softmax(z_s/T), times T^2, batch mean.
+
+    Regression (one output, STS-B): MSE between the two predictions.
+    """
+    if student_logits.shape[-1] == 1:
+        return F.mse_loss(student_logits.float(), teacher_logits.float())
+    t = F.softmax(teacher_logits.float() / temperature, dim=-1)
+    log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    return -(t * log_s).sum(-1).mean() * temperature**2
+
+
+@register("ce")
+def ce(logits: Tensor, labels: Tensor) -> Tensor:
+    """Hard-label cross-entropy; MSE for regression (one output)."""
+    if logits.shape[-1] == 1:
+        return F.mse_loss(logits.squeeze(-1).float(), labels.float())
+    return F.cross_entropy(logits.float(), labels)
+
+
+@register("hidden_mse")
+def hidden_mse(student_hidden: Tensor, teacher_hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """MSE of hidden states (already projected to the teacher's width), over valid tokens and units."""
+    return _valid_mean((student_hidden.float() - teacher_hidden.float()) ** 2, attention_mask)
+
+
+@register("attention_score_mse")
+def attention_score_mse(student_scores: Tensor, teacher_scores: Tensor, attention_mask: Tensor) -> Tensor:
+    """MSE of pre-softmax attention scores; masked entries count as 0 (TernaryBERT 'S').
+
+    Averaged over valid (query, key) pairs and heads.
+    """
+    pm = _pair_mask(attention_mask).expand_as(student_scores)
+    diff = torch.where(pm, student_scores.float() - teacher_scores.float(), 0.0)
+    return (diff**2).sum() / pm.sum().clamp_min(1)
+
+
+def _row_kl(teacher_probs: Tensor, student_logp: Tensor, attention_mask: Tensor) -> Tensor:
+    """KL(t || s) per query row summed over valid keys; mean over valid rows, heads and batch."""
+    key_valid = attention_mask.bool()[:, None, None, :]
+    t = teacher_probs.float()
+    kl = torch.where(key_valid, t * (torch.log(t.clamp_min(1e-12)) - student_logp), 0.0).sum(-1)  # (B,h,S)
+    rows = attention_mask.to(kl.dtype)[:, None, :].expand_as(kl)
+    return (kl * rows).sum() / rows.sum().clamp_min(1)
+
+
+@register("attention_kl")
+def attention_kl(student_probs: Tensor, teacher_probs: Tensor, attention_mask: Tensor) -> Tensor:
+    """KL between teacher and student attention distributions, rows over valid keys (TinyBERT in CR-ILD)."""
+    return _row_kl(teacher_probs, torch.log(student_probs.float().clamp_min(1e-12)), attention_mask)
+
+
+def split_heads(x: Tensor, num_heads: int) -> Tensor:
+    """(B, S, H) -> (B, heads, S, H/heads)."""
+    b, s, h = x.shape
+    return x.view(b, s, num_heads, h // num_heads).transpose(1, 2)
+
+
+def masked_scores(x_query: Tensor, x_key: Tensor, num_heads: int) -> Tensor:
+    """Scaled dot products per head, X_q X_k^T / sqrt(d_head), shape (B, heads, S, S)."""
+    q, k = split_heads(x_query, num_heads), split_heads(x_key, num_heads)
+    return q.float() @ k.float().transpose(-1, -2) / math.sqrt(q.shape[-1])
+
+
+def masked_log_softmax(scores: Tensor, attention_mask: Tensor) -> Tensor:
+    key_valid = attention_mask.bool()[:, None, None, :]
+    return F.log_softmax(scores.masked_fill(~key_valid, torch.finfo(scores.dtype).min), dim=-1)
+
+
+@register("relation_kl")
+def relation_kl(student_x: Tensor, teacher_x: Tensor, attention_mask: Tensor, num_heads: int) -> Tensor:
+    """MiniLMv2 self-attention relation KL for one of Q, K or V.
+
+    R = softmax(X X^T / sqrt(d_head)) per relation head over valid keys; KL(R_t || R_s) averaged over
+    valid rows. Teacher and student may differ in width; both are split into `num_heads` relation heads.
+    """
+    log_rs = masked_log_softmax(masked_scores(student_x, student_x, num_heads), attention_mask)
+    log_rt = masked_log_softmax(masked_scores(teacher_x, teacher_x, num_heads), attention_mask)
+    return _row_kl(log_rt.exp(), log_rs, attention_mask)
+
+
+@register("pkd")
+def pkd(student_cls: Tensor, teacher_cls: Tensor) -> Tensor:
+    """Patient KD: MSE between L2-normalised [CLS] vectors (B, H)."""
+    return F.mse_loss(F.normalize(student_cls.float(), dim=-1), F.normalize(teacher_cls.float(), dim=-1))
+
+
+@register("attention_map_kl")
+def attention_map_kl(student_probs: Tensor, teacher_probs: Tensor, attention_mask: Tensor) -> Tensor:
+    """KD-QAT attention-map loss 'M'.
+
+    KL(A_t, A_s) with both maps clamped >= 1e-8, restricted to each example's valid n x n block: summed
+    over keys, summed over valid query rows and divided by n, then averaged over batch and heads.
+    """
+    pm = _pair_mask(attention_mask)  # (B,1,S,S)
+    t = teacher_probs.float().clamp_min(EPS_MAP)
+    s = student_probs.float().clamp_min(EPS_MAP)
+    kl = torch.where(pm, t * (t.log() - s.log()), 0.0).sum(dim=(-1, -2))  # (B, heads)
+    n = attention_mask.sum(-1).to(kl.dtype).clamp_min(1)[:, None]
+    return (kl / n).mean()
+
+
+@register("attention_output_mse")
+def attention_output_mse(student_out: Tensor, teacher_out: Tensor, attention_mask: Tensor) -> Tensor:
+    """KD-QAT attention-output loss 'O': MSE of LN(W_O ctx + b + x), mean over valid tokens and units."""
+    return _valid_mean((student_out.float() - teacher_out.float()) ** 2, attention_mask)
+
+
+# ------------------------------------------------------------------------------------- dispatch
+@dataclass
+class Features:
+    """What one forward pass exposes to the losses. Layers are 1-based; hidden[0] is the embedding output."""
+
+    logits: Tensor
+    attention_mask: Tensor
+    num_heads: int
+    hidden: tuple[Tensor, ...] | None = None
+    q: dict[int, Tensor] = field(default_factory=dict)
+    k: dict[int, Tensor] = field(default_factory=dict)
+    v: dict[int, Tensor] = field(default_factory=dict)
+    attn_out: dict[int, Tensor] = field(default_factory=dict)
+
+    def scores(self, layer: int) -> Tensor:
+        return masked_scores(self.q[layer], self.k[layer], self.num_heads)
+
+    def probs(self, layer: int) -> Tensor:
+        return masked_log_softmax(self.scores(layer), self.attention_mask).exp()
+
+
+def needs(term_name: str) -> set[str]:
+    """Which Features fields a term reads (so hooks and hidden states are captured only when needed)."""
+    return {
+        "logit_kd": {"logits"}, "ce": {"logits"}, "hidden_mse": {"hidden"}, "pkd": {"hidden"},
+        "attention_score_mse": {"qk"}, "attention_kl": {"qk"}, "attention_map_kl": {"qk"},
+        "relation_kl": {"qkv"}, "attention_output_mse": {"attn_out"},
+    }[term_name]
+
+
+def term_loss(name: str, s: Features, t: Features | None, pairs: list[tuple[int, int]], *,
+              temperature: float = 1.0, relations: tuple[str, ...] | list[str] = ("q", "k", "v"),
+              labels: Tensor | None = None, project: Callable[[int, Tensor], Tensor] | None = None,
+              mask: Tensor | None = None) -> Tensor:
+    """Value of one configured term: the registered function summed over the mapped layer pairs."""
+    mask = s.attention_mask if mask is None else mask
+    if name == "ce":
+        return ce(s.logits, labels)
+    assert t is not None, f"{name} needs teacher features"
+    if name == "logit_kd":
+        return logit_kd(s.logits, t.logits, temperature)
+    total = s.logits.new_zeros((), dtype=torch.float32)
+    for ls, lt in pairs:
+        if name == "hidden_mse":
+            hs = s.hidden[ls]
+            total = total + hidden_mse(project(ls, hs) if project else hs, t.hidden[lt], mask)
+        elif name == "pkd":
+            total = total + pkd(s.hidden[ls][:, 0], t.hidden[lt][:, 0])
+        elif name == "attention_score_mse":
+            total = total + attention_score_mse(s.scores(ls), t.scores(lt), mask)
+        elif name == "attention_kl":
+            total = total + attention_kl(s.probs(ls), t.probs(lt), mask)
+        elif name == "attention_map_kl":
+            total = total + attention_map_kl(s.probs(ls), t.probs(lt), mask)
+        elif name == "attention_output_mse":
+            total = total + attention_output_mse(s.attn_out[ls], t.attn_out[lt], mask)
+        elif name == "relation_kl":
+            heads = t.num_heads
+            for r in relations:
+                total = total + relation_kl(getattr(s, r)[ls], getattr(t, r)[lt], mask, heads)
+        else:
+            raise KeyError(f"unknown loss term {name!r}; registered: {sorted(LOSSES)}")
+    return total

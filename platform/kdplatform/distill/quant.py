@@ -1,0 +1,293 @@
+"""KD-QAT quantization: weight/activation quantizers with a straight-through estimator (STE) and
+`quantize_bert_`, which turns a transformers BERT-like model into its quantization-aware form in place.
+
+What gets quantized (DESIGN.md section 4): the weights of Q, K, V, attention output, FFN1, FFN2 and the pooler,
+optionally the word embeddings (per row); with `act_bits < 32` also the inputs of those linears, Q, K, V and the
+attention probabilities. LayerNorm, biases, position/type embeddings and the classifier stay full precision.
+
+Every quantizer follows one pattern: clamp to the clip range (its gradient is 1 inside, 0 outside), then add
+the rounding error as a detached constant, so the forward value is quantized while the gradient is the STE's.
+The full-precision "latent" weights stay the modules' `weight` Parameters: optimizers, state_dict keys and
+checkpoints do not change; only forward passes see quantized values.
+
+>>> from transformers import BertConfig, BertForSequenceClassification
+>>> model = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2,
+...     num_attention_heads=4, intermediate_size=64, vocab_size=100))
+>>> report = quantize_bert_(model, bits=2, act_bits=8)
+>>> report.quantized_modules[0], round(report.as_metrics()["quant/fraction"], 2)
+('bert.encoder.layer.0.attention.self.query', 0.46)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+WEIGHT_BITS = (2, 4, 8, 32)
+TWO_BIT_MODES = ("ternary", "uniform")
+DEFAULT_CLIP = 2.5  # KD-QAT / TernaryBERT: weights and activations clipped to +-2.5
+ATTN_IMPLEMENTATION = "kdp_quant_eager"
+
+# Linear layers quantized inside each encoder layer, as attribute paths relative to the layer.
+LAYER_LINEARS = ("attention.self.query", "attention.self.key", "attention.self.value",
+                 "attention.output.dense", "intermediate.dense", "output.dense")
+
+
+def _ste(x_clipped: Tensor, x_quantized: Tensor) -> Tensor:
+    """Forward value exactly `x_quantized` (x_c - x_c.detach() is exactly 0; x_c + (x_q - x_c) would not be),
+    gradient that of `x_clipped`: identity inside the clip range, 0 outside."""
+    return x_quantized.detach() + (x_clipped - x_clipped.detach())
+
+
+# ---------------------------------------------------------------------------------------------- quantizers
+def ternarize(w: Tensor, clip: float = DEFAULT_CLIP) -> Tensor:
+    """TWN ternary weights, per matrix: W clipped to +-clip, Delta = 0.7 * mean|W|,
+    alpha = mean of |W| over |W| > Delta, W_q = alpha * sign(W) * 1[|W| > Delta].
+
+    >>> ternarize(torch.tensor([0.1, -0.9, 0.5, -0.05])).tolist()   # Delta = 0.2625, alpha = 0.7
+    [0.0, -0.699999988079071, 0.699999988079071, 0.0]
+    """
+    wc = w.clamp(-clip, clip)
+    return _ste(wc, _twn(wc.detach(), dim=None))
+
+
+def ternarize_rows(w: Tensor, clip: float = DEFAULT_CLIP) -> Tensor:
+    """TWN with one Delta and one alpha per row (word embeddings: one row per token)."""
+    wc = w.clamp(-clip, clip)
+    return _ste(wc, _twn(wc.detach(), dim=-1))
+
+
+def _twn(w: Tensor, dim: int | None) -> Tensor:
+    a = w.abs()
+    mean_abs = a.mean() if dim is None else a.mean(dim=dim, keepdim=True)
+    keep = (a > 0.7 * mean_abs).to(w.dtype)
+    kept = keep.sum() if dim is None else keep.sum(dim=dim, keepdim=True)
+    alpha = (a * keep).sum(**({} if dim is None else {"dim": dim, "keepdim": True})) / kept.clamp(min=1)
+    return alpha * torch.sign(w) * keep
+
+
+def uniform_quantize(w: Tensor, bits: int, clip: float | None = None, *, per_row: bool = False) -> Tensor:
+    """Symmetric uniform quantization: scale s = max|w| / (2^(bits-1) - 1), W_q = s * round(w / s): at most
+    2^bits - 1 levels (8-bit: integers -127..127). With `clip`, w is first clamped to +-clip (zero gradient
+    outside); `per_row` takes one scale per row instead of one per tensor.
+
+    >>> uniform_quantize(torch.tensor([1.0, -0.6, 0.2]), bits=2).tolist()   # 2-bit symmetric = {-s, 0, s}
+    [1.0, -1.0, 0.0]
+    """
+    if bits < 2:
+        raise ValueError(f"uniform_quantize needs bits >= 2, got {bits}")
+    wc = w if clip is None else w.clamp(-clip, clip)
+    x = wc.detach()
+    max_abs = x.abs().amax(dim=-1, keepdim=True) if per_row else x.abs().max()
+    scale = max_abs.clamp(min=1e-12) / (2 ** (bits - 1) - 1)
+    return _ste(wc, torch.round(x / scale) * scale)
+
+
+def int2_quantize(w: Tensor, clip: float | None = None) -> Tensor:
+    """True 2-bit uniform (two's-complement int2): the four levels {-2, -1, 0, 1} * s with s = max|w| / 2, so
+    the most negative weight is exact and the positive side saturates at s. (Symmetric 2-bit uniform has only
+    the three levels {-s, 0, s}: a ternary code with a max-based scale, see `uniform_quantize(w, 2)`.)"""
+    wc = w if clip is None else w.clamp(-clip, clip)
+    x = wc.detach()
+    scale = x.abs().max().clamp(min=1e-12) / 2
+    return _ste(wc, torch.round(x / scale).clamp(-2, 1) * scale)
+
+
+def quantize_activation(x: Tensor, bits: int = 8, clip: float = DEFAULT_CLIP) -> Tensor:
+    """Dynamic per-tensor symmetric activation quantization: clamp to +-clip, s = (2^(bits-1) - 1) / max|x|,
+    x_q = round(x * s) / s (8 bits: at most 255 levels); STE with zero gradient outside the clip range.
+    `bits >= 32` returns x unchanged."""
+    if bits >= 32:
+        return x
+    xc = x.clamp(-clip, clip)
+    d = xc.detach()
+    scale = (2 ** (bits - 1) - 1) / d.abs().max().clamp(min=1e-12)
+    return _ste(xc, torch.round(d * scale) / scale)
+
+
+def quantize_weight(w: Tensor, bits: int, *, two_bit: str = "ternary", clip: float = DEFAULT_CLIP,
+                    per_row: bool = False) -> Tensor:
+    """The weight quantizer for a `bits` setting: 32 = identity, 2 = TWN ternary or int2, 4/8 = symmetric."""
+    if bits >= 32:
+        return w
+    if bits == 2 and two_bit == "ternary":
+        return ternarize_rows(w, clip) if per_row else ternarize(w, clip)
+    if bits == 2 and two_bit == "uniform" and not per_row:
+        return int2_quantize(w, clip)
+    return uniform_quantize(w, bits, clip, per_row=per_row)
+
+
+# ---------------------------------------------------------------------------------------------- modules
+class QuantLinear(nn.Linear):
+    """nn.Linear whose forward uses quantized weights (and quantized inputs when act_bits < 32). `weight` is
+    still the full-precision latent Parameter, so state_dict keys and optimizer parameters are unchanged."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, bits: int = 8,
+                 act_bits: int = 32, two_bit: str = "ternary", clip: float = DEFAULT_CLIP,
+                 act_clip: float = DEFAULT_CLIP, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.bits, self.act_bits, self.two_bit, self.clip, self.act_clip = bits, act_bits, two_bit, clip, act_clip
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **quant_args) -> QuantLinear:
+        """A QuantLinear sharing `linear`'s Parameter objects and forward hooks (hooks keep working)."""
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta", **quant_args)
+        q.weight, q.bias = linear.weight, linear.bias
+        q._forward_hooks, q._forward_pre_hooks = linear._forward_hooks, linear._forward_pre_hooks
+        q._forward_hooks_with_kwargs = linear._forward_hooks_with_kwargs
+        q._forward_hooks_always_called = linear._forward_hooks_always_called
+        q._forward_pre_hooks_with_kwargs = linear._forward_pre_hooks_with_kwargs
+        q.train(linear.training)
+        return q
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = quantize_activation(x, self.act_bits, self.act_clip)
+        w = quantize_weight(self.weight, self.bits, two_bit=self.two_bit, clip=self.clip)
+        return nn.functional.linear(x, w, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, bits={self.bits}, act_bits={self.act_bits}"
+
+
+class QuantEmbedding(nn.Embedding):
+    """Word embeddings quantized per row (one scale per token: ternary TWN at 2 bits)."""
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, bits: int, clip: float = DEFAULT_CLIP) -> QuantEmbedding:
+        q = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, device="meta")
+        q.weight, q.bits, q.clip = emb.weight, bits, clip
+        q._forward_hooks, q._forward_pre_hooks = emb._forward_hooks, emb._forward_pre_hooks
+        q.train(emb.training)
+        return q
+
+    def forward(self, ids: Tensor) -> Tensor:
+        w = quantize_weight(self.weight, self.bits, two_bit="ternary", clip=self.clip, per_row=True)
+        return nn.functional.embedding(ids, w, self.padding_idx)
+
+
+def quant_eager_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                          attention_mask: Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                          **kwargs) -> tuple[Tensor, Tensor]:
+    """transformers' eager attention with Q, K, V and the softmax probabilities quantized to
+    `module.kdp_act_bits` bits (set by `quantize_bert_`). Returns the quantized probabilities as the
+    attention weights: they are what the model attends with (and what `output_attentions` shows)."""
+    bits, clip = getattr(module, "kdp_act_bits", 32), getattr(module, "kdp_act_clip", DEFAULT_CLIP)
+    query, key, value = (quantize_activation(t, bits, clip) for t in (query, key, value))
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probs = quantize_activation(nn.functional.softmax(scores, dim=-1), bits, clip)
+    attn = nn.functional.dropout(probs, p=dropout, training=module.training)
+    out = torch.matmul(attn, value).transpose(1, 2).contiguous()
+    return out, probs
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, quant_eager_attention)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, eager_mask)  # same additive float mask as eager
+
+
+# ---------------------------------------------------------------------------------------------- report
+@dataclass
+class QuantReport:
+    """What `quantize_bert_` did, and the model size as it would be stored quantized."""
+
+    bits: int
+    act_bits: int
+    quantized_modules: list[str] = field(default_factory=list)
+    quantized_params: int = 0  # weights stored at `bits` bits
+    total_params: int = 0
+    size_bits: int = 0  # quantized weights at `bits` bits + one fp32 scale per matrix/row; the rest fp32
+
+    @property
+    def size_mb(self) -> float:
+        return self.size_bits / 8 / 1e6
+
+    def as_metrics(self) -> dict[str, float]:
+        return {"quant/params": float(self.quantized_params),
+                "quant/fraction": self.quantized_params / max(self.total_params, 1),
+                "model/size_mb": self.size_mb,
+                "model/size_mb_fp32": self.total_params * 32 / 8 / 1e6}
+
+
+def model_size_bits(model: nn.Module) -> int:
+    """Storage size in bits: weights of QuantLinear/QuantEmbedding at their bit width plus one fp32 scale
+    per matrix (per row for embeddings); every other parameter fp32. Shared parameters count once."""
+    low_bit: dict[int, int] = {}
+    for m in model.modules():
+        if isinstance(m, (QuantLinear, QuantEmbedding)) and m.bits < 32:
+            scales = m.weight.shape[0] if isinstance(m, QuantEmbedding) else 1
+            low_bit[id(m.weight)] = m.weight.numel() * m.bits + 32 * scales
+    return sum(low_bit.get(id(p), 32 * p.numel()) for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------- model
+def quantize_bert_(model: nn.Module, bits: int, act_bits: int = 32, *, two_bit: str = "ternary",
+                   quantize_embeddings: bool = False, clip: float = DEFAULT_CLIP,
+                   act_clip: float = DEFAULT_CLIP) -> QuantReport:
+    """Make a transformers BERT-like model quantization-aware, in place, and report what was quantized.
+
+    bits: 2 (ternary TWN, or int2 with two_bit="uniform"), 4, 8 (symmetric uniform) or 32 (weights fp32).
+    act_bits: 32 (off) or 2..16: inputs of the quantized linears, Q, K, V and attention probabilities.
+    quantize_embeddings: word embeddings per row (ternary TWN at bits=2 whatever two_bit says, else symmetric).
+    clip / act_clip: the +-clip of weights / activations (KD-QAT: 2.5; pretrained models with large Q/K
+    activations lose much at 2.5 before any training).
+    The linears keep their attribute paths and hooks, so forward hooks on `...attention.self.query` and
+    `...attention.output` fire as before; note such a hook sees Q/K/V before their activation quantization,
+    which happens inside the attention function. With bits=32 and act_bits=32 the model is not touched.
+    """
+    if bits not in WEIGHT_BITS:
+        raise ValueError(f"bits must be one of {WEIGHT_BITS}, got {bits}")
+    if not (act_bits == 32 or 2 <= act_bits <= 16):
+        raise ValueError(f"act_bits must be 32 (off) or between 2 and 16, got {act_bits}")
+    if two_bit not in TWO_BIT_MODES:
+        raise ValueError(f"two_bit must be one of {TWO_BIT_MODES}, got {two_bit!r}")
+    if any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules()):
+        raise ValueError("model is already quantized")
+
+    report = QuantReport(bits, act_bits, total_params=sum(p.numel() for p in model.parameters()))
+    if bits == 32 and act_bits == 32:
+        report.size_bits = model_size_bits(model)
+        return report
+
+    base = model.base_model
+    prefix = f"{model.base_model_prefix}." if base is not model else ""
+    targets = [f"encoder.layer.{i}.{path}" for i in range(len(base.encoder.layer)) for path in LAYER_LINEARS]
+    if getattr(base, "pooler", None) is not None:
+        targets.append("pooler.dense")
+    quant_args = dict(bits=bits, act_bits=act_bits, two_bit=two_bit, clip=clip, act_clip=act_clip)
+    for name in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = base.get_submodule(parent_name)
+        linear = getattr(parent, attr)
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"{prefix}{name} is a {type(linear).__name__}, expected nn.Linear")
+        setattr(parent, attr, QuantLinear.from_linear(linear, **quant_args))
+        report.quantized_modules.append(prefix + name)
+        if bits < 32:
+            report.quantized_params += linear.weight.numel()
+
+    if quantize_embeddings and bits < 32:
+        emb = base.embeddings
+        emb.word_embeddings = QuantEmbedding.from_embedding(emb.word_embeddings, bits, clip)
+        report.quantized_modules.append(f"{prefix}embeddings.word_embeddings")
+        report.quantized_params += emb.word_embeddings.weight.numel()
+
+    if act_bits < 32:
+        _register_attention()
+        for layer in base.encoder.layer:
+            layer.attention.self.kdp_act_bits, layer.attention.self.kdp_act_clip = act_bits, act_clip
+        if hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        else:
+            model.config._attn_implementation = ATTN_IMPLEMENTATION
+
+    report.size_bits = model_size_bits(model)
+    return report

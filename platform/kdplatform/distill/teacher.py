@@ -1,0 +1,153 @@
+"""Teacher fine-tuning, done once per teacher hash and reused (local cache and MLflow).
+
+A teacher is keyed by what determines it (task, model, fine-tune settings, seed, train data config: see
+`config.teacher_hash`). Its checkpoint lives in `<cache>/teachers/<hash>/` (`KDP_CACHE_DIR`, default
+`~/.cache/kdplatform`) and its fine-tune is one MLflow run with tag `kdp.role=teacher`. The folder appears
+atomically (written aside, then renamed), and a file lock keeps two processes from training it twice.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from kdplatform import tracking
+from kdplatform.config import ResolvedLoss, ResolvedStage, ResolvedTrial
+
+MARKER = "kdp_teacher.json"
+
+
+class TeacherError(ValueError):
+    """A teacher checkpoint that cannot be used (missing, wrong architecture or task)."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("KDP_CACHE_DIR", Path.home() / ".cache" / "kdplatform")).resolve()
+
+
+def teacher_dir(trial: ResolvedTrial) -> Path:
+    if trial.teacher.checkpoint:
+        return Path(trial.teacher.checkpoint).resolve()
+    return cache_root() / "teachers" / trial.teacher_hash
+
+
+def teacher_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def check_checkpoint(folder: Path, trial: ResolvedTrial) -> None:
+    """A ready checkpoint must be a BERT-like sequence classifier for this task's number of labels."""
+    from kdplatform.distill.tasks import TASKS
+
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise TeacherError(f"{folder}: not a model folder (no config.json); teacher.checkpoint must point at a "
+                           "folder written by save_pretrained / `kdplatform teacher`")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except ValueError as e:
+        raise TeacherError(f"{cfg_file}: not valid JSON ({e})") from None
+    want = TASKS[trial.task].num_labels
+    got = cfg.get("num_labels") or len(cfg.get("id2label", {}) or {}) or None
+    archs = cfg.get("architectures") or []
+    if not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise TeacherError(f"{cfg_file}: architecture {archs or cfg.get('model_type')} is not a sequence "
+                           "classifier; fine-tune it first with `kdplatform teacher`")
+    if got is not None and got != want:
+        raise TeacherError(f"{cfg_file}: {got} labels, task {trial.task} has {want}")
+    if not any((folder / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")):
+        raise TeacherError(f"{folder}: no weights (model.safetensors)")
+
+
+@contextmanager
+def _lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def find_teacher_run(tracking_uri: str, trial: ResolvedTrial):
+    runs = tracking.find_runs(tracking_uri, trial.name, f"tags.`{tracking.ROLE}` = 'teacher' and "
+                              f"tags.`{tracking.TEACHER_HASH}` = '{trial.teacher_hash}' and "
+                              "attributes.status = 'FINISHED'", max_results=5)
+    return runs[0] if runs else None
+
+
+def ensure_teacher(trial: ResolvedTrial, tracking_uri: str, parent_run_id: str | None = None) -> Path:
+    """The fine-tuned teacher folder for this trial: ready checkpoint, cached, or fine-tuned now."""
+    folder = teacher_dir(trial)
+    if trial.teacher.checkpoint:
+        check_checkpoint(folder, trial)
+        return folder
+    if (folder / MARKER).is_file():
+        return folder
+    with _lock(folder.with_suffix(".lock")):
+        if (folder / MARKER).is_file():  # trained meanwhile by another process
+            return folder
+        return finetune_teacher(trial, tracking_uri, folder, parent_run_id)
+
+
+def finetune_stage(trial: ResolvedTrial) -> ResolvedStage:
+    ft = trial.teacher.finetune
+    return ResolvedStage(name="finetune", losses=[ResolvedLoss(name="ce", weight=1.0)], epochs=ft.epochs,
+                         max_steps=ft.max_steps, lr=ft.lr, batch_size=ft.batch_size, warmup=ft.warmup,
+                         weight_decay=ft.weight_decay, max_grad_norm=ft.max_grad_norm, eval_every=ft.eval_every)
+
+
+def finetune_teacher(trial: ResolvedTrial, tracking_uri: str, folder: Path,
+                     parent_run_id: str | None = None) -> Path:
+    """Fine-tune the teacher with hard-label CE through the worker's loop; log it as a teacher run."""
+    from kdplatform.distill import worker
+    from kdplatform.distill.models import load_classifier, load_tokenizer, set_seed
+
+    started = time.time()
+    set_seed(trial.teacher.seed)
+    tokenizer = load_tokenizer(trial.teacher.model)
+    data = worker.prepare_data(trial, tokenizer)
+    model = load_classifier(trial.teacher.model, data.num_labels)
+    stage = finetune_stage(trial)
+    as_trial = trial.model_copy(update={"train": [stage], "student_layers": trial.teacher_layers,
+                                        "seed": trial.teacher.seed, "bits": 32, "act_bits": 32})
+    tags = {tracking.ROLE: "teacher", tracking.TEACHER_HASH: trial.teacher_hash, "kdp.task": trial.task,
+            "kdp.teacher_model": trial.teacher.model}
+    logger = tracking.RunLogger(tracking_uri, trial.name, f"{trial.task}/teacher/{trial.teacher.model}", tags,
+                                parent_run_id=parent_run_id)
+    params = {"task": trial.task, "teacher.model": trial.teacher.model, "teacher.seed": trial.teacher.seed,
+              "teacher_hash": trial.teacher_hash, "data.train_examples": len(data.train),
+              **{f"teacher.finetune.{k}": v for k, v in trial.teacher.finetune.model_dump().items()},
+              **{f"data.{k}": v for k, v in trial.data.model_dump(exclude={"glue_dir"}).items()}}
+    logger.log_params(params)
+    state = worker.LoopState()
+    try:
+        worker.train_stage(stage=stage, stage_index=0, trial=as_trial, student=model, teacher=None, data=data,
+                           logger=logger, state=state, callbacks=worker.Callbacks(), resume_blob=None,
+                           save_state=lambda *_: None)
+    except BaseException as e:
+        logger.set_tags({"kdp.failure_reason": f"{type(e).__name__}: {str(e)[:4000]}"})
+        logger.finish("FAILED")
+        raise
+    tmp = folder.parent / f".{folder.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    info = {"teacher_hash": trial.teacher_hash, "run_id": logger.run_id, "task": trial.task,
+            "model": trial.teacher.model, "dev": {k: v for k, v in state.last.items() if k.startswith("dev/")},
+            "seconds": round(time.time() - started, 1)}
+    (tmp / MARKER).write_text(json.dumps(info, indent=2))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    logger.set_tags({"kdp.checkpoint": str(folder),
+                     "kdp.dev_score": f"{state.last.get('dev/score', float('nan')):.4f}"})
+    logger.finish("FINISHED")
+    return folder

@@ -1,0 +1,168 @@
+"""MLflow naming, tags and batched, retried logging (no torch here).
+
+Runs are written through `MlflowClient` (no global active run), so one process can hold several runs and a
+trial can reattach to its own run after a restart. Metrics are buffered per eval step and written with one
+`log_batch` (60x faster than one call per point on SQLite).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import time
+from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, TypeVar
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+log = logging.getLogger("kdplatform")
+T = TypeVar("T")
+
+ROLE, CFG_HASH, TEACHER_HASH, SWEEP = "kdp.role", "kdp.cfg_hash", "kdp.teacher_hash", "kdp.sweep"
+PARENT = "mlflow.parentRunId"
+
+
+def default_tracking_uri() -> str:
+    """`MLFLOW_TRACKING_URI` if set, else a SQLite file `./mlflow.db` (absolute, so Ray trials find it)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return "sqlite:///" + str(Path("mlflow.db").resolve())
+
+
+def absolute_uri(uri: str) -> str:
+    """Make a relative `sqlite:///x.db` or plain path absolute: trials run in temporary working dirs."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    if "://" not in uri:
+        return Path(uri).resolve().as_uri()
+    return uri
+
+
+def redact(text: str) -> str:
+    """Hide credentials in a URI (`scheme://user:pass@host` -> `scheme://user:***@host`)."""
+    return re.sub(r"(://[^/:@\s]+):[^@/\s]+@", r"\1:***@", text)
+
+
+@lru_cache(maxsize=1)
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def retry(fn: Callable[[], T], what: str, attempts: int = 6, base_delay: float = 0.5) -> T:
+    """Call `fn`, retrying MLflow write failures (server down, SQLite locked) with exponential backoff.
+
+    After the last attempt the error propagates: a trial must fail loudly rather than finish with holes.
+    """
+    from mlflow.exceptions import MlflowException
+
+    for i in range(attempts):
+        try:
+            return fn()
+        except (MlflowException, OSError, ConnectionError) as e:  # noqa: PERF203
+            if i == attempts - 1:
+                raise
+            delay = base_delay * 2**i
+            log.warning("MLflow %s failed (%s); retrying in %.1fs", what, redact(str(e))[:200], delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def client(tracking_uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def experiment_id(c, name: str) -> str:
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return c.create_experiment(name)
+    except Exception:  # created meanwhile by a concurrent trial
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+class RunLogger:
+    """One MLflow run: buffered metrics, params in batches, tags, text artifacts, retried writes."""
+
+    def __init__(self, tracking_uri: str, experiment: str, run_name: str, tags: dict[str, str],
+                 run_id: str | None = None, parent_run_id: str | None = None):
+        self.tracking_uri = tracking_uri
+        self.client = client(tracking_uri)
+        if run_id is not None:  # reattach (resume): never open a second run for one trial
+            self.run_id = run_id
+            retry(lambda: self.client.update_run(run_id, status="RUNNING"), "reopen run")
+        else:
+            exp_id = retry(lambda: experiment_id(self.client, experiment), "create experiment")
+            all_tags = {**tags, "kdp.git_commit": git_commit(), "mlflow.source.git.commit": git_commit()}
+            if parent_run_id:
+                all_tags[PARENT] = parent_run_id
+            run = retry(lambda: self.client.create_run(exp_id, run_name=run_name, tags=all_tags), "create run")
+            self.run_id = run.info.run_id
+        self._metrics: list[Any] = []
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
+            chunk = items[i:i + 100]
+            retry(lambda: self.client.log_batch(self.run_id, params=chunk), "log params")
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        retry(lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]),
+              "set tags")
+
+    def add_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self._metrics += [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+
+    def flush(self) -> None:
+        while self._metrics:
+            chunk = self._metrics[:1000]
+            retry(lambda: self.client.log_batch(self.run_id, metrics=chunk), "log metrics")
+            del self._metrics[:1000]
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        retry(lambda: self.client.log_text(self.run_id, text, artifact_file), "log artifact")
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        retry(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path), "log artifact")
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.flush()
+        retry(lambda: self.client.set_terminated(self.run_id, status=status), "end run")
+
+
+def find_runs(tracking_uri: str, experiment: str, filter_string: str, max_results: int = 1000) -> list:
+    """Runs of an experiment matching a filter (empty when the experiment does not exist yet)."""
+    c = client(tracking_uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return c.search_runs([exp.experiment_id], filter_string=filter_string, max_results=max_results)
+
+
+def finished_run(tracking_uri: str, experiment: str, cfg_hash: str):
+    """The FINISHED student run of a config, if any (dedupe across invocations)."""
+    runs = find_runs(tracking_uri, experiment,
+                     f"tags.`{CFG_HASH}` = '{cfg_hash}' and attributes.status = 'FINISHED'", max_results=1)
+    return runs[0] if runs else None
