@@ -8,6 +8,7 @@ chosen so that each run's best dev score and final gap are known exactly.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import shutil
@@ -275,7 +276,10 @@ _CACHE: dict[str, dict] = {}
 def cached_test_store(dest: str | os.PathLike) -> dict:
     """The test store, built once per process and copied to `dest` (tests may then change their copy)."""
     if "store" not in _CACHE:
-        root = tempfile.mkdtemp(prefix="kdp-report-store-")
+        # tmpfs when there is one: SQLite commits there cost no fsync (the build takes ~3x less time)
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+        root = tempfile.mkdtemp(prefix="kdp-report-store-", dir=shm)
+        atexit.register(shutil.rmtree, root, True)
         _CACHE["store"] = build_test_store(root)
     src = _CACHE["store"]
     dest = Path(dest)

@@ -38,7 +38,7 @@ def _user_errors():
     from kdplatform.distill.tasks import DataError
     from kdplatform.distill.teacher import TeacherError
 
-    return (ConfigError, DataError, TeacherError)
+    return (ConfigError, DataError, TeacherError, tracking.CredentialsInUri)
 
 
 def _load(file: Path) -> tuple:
@@ -48,10 +48,23 @@ def _load(file: Path) -> tuple:
         _fail(str(e).replace("[", r"\["))
 
 
+def _preflight(file: Path, trials: list[ResolvedTrial]) -> None:
+    """Data files and teacher checkpoints, checked before anything starts or MLflow is touched (exit 2)."""
+    from kdplatform.distill.preflight import preflight
+
+    try:
+        preflight(trials)
+    except _user_errors() as e:
+        _fail(f"{file}: {e}".replace("[", r"\["))
+
+
 def _uri(tracking_uri: str | None, trials: list[ResolvedTrial] | None = None) -> str:
     uri = tracking_uri or (trials[0].tracking_uri if trials and trials[0].tracking_uri else None) \
         or tracking.default_tracking_uri()
-    return tracking.absolute_uri(uri)
+    try:
+        return tracking.absolute_uri(uri)
+    except tracking.CredentialsInUri as e:
+        _fail(str(e))
 
 
 def trial_table(trials: list[ResolvedTrial], done: set[str] | None = None, title: str = "trials") -> Table:
@@ -76,6 +89,7 @@ def run(file: Path = typer.Argument(..., help="trial or sweep YAML"), tracking_u
     console.print(trial_table(trials, title=f"{len(trials)} trial(s) from {file}"))
     if dry_run:
         return
+    _preflight(file, trials)
     from kdplatform.distill.worker import DivergedError, run_trial
 
     failed = 0
@@ -90,7 +104,7 @@ def run(file: Path = typer.Argument(..., help="trial or sweep YAML"), tracking_u
             summary.add_row(trial.run_name, "FINISHED", f"{score:.4f}" if score is not None else "-",
                             f"{res.seconds / 60:.1f}", res.run_id)
         except _user_errors() as e:
-            _fail(str(e))
+            _fail(str(e).replace("[", r"\["))
         except DivergedError as e:
             failed += 1
             summary.add_row(trial.run_name, "[red]FAILED[/] (diverged)", "-", "-", str(e)[:60])
@@ -106,6 +120,7 @@ def teacher(file: Path = typer.Argument(..., help="trial or sweep YAML"),
     """Fine-tune (or find) every distinct teacher the file needs, once each."""
     _, trials, _ = _load(file)
     uri = _uri(tracking_uri, trials)
+    _preflight(file, trials)
     from kdplatform.distill.teacher import ensure_teacher
 
     seen: dict[str, ResolvedTrial] = {}
@@ -115,8 +130,44 @@ def teacher(file: Path = typer.Argument(..., help="trial or sweep YAML"),
         try:
             folder = ensure_teacher(t, uri)
         except _user_errors() as e:
-            _fail(str(e))
+            _fail(str(e).replace("[", r"\["))
         console.print(f"teacher {h} ({t.task}, {t.teacher.model}): {folder}")
+
+
+@app.command()
+def sweep(file: Path = typer.Argument(..., help="sweep YAML"),
+          dry_run: bool = typer.Option(False, "--dry-run", help="print the trial table (count, teachers to train, "
+                                       "trials already done) and run nothing"),
+          resume: bool = typer.Option(False, "--resume", help="continue an interrupted run of this sweep file"),
+          fresh: bool = typer.Option(False, "--fresh", help="abandon an interrupted run of this file (its open "
+                                     "runs become KILLED) and start again; finished trials are still skipped"),
+          address: Optional[str] = typer.Option(None, "--address", help="join this Ray cluster (default: start "
+                                                "a local one)"),
+          max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", min=1,
+                                                       help="at most N trials at once"),
+          tracking_uri: Optional[str] = TrackingOpt,
+          storage: Optional[Path] = typer.Option(None, "--storage", help="Ray results folder (default: "
+                                                 "./ray_results)"),
+          num_cpus: Optional[int] = typer.Option(None, "--num-cpus", min=1, help="CPUs of the local Ray cluster"),
+          num_gpus: Optional[int] = typer.Option(None, "--num-gpus", min=0, help="GPUs of the local Ray cluster")
+          ) -> None:
+    """Run a sweep on Ray Tune: teachers once, then every missing student trial; resumable."""
+    from kdplatform.sweep.driver import SweepError, run_sweep
+
+    if resume and fresh:
+        _fail("--resume and --fresh exclude each other")
+    try:
+        outcome = run_sweep(file, tracking_uri=tracking_uri, dry_run=dry_run, resume=resume, fresh=fresh,
+                            address=address, max_concurrent=max_concurrent, storage=storage, num_cpus=num_cpus,
+                            num_gpus=num_gpus, console=console)
+    except ConfigError as e:
+        _fail(str(e).replace("[", r"\["))
+    except SweepError as e:
+        _fail(str(e).replace("[", r"\["))
+    except _user_errors() as e:
+        _fail(str(e).replace("[", r"\["))
+    if outcome.exit_code:
+        raise typer.Exit(outcome.exit_code)
 
 
 @app.command()

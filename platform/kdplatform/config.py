@@ -22,11 +22,13 @@ import hashlib
 import itertools
 import json
 import os
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator,
+                      model_validator)
 
 from kdplatform.distill.mapping import LayerMapError, layer_map_label, resolve_layer_map, with_embeddings
 from kdplatform.distill.methods import CR_ILD_EPOCHS, METHOD_NAMES, PRESETS
@@ -105,6 +107,8 @@ class StudentConfig(Strict):
     layers: int | None = Field(None, gt=0)  # truncate: bottom N layers; None = the teacher's depth
     quantize_embeddings: bool = False  # KD-QAT: word embeddings ternarised per row
     two_bit: Literal["ternary", "uniform"] = "ternary"  # bits: 2 = TWN ternary (KD-QAT) or 4-level uniform
+    weight_clip: float = Field(2.5, gt=0)  # +-clip of weights before quantization (KD-QAT: 2.5)
+    act_clip: float = Field(2.5, gt=0)  # +-clip of activations (KD-QAT: 2.5; raise it for models with large Q/K)
 
 
 class LossTermConfig(Strict):
@@ -139,6 +143,25 @@ class StageConfig(Strict):
     consistency: ConsistencyConfig | None = None
 
 
+class TeacherCacheConfig(Strict):
+    """Teacher outputs computed once per (teacher, example set, precision) and reused across epochs and trials
+    (`<KDP_CACHE_DIR>/teacher_outputs`, memory-mapped, least-recently-used entries evicted past `max_gb`).
+    Stages with mixup never use it (the teacher's input changes every step)."""
+
+    enabled: bool = True
+    max_gb: float = Field(20.0, gt=0)  # bound on the whole teacher_outputs folder
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # storage; 16-bit halves the bytes
+
+
+class SpeedConfig(Strict):
+    """How a trial runs, not what it computes (only `precision` changes numbers, and enters the cfg hash)."""
+
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available
+    compile: bool = False  # torch.compile the student (dynamic shapes)
+    teacher_cache: TeacherCacheConfig = TeacherCacheConfig()
+
+
 class TrialConfig(Strict):
     name: str = Field("kdplatform", min_length=1)  # the MLflow experiment
     tracking_uri: str | None = None
@@ -155,6 +178,7 @@ class TrialConfig(Strict):
     teacher: TeacherConfig = TeacherConfig()
     student: StudentConfig = StudentConfig()
     train: list[StageConfig] = []
+    speed: SpeedConfig = SpeedConfig()
 
     @field_validator("act_bits")
     @classmethod
@@ -164,13 +188,79 @@ class TrialConfig(Strict):
         return v
 
 
+class SearchDimension(Strict):
+    """One sampled axis of `search.space`: a float range, an integer range or a list of choices."""
+
+    type: Literal["uniform", "loguniform", "randint", "choice"]
+    low: float | None = None
+    high: float | None = None  # randint: exclusive, as in Ray
+    values: list[Any] | None = None  # choice: scalars only (Optuna stores categorical values)
+
+    @model_validator(mode="after")
+    def _check(self) -> SearchDimension:
+        if self.type == "choice":
+            if not self.values or self.low is not None or self.high is not None:
+                raise ValueError("type 'choice' takes a non-empty `values` list and no low/high")
+            if any(isinstance(v, (list, dict)) for v in self.values):
+                raise ValueError("choice values must be scalars (write a layer map as a string such as "
+                                 "'2,4,6')")
+        else:
+            if self.low is None or self.high is None or self.values is not None:
+                raise ValueError(f"type '{self.type}' takes `low` and `high` (and no values)")
+            if not self.low < self.high:
+                raise ValueError(f"low ({self.low:g}) must be below high ({self.high:g})")
+            if self.type == "loguniform" and self.low <= 0:
+                raise ValueError("loguniform needs low > 0")
+        return self
+
+
+class SearchConfig(Strict):
+    """Optuna sampling on top of the grid: each sample picks a grid trial and draws every `space` axis."""
+
+    algorithm: Literal["optuna"] = "optuna"
+    num_samples: int = Field(..., gt=0)
+    metric: str = "dev/best_score"  # a key the worker reports at each eval
+    mode: Literal["max", "min"] = "max"
+    seed: int | None = None  # the sampler's seed (reproducible proposals)
+    space: dict[str, SearchDimension] = Field(..., min_length=1)  # axis or dotted key -> distribution
+
+
+class SchedulerConfig(Strict):
+    """ASHA early stopping on a metric the worker reports at each eval."""
+
+    type: Literal["asha"] = "asha"
+    metric: str = "dev/score"
+    mode: Literal["max", "min"] = "max"
+    time_attr: Literal["step", "training_iteration"] = "step"  # training_iteration counts evals
+    grace_period: int = Field(100, gt=0)
+    reduction_factor: float = Field(3.0, gt=1)
+    max_t: int | None = Field(None, gt=0)  # None: never stop a trial for its length alone
+    brackets: int = Field(1, gt=0)
+
+
+class ResourcesConfig(Strict):
+    """Ray resources of one trial; teachers use the same unless teacher_cpu / teacher_gpu say otherwise."""
+
+    cpu: float = Field(1.0, gt=0)
+    gpu: float = Field(0.0, ge=0)  # fractional (0.25, 0.5) packs several students on one GPU
+    teacher_cpu: float | None = Field(None, gt=0)
+    teacher_gpu: float | None = Field(None, ge=0)
+
+    @field_validator("gpu", "teacher_gpu")
+    @classmethod
+    def _whole_above_one(cls, v: float | None) -> float | None:
+        if v is not None and v > 1 and v != int(v):
+            raise ValueError("more than one GPU must be a whole number (fractions only below 1)")
+        return v
+
+
 class SweepSpec(TrialConfig):
     seeds: list[int] = Field(default_factory=lambda: [42], min_length=1)
     grid: dict[str, list[Any]] = {}
     max_trials: int = Field(DEFAULT_MAX_TRIALS, gt=0)  # refuse grids larger than this (a typo guard)
-    search: dict[str, Any] | None = None  # Optuna sampling (used by `kdplatform sweep`)
-    scheduler: dict[str, Any] | None = None  # ASHA early stopping (used by `kdplatform sweep`)
-    resources: dict[str, Any] | None = None  # per-trial Ray resources
+    search: SearchConfig | None = None  # Optuna sampling (used by `kdplatform sweep`)
+    scheduler: SchedulerConfig | None = None  # ASHA early stopping (used by `kdplatform sweep`)
+    resources: ResourcesConfig = ResourcesConfig()  # per-trial Ray resources
     max_concurrent_trials: int | None = Field(None, gt=0)
     max_failures: int = Field(1, ge=0)
     source_file: str | None = Field(None, exclude=True)
@@ -234,13 +324,25 @@ class ResolvedTrial(BaseModel):
     student_layers: int
     teacher_layers: int
     train: list[ResolvedStage]
+    speed: SpeedConfig = SpeedConfig()
+    run_suffix: str = ""  # grid values of dotted axes (e.g. 'train.pred.lr=0.0001'), so run names differ
 
     # What does not change results: left out of the config hash.
-    _NOT_HASHED = {"name", "tracking_uri"}
+    _NOT_HASHED = {"name", "tracking_uri", "run_suffix"}
+
+    @field_serializer("tracking_uri")
+    def _without_credentials(self, uri: str | None) -> str | None:
+        """Dumps (config.yaml artifacts, Ray trial configs) never carry a password from the URI."""
+        from kdplatform.tracking import redact
+
+        return redact(uri) if uri else uri
 
     def hashed_dict(self) -> dict[str, Any]:
         d = self.model_dump(mode="json", exclude=self._NOT_HASHED)
         d["data"].pop("glue_dir", None)  # where the same files sit does not change the trial
+        speed = d.pop("speed")  # device, compile and the teacher cache do not change results
+        if speed["precision"] != "auto":
+            d["precision"] = speed["precision"]
         return d
 
     @property
@@ -261,7 +363,7 @@ class ResolvedTrial(BaseModel):
         if self.map_coeff is not None:
             parts.append(f"m{self.map_coeff:g}o{self.output_coeff:g}")
         parts += [f"b{self.bits}" + (f"a{self.act_bits}" if self.act_bits != 32 else ""), f"s{self.seed}"]
-        return "/".join(parts)
+        return "/".join(parts) + (f"/{self.run_suffix}" if self.run_suffix else "")
 
     def flat_params(self) -> dict[str, str]:
         """Params for MLflow: dotted keys, stages by name, loss terms by name."""
@@ -370,6 +472,9 @@ def read_yaml(path: str | os.PathLike) -> tuple[dict[str, Any], dict[tuple, int]
         mark = getattr(e, "problem_mark", None)
         line = mark.line + 1 if mark else None
         problem = getattr(e, "problem", None) or str(e)
+        context, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+        if context and cmark is not None and mark is not None and cmark.line != mark.line:
+            problem += f" ({context} that starts on line {cmark.line + 1})"  # e.g. an unclosed '{'
         raise ConfigError(p, "", f"YAML syntax error: {problem}", "fix the YAML at that line", line=line)
     if raw is None:
         raise ConfigError(p, "", "the file is empty", "start from sweeps/quickstart.yaml")
@@ -379,10 +484,26 @@ def read_yaml(path: str | os.PathLike) -> tuple[dict[str, Any], dict[tuple, int]
     return raw, _line_index(text)
 
 
+def _data_loc(loc: tuple, raw: Any) -> tuple:
+    """Drop pydantic's union-member tags ('str', 'list[int]', ...) from a loc: keep the keys found in the data."""
+    out, node = [], raw
+    for i, part in enumerate(loc):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        elif isinstance(node, dict) and i == len(loc) - 1:
+            pass  # a missing required key or an unknown one: part of the path
+        else:
+            continue  # a tag, not a key of the file
+        out.append(part)
+    return tuple(out)
+
+
 def _errors_to_config_error(e: ValidationError, file: Any, lines: dict[tuple, int],
-                            relabel: dict[str, str] | None = None) -> ConfigError:
+                            relabel: dict[str, tuple[str, int | None]] | None = None, raw: Any = None) -> ConfigError:
     first = e.errors()[0]
-    loc = tuple(first["loc"])
+    loc = tuple(first["loc"]) if raw is None else _data_loc(tuple(first["loc"]), raw)
     path = format_path(loc)
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
@@ -392,15 +513,19 @@ def _errors_to_config_error(e: ValidationError, file: Any, lines: dict[tuple, in
         fix = f"use one of the allowed values (got {first.get('input')!r})"
     else:
         fix = f"got {first.get('input')!r}"
-    for src, label in (relabel or {}).items():
-        if path == src or path.startswith(src + ".") or path.startswith(src + "["):
-            path = label
-            break
     more = len(e.errors()) - 1
     if more:
         fix += f" ({more} more problem{'s' if more > 1 else ''} after this one)"
     line = lines.get(loc) or lines.get(loc[:-1]) if loc else None
-    return ConfigError(file, path, msg, fix, line=line)
+    return _relabel(ConfigError(file, path, msg, fix, line=line), relabel or {})
+
+
+def _relabel(e: ConfigError, relabel: dict[str, tuple[str, int | None]]) -> ConfigError:
+    """Point an error in a value that came from the grid at that grid entry (path and line)."""
+    for src, (label, line) in relabel.items():
+        if e.path == src or e.path.startswith(src + ".") or e.path.startswith(src + "["):
+            return ConfigError(e.file, label, e.message, e.fix, line=line)
+    return e
 
 
 def load_spec(path: str | os.PathLike) -> SweepSpec:
@@ -412,7 +537,7 @@ def parse_spec(raw: dict[str, Any], source: str | None = None, lines: dict | Non
     try:
         spec = SweepSpec.model_validate(raw)
     except ValidationError as e:
-        raise _errors_to_config_error(e, source, lines or {}) from None
+        raise _errors_to_config_error(e, source, lines or {}, raw=raw) from None
     spec.source_file = source
     return spec
 
@@ -446,7 +571,7 @@ def model_depth(name: str) -> int | None:
     if cfg.is_file():
         try:
             return int(json.loads(cfg.read_text())["num_hidden_layers"])
-        except (ValueError, KeyError):
+        except (ValueError, KeyError, TypeError):
             return None
     return None
 
@@ -459,6 +584,9 @@ def resolve_trial(cfg: TrialConfig, where: str = "", file: str | None = None) ->
     if t_layers is None:
         raise ConfigError(file, f"{where}teacher.model", f"unknown depth of model '{cfg.teacher.model}'",
                           f"use one of {sorted(MODEL_ALIASES)} or a local folder with a config.json")
+    if cfg.data.label_noise > 0 and cfg.task == "stsb":
+        raise ConfigError(file, f"{where}data.label_noise", "label noise flips a label to another class, but "
+                          "stsb is a regression task (no classes)", "set data.label_noise: 0 for stsb")
     init = cfg.student.init
     if init == "truncate":
         s_layers = cfg.student.layers or t_layers
@@ -527,6 +655,14 @@ def resolve_trial(cfg: TrialConfig, where: str = "", file: str | None = None) ->
         mixup = (ov.mixup if ov and ov.mixup is not None else (tpl.mixup if tpl else False))
         terms_raw = ([t.model_dump() for t in ov.losses] if ov and ov.losses else
                      [dict(t) for t in tpl.losses])  # type: ignore[union-attr]
+        names = [t["name"] for t in terms_raw]
+        dup = next((n for n in names if names.count(n) > 1), None)
+        if dup:  # terms are logged and weighted by name: a second one would silently replace the first
+            raise ConfigError(file, f"{spath}.losses", f"loss '{dup}' is listed twice in one stage",
+                              "list each loss once; give it a layer_map that covers all the layers you want")
+        if mixup and "ce" in names:
+            raise ConfigError(file, f"{spath}.losses", "hard-label 'ce' cannot run on mixup inputs (the mixed "
+                              "example has no single label)", "remove ce from this stage or set mixup: false")
         losses = []
         for j, t in enumerate(terms_raw):
             weight_from = t.pop("weight_from", None)
@@ -567,7 +703,7 @@ def resolve_trial(cfg: TrialConfig, where: str = "", file: str | None = None) ->
         layer_map=layer_map if any(t.layer_map is not None for s in stages for t in s.losses) else None,
         consistency_weight=cw, bits=cfg.bits, act_bits=cfg.act_bits, map_coeff=coeffs[0],
         output_coeff=coeffs[1], seed=cfg.seed, data=cfg.data, teacher=cfg.teacher, student=cfg.student,
-        student_layers=s_layers, teacher_layers=t_layers, train=stages)
+        student_layers=s_layers, teacher_layers=t_layers, train=stages, speed=cfg.speed)
 
 
 _LAYER_LOSSES = {"hidden_mse", "attention_score_mse", "attention_kl", "relation_kl", "pkd", "attention_map_kl",
@@ -594,9 +730,36 @@ def _resolve_loss(term: LossTermConfig, weight: float, trial_map: Any, s_layers:
                         relations=list(term.relations) if term.name == "relation_kl" else [])
 
 
+def _is_grid_key(key: str) -> bool:
+    """An axis, a top-level trial field, or a dotted path to a field (`train.<stage>.<field>` for stages)."""
+    parts = key.split(".")
+    model: type[BaseModel] = TrialConfig
+    if parts[0] == "train" and len(parts) >= 3:
+        model, parts = StageConfig, parts[2:]
+    for i, part in enumerate(parts):
+        field = model.model_fields.get(part)
+        if field is None:
+            return False
+        if i < len(parts) - 1:  # a section (or an optional one, e.g. consistency) to descend into
+            subs = [t for t in (field.annotation, *typing.get_args(field.annotation))
+                    if isinstance(t, type) and issubclass(t, BaseModel)]
+            if not subs:
+                return False
+            model = subs[0]
+    return True
+
+
 def _grid_values(spec: SweepSpec, file: str | None, lines: dict) -> list[tuple[str, list[Any]]]:
     axes = []
     for key, values in spec.grid.items():
+        if key in ("seed", "seeds"):
+            raise ConfigError(file, f"grid.{key}", "seeds are not a grid axis", "use the top-level seeds: [...]",
+                              line=lines.get(("grid", key)))
+        if not _is_grid_key(key):
+            raise ConfigError(file, f"grid.{key}[0]", f"unknown key '{key}': not an axis or a dotted key path",
+                              f"axes are {', '.join(AXES)}; any other field is a dotted path such as "
+                              "train.pred.lr, data.max_train_examples or teacher.finetune.epochs",
+                              line=lines.get(("grid", key)))
         if not isinstance(values, list) or not values:
             raise ConfigError(file, f"grid.{key}", "an axis needs a non-empty list of values",
                               f"e.g. {key}: [value1, value2]", line=lines.get(("grid", key)))
@@ -625,17 +788,35 @@ def expand(spec: SweepSpec, lines: dict | None = None) -> tuple[list[ResolvedTri
     collapsed: dict[str, int] = {}
     for combo in itertools.product(*[vals for _, vals in axes]):
         raw = copy.deepcopy(base)
-        relabel = {}
+        relabel: dict[str, tuple[str, int | None]] = {}
         for (key, vals), value in zip(axes, combo):
             _set_dotted(raw, key, value)
-            relabel[key] = f"grid.{key}[{vals.index(value)}]"
+            i = vals.index(value)
+            target = (f"grid.{key}[{i}]", lines.get(("grid", key, i)) or lines.get(("grid", key)))
+            relabel[key] = target
+            parts = key.split(".")
+            if parts[0] == "train" and len(parts) >= 3:  # the stage list entry _set_dotted wrote into
+                idx = next(j for j, st in enumerate(raw["train"]) if st.get("name") == parts[1])
+                relabel[f"train[{idx}]." + ".".join(parts[2:])] = target
         for seed in spec.seeds:
             raw["seed"] = seed
             try:
                 cfg = TrialConfig.model_validate(raw)
             except ValidationError as e:
-                raise _errors_to_config_error(e, file, lines, relabel) from None
-            trial = resolve_trial(cfg, file=file)
+                raise _errors_to_config_error(e, file, lines, relabel, raw=raw) from None
+            if cfg.data.label_noise > 0 and cfg.task == "stsb" and "task" in spec.grid:
+                # a grid of tasks x label noise: STS-B (regression) has no classes to flip; drop, with a note
+                why = "label noise has no classes to flip on regression task stsb (dropped, not run)"
+                collapsed[why] = collapsed.get(why, 0) + 1
+                continue
+            try:
+                trial = resolve_trial(cfg, file=file)
+            except ConfigError as e:
+                raise _relabel(e, relabel) from None
+            dotted = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                      for (k, _), v in zip(axes, combo) if "." in k]
+            if dotted:
+                trial = trial.model_copy(update={"run_suffix": ",".join(dotted)})
             h = trial.cfg_hash
             if h in trials:
                 why = _why_collapsed(cfg, trial)

@@ -34,8 +34,21 @@ def default_tracking_uri() -> str:
     return "sqlite:///" + str(Path("mlflow.db").resolve())
 
 
+class CredentialsInUri(ValueError):
+    """A tracking URI with a password in it (`http://user:pass@host`): refused before anything runs."""
+
+
 def absolute_uri(uri: str) -> str:
-    """Make a relative `sqlite:///x.db` or plain path absolute: trials run in temporary working dirs."""
+    """Make a relative `sqlite:///x.db` or plain path absolute: trials run in temporary working dirs.
+
+    A URI carrying a password is refused: MLflow prints run links with the tracking URI and Ray passes
+    environment variables through its logs, so the password would end up in output and logs.
+    """
+    if re.search(r"://[^/@\s]*:[^/@\s]*@", uri):
+        raise CredentialsInUri(
+            f"the tracking URI {redact(uri)} holds a password; it would be printed in run links and logs.\n"
+            "  fix: drop `user:password@` from the URI and export MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD (for a database URI: PGPASSWORD or ~/.pgpass)")
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
     if "://" not in uri:
@@ -48,6 +61,19 @@ def redact(text: str) -> str:
     return re.sub(r"(://[^/:@\s]+):[^@/\s]+@", r"\1:***@", text)
 
 
+_CREDENTIAL_ENV = re.compile(r"PASSWORD|TOKEN|SECRET|^MLFLOW_TRACKING_USERNAME$")
+
+
+def is_credential_env(name: str) -> bool:
+    """Whether an environment variable holds a credential (MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN, HF_TOKEN, ...).
+
+    Such variables reach trials through each node's own environment (a local Ray cluster inherits the
+    driver's; the compose stack and the KubeRay manifests set them on every node), never through Ray's
+    `runtime_env`, which Ray writes into its session logs.
+    """
+    return bool(_CREDENTIAL_ENV.search(name))
+
+
 @lru_cache(maxsize=1)
 def git_commit() -> str:
     try:
@@ -58,29 +84,61 @@ def git_commit() -> str:
         return "unknown"
 
 
-def retry(fn: Callable[[], T], what: str, attempts: int = 6, base_delay: float = 0.5) -> T:
+# Retry budget of every MLflow call (env-tunable): attempts, first delay, longest delay. The defaults ride out
+# about a minute of server downtime or SQLite locking (plus MLflow's own HTTP retries for a server).
+RETRY_ATTEMPTS = int(os.environ.get("KDP_MLFLOW_RETRIES", "8"))
+RETRY_DELAY = float(os.environ.get("KDP_MLFLOW_RETRY_DELAY", "0.5"))
+RETRY_MAX_DELAY = 30.0
+# Answers that no retry can change (a bad request, a missing run): raised at once.
+PERMANENT_ERRORS = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
+                              "INVALID_STATE", "PERMISSION_DENIED", "UNAUTHENTICATED", "ENDPOINT_NOT_FOUND"})
+
+
+def retry(fn: Callable[[], T], what: str, attempts: int | None = None, base_delay: float | None = None) -> T:
     """Call `fn`, retrying MLflow write failures (server down, SQLite locked) with exponential backoff.
 
     After the last attempt the error propagates: a trial must fail loudly rather than finish with holes.
+    Errors that cannot heal (`PERMANENT_ERRORS`: a bad value, a missing run) propagate at once.
     """
     from mlflow.exceptions import MlflowException
 
+    attempts = RETRY_ATTEMPTS if attempts is None else attempts
+    base_delay = RETRY_DELAY if base_delay is None else base_delay
     for i in range(attempts):
         try:
             return fn()
         except (MlflowException, OSError, ConnectionError) as e:  # noqa: PERF203
-            if i == attempts - 1:
+            if i == attempts - 1 or getattr(e, "error_code", None) in PERMANENT_ERRORS:
                 raise
-            delay = base_delay * 2**i
+            delay = min(base_delay * 2**i, RETRY_MAX_DELAY)
             log.warning("MLflow %s failed (%s); retrying in %.1fs", what, redact(str(e))[:200], delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
 
 
+_SQLITE_READY: set[str] = set()
+
+
 def client(tracking_uri: str):
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri)
+    if not tracking_uri.startswith("sqlite:") or tracking_uri in _SQLITE_READY:
+        return MlflowClient(tracking_uri=tracking_uri)
+    # The client creates (and migrates) the SQLite schema; several processes doing that at once on a new
+    # file (parallel trials on a fresh mlflow.db) break each other's migrations, so it is serialised.
+    import fcntl
+    import hashlib
+    import tempfile
+
+    key = hashlib.sha256(tracking_uri.encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"kdp-sqlite-{key}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            c = MlflowClient(tracking_uri=tracking_uri)
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+    _SQLITE_READY.add(tracking_uri)
+    return c
 
 
 def experiment_id(c, name: str) -> str:
@@ -106,6 +164,9 @@ class RunLogger:
         if run_id is not None:  # reattach (resume): never open a second run for one trial
             self.run_id = run_id
             retry(lambda: self.client.update_run(run_id, status="RUNNING"), "reopen run")
+            # A resumed trial recomputes the steps between its checkpoint and the interruption: points
+            # already logged are not logged again, so metric histories hold no duplicate steps.
+            self._logged_upto = retry(lambda: last_steps(self.client, run_id), "read metric steps")
         else:
             exp_id = retry(lambda: experiment_id(self.client, experiment), "create experiment")
             all_tags = {**tags, "kdp.git_commit": git_commit(), "mlflow.source.git.commit": git_commit()}
@@ -113,6 +174,7 @@ class RunLogger:
                 all_tags[PARENT] = parent_run_id
             run = retry(lambda: self.client.create_run(exp_id, run_name=run_name, tags=all_tags), "create run")
             self.run_id = run.info.run_id
+            self._logged_upto: dict[str, int] = {}
         self._metrics: list[Any] = []
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -133,7 +195,8 @@ class RunLogger:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        self._metrics += [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        self._metrics += [Metric(k, float(v), ts, step) for k, v in metrics.items()
+                          if step > self._logged_upto.get(k, -1)]
 
     def flush(self) -> None:
         while self._metrics:
@@ -148,8 +211,26 @@ class RunLogger:
         retry(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path), "log artifact")
 
     def finish(self, status: str = "FINISHED") -> None:
-        self.flush()
+        """Write what is buffered, then end the run. Metrics that cannot be written end it FAILED (when the
+        store still answers), never FINISHED with holes; the error propagates."""
+        try:
+            self.flush()
+        except Exception as e:
+            try:
+                if status == "FINISHED":
+                    retry(lambda: self.client.set_tag(self.run_id, "kdp.failure_reason", "metrics could not be "
+                                                      f"written: {redact(str(e))[:4000]}"), "set tags", attempts=2)
+                retry(lambda: self.client.set_terminated(self.run_id, status="FAILED"), "end run", attempts=2)
+            except Exception:  # noqa: BLE001 - the store is gone too: the run stays RUNNING for resume to see
+                log.error("could not mark run %s FAILED after its metrics failed to write", self.run_id)
+            raise
         retry(lambda: self.client.set_terminated(self.run_id, status=status), "end run")
+
+
+def last_steps(c, run_id: str) -> dict[str, int]:
+    """The highest step logged so far for each metric key of a run."""
+    keys = list(c.get_run(run_id).data.metrics)
+    return {k: max((m.step for m in c.get_metric_history(run_id, k)), default=-1) for k in keys}
 
 
 def find_runs(tracking_uri: str, experiment: str, filter_string: str, max_results: int = 1000) -> list:

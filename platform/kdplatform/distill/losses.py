@@ -77,9 +77,10 @@ def hidden_mse(student_hidden: Tensor, teacher_hidden: Tensor, attention_mask: T
 
 @register("attention_score_mse")
 def attention_score_mse(student_scores: Tensor, teacher_scores: Tensor, attention_mask: Tensor) -> Tensor:
-    """MSE of pre-softmax attention scores; masked entries count as 0 (TernaryBERT 'S').
+    """MSE of pre-softmax attention scores (TernaryBERT 'S').
 
-    Averaged over valid (query, key) pairs and heads.
+    Averaged over valid (query, key) pairs and heads. TinyBERT's reference zeroes masked entries and averages
+    over all S x S entries, which makes the value depend on padding; here masked pairs are left out instead.
     """
     pm = _pair_mask(attention_mask).expand_as(student_scores)
     diff = torch.where(pm, student_scores.float() - teacher_scores.float(), 0.0)
@@ -89,7 +90,7 @@ def attention_score_mse(student_scores: Tensor, teacher_scores: Tensor, attentio
 def _row_kl(teacher_probs: Tensor, student_logp: Tensor, attention_mask: Tensor) -> Tensor:
     """KL(t || s) per query row summed over valid keys; mean over valid rows, heads and batch."""
     key_valid = attention_mask.bool()[:, None, None, :]
-    t = teacher_probs.float()
+    t = teacher_probs.detach().float().clone()  # also accepts tensors made under inference_mode
     kl = torch.where(key_valid, t * (torch.log(t.clamp_min(1e-12)) - student_logp), 0.0).sum(-1)  # (B,h,S)
     rows = attention_mask.to(kl.dtype)[:, None, :].expand_as(kl)
     return (kl * rows).sum() / rows.sum().clamp_min(1)

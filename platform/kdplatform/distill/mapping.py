@@ -18,6 +18,8 @@ Layers are 1-based (layer 0 is the embedding output, used only by hidden-state l
 
 from __future__ import annotations
 
+import math
+
 LayerMapSpec = str | list[int]
 
 
@@ -60,7 +62,8 @@ def resolve_layer_map(spec: LayerMapSpec, n_student: int, n_teacher: int) -> lis
         if n_student > n_teacher:
             raise LayerMapError(f"uniform mapping needs a student no deeper than the teacher "
                                 f"(student {n_student}, teacher {n_teacher} layers)")
-        return [(i, round(i * n_teacher / n_student)) for i in range(1, n_student + 1)]
+        # round half up (Python's round() would send ties to the even layer)
+        return [(i, math.floor(i * n_teacher / n_student + 0.5)) for i in range(1, n_student + 1)]
     if spec == "last":
         return [(n_student, n_teacher)]
     pairs = _parse(spec, n_student)

@@ -565,6 +565,8 @@ class Collator:
         if label_key is not None:  # unlabeled (supplementary) batches carry no labels
             batch["labels"] = torch.tensor([f[label_key] for f in features],
                                            dtype=torch.float if self.regression else torch.long)
+        if "idx" in features[0]:  # position in the example set: the teacher output cache's row
+            batch["idx"] = torch.tensor([f["idx"] for f in features], dtype=torch.long)
         return batch
 
 

@@ -20,6 +20,10 @@ from kdplatform import tracking
 from kdplatform.config import ResolvedLoss, ResolvedStage, ResolvedTrial
 
 MARKER = "kdp_teacher.json"
+# model types with BERT's module layout (base_model.encoder.layer[i].attention.self/.output), which the
+# feature taps and the quantizer rely on
+BERT_LIKE = frozenset({"bert", "roberta", "xlm-roberta", "electra", "camembert", "ernie", "megatron-bert",
+                       "data2vec-text"})
 
 
 class TeacherError(ValueError):
@@ -54,12 +58,17 @@ def check_checkpoint(folder: Path, trial: ResolvedTrial) -> None:
         cfg = json.loads(cfg_file.read_text())
     except ValueError as e:
         raise TeacherError(f"{cfg_file}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise TeacherError(f"{cfg_file}: not a model config (a JSON object with model_type, architectures, ...)")
     want = TASKS[trial.task].num_labels
     got = cfg.get("num_labels") or len(cfg.get("id2label", {}) or {}) or None
     archs = cfg.get("architectures") or []
     if not any(a.endswith("ForSequenceClassification") for a in archs):
         raise TeacherError(f"{cfg_file}: architecture {archs or cfg.get('model_type')} is not a sequence "
                            "classifier; fine-tune it first with `kdplatform teacher`")
+    if cfg.get("model_type") not in BERT_LIKE:
+        raise TeacherError(f"{cfg_file}: model_type {cfg.get('model_type')!r} is not a BERT-like encoder (the "
+                           f"losses read BERT's layers); use one of: {', '.join(sorted(BERT_LIKE))}")
     if got is not None and got != want:
         raise TeacherError(f"{cfg_file}: {got} labels, task {trial.task} has {want}")
     if not any((folder / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")):

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from kdplatform import tracking
 from kdplatform.config import ResolvedStage, ResolvedTrial
 from kdplatform.distill import faults
+from kdplatform.distill.cache import TeacherCache, feature_names, teacher_identity
 from kdplatform.distill.losses import Features, needs, term_loss
 from kdplatform.distill.models import (FeatureTap, embedding_mixup, forward_features, freeze, load_classifier,
                                        set_seed)
@@ -106,12 +107,42 @@ def prepare_data(trial: ResolvedTrial, tokenizer) -> TrialData:
 def train_loader(features: list[dict], batch_size: int, collator: Collator, seed: int) -> DataLoader:
     """Length-grouped shuffled batches (similar lengths pad less), reproducible from `seed`."""
     order = length_grouped_indices([len(f["input_ids"]) for f in features], batch_size, seed)
-    return DataLoader([features[i] for i in order], batch_size=batch_size, shuffle=False, collate_fn=collator)
+    # `idx` (position in `features`) travels with each example: it is the teacher output cache's row
+    return DataLoader([{**features[i], "idx": i} for i in order], batch_size=batch_size, shuffle=False,
+                      collate_fn=collator)
 
 
 def eval_loader(features: list[dict], batch_size: int, collator: Collator) -> DataLoader:
     order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
-    return DataLoader([features[i] for i in order], batch_size=batch_size, collate_fn=collator)
+    return DataLoader([{**features[i], "idx": i} for i in order], batch_size=batch_size, collate_fn=collator)
+
+
+# ------------------------------------------------------------------------------------------ speed
+def resolve_device(trial: ResolvedTrial) -> torch.device:
+    want = trial.speed.device
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def resolve_precision(trial: ResolvedTrial, device: torch.device) -> str:
+    """'bf16' or 'fp32'. auto: bf16 on CUDA; fp32 on CPU (benchmarks/README.md: bf16 autocast on this CPU
+    trains faster but costs dev accuracy at these model sizes)."""
+    p = trial.speed.precision
+    if p == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return p
+
+
+def autocast(device: torch.device, precision: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    """Model inputs to the device; `idx` stays on the host (the cache indexes numpy arrays with it)."""
+    if device.type == "cpu":
+        return batch
+    return {k: (v if k == "idx" else v.to(device, non_blocking=True)) for k, v in batch.items()}
 
 
 # ------------------------------------------------------------------------------------- loss plumbing
@@ -141,6 +172,7 @@ class StageLosses:
                 s_qkv.add(n_student)
         self.s_tap = FeatureTap(student, s_qkv, s_out)
         self.t_tap = FeatureTap(teacher, t_qkv, t_out) if teacher is not None and self.needs_teacher else None
+        self.t_features = feature_names(stage.losses)  # what the teacher output cache keeps
         self.projections = self._projections(student, teacher)
 
     def _projections(self, student: nn.Module, teacher: nn.Module | None) -> nn.ModuleDict:
@@ -164,10 +196,18 @@ class StageLosses:
         return forward_features(model, batch, self.s_tap, self.s_hidden, mask)
 
     @torch.inference_mode()
-    def teacher(self, model: nn.Module, batch: dict, mask: Tensor | None = None) -> Features | None:
+    def teacher(self, model: nn.Module, batch: dict, mask: Tensor | None = None,
+                cache: TeacherCache | None = None) -> Features | None:
+        """Teacher features of a batch: from `cache` when it holds them, else a forward (then stored).
+        A `mask` override (mixup's union mask) means a changed input: never cached."""
         if self.t_tap is None:
             return None
-        return forward_features(model, batch, self.t_tap, self.t_hidden, mask)
+        if cache is None or mask is not None:
+            return forward_features(model, batch, self.t_tap, self.t_hidden, mask)
+        hit = cache.lookup(batch)
+        if hit is not None:
+            return hit
+        return cache.store(batch, forward_features(model, batch, self.t_tap, self.t_hidden))
 
     def terms(self, s: Features, t: Features | None, labels: Tensor | None,
               include_ce: bool = True) -> dict[str, Tensor]:
@@ -205,35 +245,35 @@ class StageLosses:
 # ------------------------------------------------------------------------------------------ evaluation
 @torch.inference_mode()
 def evaluate(student: nn.Module, teacher: nn.Module | None, losses: StageLosses, loader: DataLoader,
-             task: str, predicts: bool, teacher_cache: dict | None) -> dict[str, float]:
-    """Task metrics (if the stage trains the head) and the distillation loss on one eval split."""
+             task: str, predicts: bool, teacher_cache: TeacherCache | None,
+             precision: str = "fp32") -> dict[str, float]:
+    """Task metrics (if the stage trains the head) and the distillation loss on one eval split.
+
+    `teacher_cache`: the frozen teacher gives the same outputs at every eval, so they are read back."""
     was_training = student.training
     student.eval()
-    logits, labels, loss_sum, n = [], [], 0.0, 0
-    for i, batch in enumerate(loader):
-        s = losses.student(student, batch)
-        t = None
-        if losses.needs_teacher:
-            if teacher_cache is not None and i in teacher_cache:
-                t = teacher_cache[i]
-            else:
-                t = losses.teacher(teacher, batch)
-                if teacher_cache is not None:
-                    teacher_cache[i] = t  # the frozen teacher gives the same outputs at every eval
-        values = losses.terms(s, t, batch["labels"], include_ce=False)
+    device = next(student.parameters()).device
+    logits, labels, loss_sum, n = [], [], None, 0
+    for batch in loader:
+        batch = to_device(batch, device)
+        with autocast(device, precision):
+            s = losses.student(student, batch)
+            t = losses.teacher(teacher, batch, cache=teacher_cache) if losses.needs_teacher else None
+            values = losses.terms(s, t, batch["labels"], include_ce=False)
         if values:
             bs = batch["input_ids"].shape[0]
-            loss_sum += float(losses.weighted(values)) * bs
+            v = losses.weighted(values).detach().float() * bs
+            loss_sum = v if loss_sum is None else loss_sum + v  # summed on the device: one sync per eval
             n += bs
         logits.append(s.logits.float())
         labels.append(batch["labels"])
     student.train(was_training)
     out = {}
     if n:
-        out["distill_loss"] = loss_sum / n
+        out["distill_loss"] = float(loss_sum) / n
     if predicts:
-        preds = torch.cat(logits).numpy()
-        out.update(compute_metrics(task, preds, torch.cat(labels).numpy()))
+        preds = torch.cat(logits).cpu().numpy()
+        out.update(compute_metrics(task, preds, torch.cat(labels).cpu().numpy()))
     return out
 
 
@@ -245,6 +285,8 @@ class LoopState:
     global_step: int = 0
     best: dict[str, float] = field(default_factory=dict)
     last: dict[str, float] = field(default_factory=dict)
+    cache_hits: int = 0  # teacher outputs read from the cache / computed, in examples (finished stages)
+    cache_misses: int = 0
 
 
 def _optimizer(params: list[tuple[str, nn.Parameter]], stage: ResolvedStage) -> torch.optim.Optimizer:
@@ -267,7 +309,17 @@ def train_stage(*, stage: ResolvedStage, stage_index: int, trial: ResolvedTrial,
     """Train one stage: the one loop every method and the teacher fine-tune go through."""
     from transformers import get_linear_schedule_with_warmup
 
+    device = resolve_device(trial)
+    student.to(device)
+    if teacher is not None:
+        teacher.to(device)
+    # The teacher fine-tune stays fp32: a cached teacher must not depend on which student's precision asked.
+    precision = "fp32" if stage.name == "finetune" else resolve_precision(trial, device)
+    # the EMA copy is made before the taps are hooked in, so it does not write into the student's taps
+    ema = copy.deepcopy(student) if stage.consistency and stage.consistency.target == "ema" else None
     losses = StageLosses(stage, student, teacher, trial.student_layers)
+    losses.projections.to(device)
+    forward_student = _compiled(student) if trial.speed.compile and stage.name != "finetune" else student
     params = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
     params += [(f"proj.{n}", p) for n, p in losses.projections.named_parameters()]
     optimizer = _optimizer(params, stage)
@@ -276,7 +328,6 @@ def train_stage(*, stage: ResolvedStage, stage_index: int, trial: ResolvedTrial,
     total = stage.max_steps or stage.epochs * steps_per_epoch
     epochs = math.ceil(total / steps_per_epoch)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(stage.warmup * total), total)
-    ema = copy.deepcopy(student) if stage.consistency and stage.consistency.target == "ema" else None
     if resume_blob is not None:
         optimizer.load_state_dict(resume_blob["optimizer"])
         scheduler.load_state_dict(resume_blob["scheduler"])
@@ -286,7 +337,22 @@ def train_stage(*, stage: ResolvedStage, stage_index: int, trial: ResolvedTrial,
     eval_bs = max(stage.batch_size, 64)
     eval_sets = {"train": eval_loader(data.train_eval, eval_bs, data.collator),
                  **{s: eval_loader(f, eval_bs, data.collator) for s, f in data.dev.items()}}
-    teacher_caches: dict[str, dict] = {s: {} for s in eval_sets}
+    tc = trial.speed.teacher_cache
+
+    def open_cache(examples: list[dict], persistent: bool) -> TeacherCache | None:
+        if teacher is None or not losses.needs_teacher:
+            return None
+        return TeacherCache.open(examples, features=losses.t_features, num_heads=teacher.config.num_attention_heads,
+                                 identity=teacher_identity(getattr(teacher, "name_or_path", None)),
+                                 precision=precision, max_seq_length=trial.data.max_seq_length, dtype=tc.dtype,
+                                 max_bytes=int(tc.max_gb * 1e9), persistent=persistent)
+
+    # Mixup changes the teacher's input every step: those training batches always run the teacher. Eval
+    # batches are never mixed; without the disk cache they are still kept in memory for the stage.
+    train_cache = open_cache(train_set, True) if tc.enabled and not stage.mixup else None
+    teacher_caches = {"train": open_cache(data.train_eval, tc.enabled),
+                      **{s: open_cache(f, tc.enabled) for s, f in data.dev.items()}}
+    all_caches = [c for c in (train_cache, *teacher_caches.values()) if c is not None]
     window: dict[str, Tensor] = {}
     window_steps = 0
     stage_step = state.epoch * steps_per_epoch
@@ -302,8 +368,8 @@ def train_stage(*, stage: ResolvedStage, stage_index: int, trial: ResolvedTrial,
         if not all(_is_finite(v) for k, v in metrics.items() if k.startswith("loss/")):
             raise DivergedError(f"loss became non-finite at step {state.global_step} (stage {stage.name}): "
                                 + ", ".join(f"{k}={v}" for k, v in metrics.items() if k.startswith("loss/")))
-        results = {s: evaluate(student, teacher, losses, loader, trial.task, stage.predicts, teacher_caches[s])
-                   for s, loader in eval_sets.items()}
+        results = {s: evaluate(forward_student, teacher, losses, loader, trial.task, stage.predicts,
+                               teacher_caches[s], precision) for s, loader in eval_sets.items()}
         for split, res in results.items():
             prefix = {"dev_mm": "dev_mm"}.get(split, split)
             metrics.update({f"{prefix}/{k}": v for k, v in res.items()})
@@ -316,6 +382,10 @@ def train_stage(*, stage: ResolvedStage, stage_index: int, trial: ResolvedTrial,
                 if k != "distill_loss" and v >= state.best.get(k, -math.inf):
                     state.best[k] = v
             metrics.update({f"dev/best_{k}": v for k, v in state.best.items()})
+        if all_caches:
+            metrics["cache/hits"] = state.cache_hits + sum(c.hits for c in all_caches)
+            metrics["cache/misses"] = state.cache_misses + sum(c.misses for c in all_caches)
+            metrics["cache/bytes"] = sum(c.bytes for c in all_caches)
         state.last = metrics
         logger.add_metrics(metrics, state.global_step)
         logger.flush()
@@ -330,7 +400,10 @@ def train_stage(*, stage: ResolvedStage, stage_index: int, trial: ResolvedTrial,
             if stage_step >= total:
                 break
             fault = faults.loss_factor(fault_key, state.global_step)
-            values, lam = _step_losses(stage, losses, student, teacher, ema, batch, stage_step / total)
+            batch = to_device(batch, device)
+            with autocast(device, precision):
+                values, lam = _step_losses(stage, losses, forward_student, teacher, ema, batch, stage_step / total,
+                                           cache=train_cache)
             if not checked_terms:
                 _check_terms(values, stage)
                 checked_terms = True
@@ -354,7 +427,8 @@ def train_stage(*, stage: ResolvedStage, stage_index: int, trial: ResolvedTrial,
         if window_steps and (not stage.eval_every or stage_step >= total):
             log_eval()  # end of epoch (eval_every: 0) or the last step of the stage
         state.epoch = epoch + 1
-        if callbacks.on_checkpoint and state.epoch < epochs:
+        # every epoch end but the trial's very last (a stage boundary too, so a kill in stage 2 keeps stage 1)
+        if callbacks.on_checkpoint and (state.epoch < epochs or stage_index < len(trial.train) - 1):
             blob = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "projections": losses.projections.state_dict(),
                     "ema": ema.state_dict() if ema is not None else None}
@@ -363,13 +437,24 @@ def train_stage(*, stage: ResolvedStage, stage_index: int, trial: ResolvedTrial,
         if stage_step >= total:
             break
     losses.close()
+    for c in all_caches:
+        c.close()
+    state.cache_hits += sum(c.hits for c in all_caches)
+    state.cache_misses += sum(c.misses for c in all_caches)
+
+
+def _compiled(model: nn.Module) -> nn.Module:
+    """`torch.compile` for the student's forward passes (dynamic shapes: dynamic padding varies the length).
+    Parameters, optimizer and checkpoints keep using the plain module."""
+    return torch.compile(model, dynamic=True)
 
 
 def _step_losses(stage: ResolvedStage, losses: StageLosses, student: nn.Module, teacher: nn.Module | None,
-                 ema: nn.Module | None, batch: dict, progress: float) -> tuple[dict[str, tuple[float, Tensor]], float]:
+                 ema: nn.Module | None, batch: dict, progress: float, cache: TeacherCache | None = None
+                 ) -> tuple[dict[str, tuple[float, Tensor]], float]:
     """The weighted terms of one training step: {name: (weight, value)}."""
     if not stage.mixup:
-        t = losses.teacher(teacher, batch)
+        t = losses.teacher(teacher, batch, cache=cache)
         s = losses.student(student, batch)
         weights = {term.name: term.weight for term in stage.losses}
         return {k: (weights[k], v) for k, v in losses.terms(s, t, batch["labels"]).items()}, 1.0
@@ -434,7 +519,8 @@ def build_student(trial: ResolvedTrial, teacher_dir: Path, num_labels: int):
         from kdplatform.distill.quant import quantize_bert_
 
         report = quantize_bert_(student, trial.bits, trial.act_bits, two_bit=trial.student.two_bit,
-                                quantize_embeddings=trial.student.quantize_embeddings)
+                                quantize_embeddings=trial.student.quantize_embeddings,
+                                clip=trial.student.weight_clip, act_clip=trial.student.act_clip)
     return student, report
 
 
@@ -447,8 +533,8 @@ def run_trial(trial: ResolvedTrial, *, tracking_uri: str | None = None, parent_r
     started = time.time()
     callbacks = callbacks or Callbacks()
     uri = tracking.absolute_uri(tracking_uri or trial.tracking_uri or tracking.default_tracking_uri())
-    set_seed(trial.seed)
     teacher_dir = ensure_teacher(trial, uri)
+    set_seed(trial.seed)  # after the teacher: a fine-tune in this process must not shift the student's RNG
     tokenizer = teacher_tokenizer(teacher_dir)
     data = prepare_data(trial, tokenizer)
     teacher = freeze(load_classifier(str(teacher_dir), data.num_labels))

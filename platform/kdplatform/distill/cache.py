@@ -1,0 +1,464 @@
+"""Teacher output cache: what a frozen teacher gives each example, computed once and reused.
+
+A trial's losses read a few teacher features per example: the logits and, for the mapped layers, hidden
+states, Q/K/V projections and attention-sub-layer outputs. The teacher is frozen and (outside mixup) sees
+the same token ids every epoch and in every trial of a sweep, so those features are computed once, written
+to disk, and later batches read them back instead of running the teacher.
+
+Key: sha256 of (teacher checkpoint identity, token content of the example set, max sequence length, compute
+precision, storage dtype, cache format). One entry per key, a folder under
+`<KDP_CACHE_DIR>/teacher_outputs/<key>/`:
+
+    meta.json         what the key was made of (for people; the key is the folder name)
+    offsets.npy       (N + 1,) int64 token offsets: example i owns rows offsets[i]:offsets[i+1]
+    logits.npy        (N, C)              one row per example
+    hidden.6.npy      (total_tokens, H)   one row per valid token, unpadded; likewise q.L, k.L, v.L, attn_out.L
+    last_used         touched on every open: least-recently-used entries are evicted first
+
+A feature file appears atomically (written aside as a memory-mapped `.partial`, renamed when every example
+is filled), so readers see a whole file or none. Unreadable, truncated or mis-shaped files are ignored and
+rebuilt. The folder is bounded by `max_bytes`: whole entries are evicted, least recently used first; an entry
+that alone would exceed the bound is not written (the run just recomputes). With `root=None` the same object
+keeps its arrays in memory only (the eval sets of a run without the disk cache).
+
+>>> cache = TeacherCache.open(examples, features=["logits", "hidden.6"], num_heads=12,      # doctest: +SKIP
+...                           identity=teacher_identity(folder), precision="fp32")
+>>> t = cache.lookup(batch) or cache.store(batch, forward_features(teacher, batch, ...))   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from kdplatform.distill.losses import Features
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1  # bump when the layout or the meaning of a feature changes
+STALE_PARTIAL_S = 6 * 3600  # a .partial this old belongs to a dead writer on another host
+_STORAGE = {"float32": (np.float32, torch.float32), "float16": (np.float16, torch.float16),
+            "bfloat16": (np.int16, torch.bfloat16)}  # numpy has no bfloat16: its bits are kept as int16
+_TOKEN_KEYS = ("input_ids", "token_type_ids", "attention_mask")
+
+
+def default_root() -> Path:
+    from kdplatform.distill.teacher import cache_root
+
+    return cache_root() / "teacher_outputs"
+
+
+def teacher_identity(folder: str | os.PathLike | None) -> str | None:
+    """What identifies a teacher checkpoint: its `kdp_teacher.json` (teacher hash + the run that trained it),
+    else the size and mtime of its weight files and its config. None when `folder` is not a model folder."""
+    if folder is None:
+        return None
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    ident: dict[str, Any] = {"folder": str(folder.resolve())}
+    marker = folder / "kdp_teacher.json"
+    if marker.is_file():
+        try:
+            info = json.loads(marker.read_text())
+            ident = {"teacher_hash": info.get("teacher_hash"), "run_id": info.get("run_id")}
+        except ValueError:
+            pass
+    if "teacher_hash" not in ident:
+        weights = [f for f in ("model.safetensors", "pytorch_model.bin") if (folder / f).is_file()]
+        if not weights:
+            return None
+        ident["weights"] = [(f, (folder / f).stat().st_size, (folder / f).stat().st_mtime_ns) for f in weights]
+        cfg = folder / "config.json"
+        ident["config"] = cfg.read_text() if cfg.is_file() else ""
+    return _sha(ident)
+
+
+def examples_digest(examples: Sequence[dict]) -> str:
+    """Content hash of a tokenized example set, in order (labels excluded: they do not reach the teacher)."""
+    h = hashlib.sha256()
+    lengths = np.fromiter((len(e["input_ids"]) for e in examples), dtype=np.int64, count=len(examples))
+    h.update(lengths.tobytes())
+    for key in _TOKEN_KEYS:
+        if examples and key in examples[0]:
+            flat = np.fromiter((t for e in examples for t in e[key]), dtype=np.int64, count=int(lengths.sum()))
+            h.update(key.encode())
+            h.update(flat.tobytes())
+    return h.hexdigest()
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def feature_names(losses: Sequence[Any]) -> list[str]:
+    """Teacher features a stage's loss terms read: 'logits', 'hidden.L', 'q.L', 'k.L', 'v.L', 'attn_out.L'.
+
+    `losses` are `ResolvedLoss` objects (name, layer_pairs, relations). Logits are always kept: the forward
+    computes them anyway and a later prediction stage reads them.
+    """
+    from kdplatform.distill.losses import needs
+
+    names = {"logits"}
+    for term in losses:
+        want = needs(term.name)
+        for _, lt in term.layer_pairs:
+            if "hidden" in want:
+                names.add(f"hidden.{lt}")
+            if "qk" in want:
+                names |= {f"q.{lt}", f"k.{lt}"}
+            if "qkv" in want:
+                names |= {f"{r}.{lt}" for r in (term.relations or ("q", "k", "v"))}
+            if "attn_out" in want:
+                names.add(f"attn_out.{lt}")
+    return sorted(names)
+
+
+def _extract(name: str, feats: Features) -> Tensor:
+    if name == "logits":
+        return feats.logits
+    kind, layer = name.split(".")
+    if kind == "hidden":
+        return feats.hidden[int(layer)]
+    return getattr(feats, kind)[int(layer)]
+
+
+# --------------------------------------------------------------------------------------------- eviction
+def _entry_bytes(entry: Path) -> int:
+    total = 0
+    for f in entry.iterdir():
+        try:
+            total += f.stat().st_size
+        except OSError:
+            pass
+    return total
+
+
+def _last_used(entry: Path) -> float:
+    try:
+        return (entry / "last_used").stat().st_mtime
+    except OSError:
+        try:
+            return entry.stat().st_mtime
+        except OSError:
+            return 0.0
+
+
+def cache_size(root: str | os.PathLike) -> int:
+    """Bytes on disk under a cache root."""
+    root = Path(root)
+    if not root.is_dir():
+        return 0
+    return sum(_entry_bytes(e) for e in root.iterdir() if e.is_dir())
+
+
+def evict(root: str | os.PathLike, max_bytes: int, keep: str | None = None) -> list[str]:
+    """Remove whole entries, least recently used first, until the root holds at most `max_bytes`
+    (never the entry named `keep`). Returns the removed keys."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    entries = [(e, _entry_bytes(e), _last_used(e)) for e in root.iterdir() if e.is_dir()]
+    total = sum(size for _, size, _ in entries)
+    removed = []
+    for entry, size, _ in sorted(entries, key=lambda x: x[2]):
+        if total <= max_bytes:
+            break
+        if entry.name == keep:
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        total -= size
+        removed.append(entry.name)
+    if removed:
+        log.info("teacher cache: evicted %d entr%s to stay under %.2f GB", len(removed),
+                 "y" if len(removed) == 1 else "ies", max_bytes / 1e9)
+    return removed
+
+
+# ------------------------------------------------------------------------------------------------ cache
+class TeacherCache:
+    """The teacher features of one example set, by example index (`batch["idx"]`).
+
+    `lookup(batch)` returns the batch's Features padded to its width, or None when any example is missing;
+    `store(batch, feats)` records a fresh forward's features and returns `feats`. Counters: `hits` and
+    `misses` (examples), `bytes` (on disk, or in memory without a root).
+    """
+
+    def __init__(self, *, lengths: np.ndarray, features: Sequence[str], num_heads: int, key: str,
+                 root: Path | None, dtype: str = "float32", max_bytes: int | None = None,
+                 meta: dict | None = None):
+        if dtype not in _STORAGE:
+            raise ValueError(f"teacher cache dtype must be one of {sorted(_STORAGE)}, got {dtype!r}")
+        self.key = key
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64)
+        self.n = len(self.lengths)
+        self.features = tuple(sorted(set(features)))
+        self.num_heads = num_heads
+        self.np_dtype, self.torch_dtype = _STORAGE[dtype]
+        self.max_bytes = max_bytes
+        self.dir = Path(root) / key if root is not None else None
+        self.ready: dict[str, np.ndarray] = {}  # complete: read-only memmaps (or RAM arrays)
+        self.filling: dict[str, np.ndarray] = {}  # being written this epoch
+        self._partials: dict[str, Path] = {}
+        self.skipped: set[str] = set()  # features too big for the bound: never cached
+        self.filled = np.zeros(self.n, dtype=bool)
+        self.hits = self.misses = 0
+        if self.dir is not None:
+            try:
+                self._open(meta or {})
+            except OSError as e:  # a read-only or full disk must not stop training
+                log.warning("teacher cache %s unusable (%s); keeping it in memory", self.dir, e)
+                self.dir = None
+
+    # ---------------------------------------------------------------------------------------- opening
+    @classmethod
+    def open(cls, examples: Sequence[dict], *, features: Sequence[str], num_heads: int, identity: str | None,
+             precision: str, max_seq_length: int, dtype: str = "float32", root: str | os.PathLike | None = None,
+             max_bytes: int | None = None, persistent: bool = True) -> TeacherCache:
+        """The cache entry of `examples` for a teacher (`identity`: see `teacher_identity`). Without an
+        identity, or with `persistent=False`, the cache lives in memory for this object only."""
+        lengths = np.fromiter((len(e["input_ids"]) for e in examples), dtype=np.int64, count=len(examples))
+        meta = {"format": CACHE_FORMAT, "teacher": identity, "examples": examples_digest(examples),
+                "n": len(examples), "max_seq_length": int(max_seq_length), "precision": precision, "dtype": dtype}
+        key = _sha(meta)[:32]
+        use_disk = persistent and identity is not None
+        where = (Path(root) if root is not None else default_root()) if use_disk else None
+        return cls(lengths=lengths, features=features, num_heads=num_heads, key=key, root=where, dtype=dtype,
+                   max_bytes=max_bytes, meta=meta)
+
+    def _open(self, meta: dict) -> None:
+        d = self.dir
+        d.mkdir(parents=True, exist_ok=True)
+        if not self._valid_offsets():
+            self._reset(meta)
+        self._remove_stale_partials()
+        for name in self.features:
+            arr = self._load(name)
+            if arr is not None:
+                self.ready[name] = arr
+        (d / "last_used").touch()
+
+    def _valid_offsets(self) -> bool:
+        try:
+            offsets = np.load(self.dir / "offsets.npy", allow_pickle=False)
+            return offsets.dtype == np.int64 and np.array_equal(offsets, self.offsets)
+        except (OSError, ValueError, EOFError):
+            return False
+
+    def _reset(self, meta: dict) -> None:
+        """A new entry, or one whose offsets are missing or wrong: start it over."""
+        for f in self.dir.iterdir():
+            if not f.name.endswith(".partial"):
+                f.unlink(missing_ok=True)
+        self._write_atomic("offsets.npy", lambda fh: np.save(fh, self.offsets))
+        self._write_atomic("meta.json", lambda fh: fh.write(json.dumps({**meta, "created": time.time()},
+                                                                         indent=1).encode()))
+
+    def _write_atomic(self, name: str, write) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                write(fh)
+            os.replace(tmp, self.dir / name)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def _remove_stale_partials(self) -> None:
+        host = socket.gethostname()
+        for f in self.dir.glob(".*.partial"):
+            parts = f.name.split(".")  # .<feature...>.<host>.<pid>.partial
+            try:
+                pid, same_host = int(parts[-2]), parts[-3] == host
+            except (ValueError, IndexError):
+                pid, same_host = -1, False
+            try:
+                old = time.time() - f.stat().st_mtime > STALE_PARTIAL_S
+            except OSError:
+                continue
+            if old or (same_host and not _alive(pid)):
+                f.unlink(missing_ok=True)
+
+    def _expected_rows(self, name: str) -> int:
+        return self.n if name == "logits" else int(self.offsets[-1])
+
+    def _load(self, name: str) -> np.ndarray | None:
+        path = self.dir / f"{name}.npy"
+        if not path.is_file():
+            return None
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            if arr.dtype != self.np_dtype or arr.ndim != 2 or arr.shape[0] != self._expected_rows(name):
+                raise ValueError(f"shape {arr.shape} dtype {arr.dtype}")
+            return arr
+        except (OSError, ValueError, EOFError) as e:
+            log.warning("teacher cache: ignoring unreadable %s (%s); it will be rebuilt", path, e)
+            path.unlink(missing_ok=True)
+            return None
+
+    # ------------------------------------------------------------------------------------- reading
+    def _available(self, name: str, idx: np.ndarray) -> np.ndarray | None:
+        if name in self.ready:
+            return self.ready[name]
+        if name in self.filling and self.filled[idx].all():
+            return self.filling[name]
+        return None
+
+    def lookup(self, batch: dict[str, Tensor]) -> Features | None:
+        """The batch's teacher Features from the cache, or None (then run the teacher and `store`)."""
+        idx = batch["idx"].numpy()
+        arrays = {}
+        for name in self.features:
+            arr = self._available(name, idx)
+            if arr is None:
+                return None
+            arrays[name] = arr
+        mask = batch["attention_mask"]
+        width = mask.shape[1]
+        device = mask.device
+        out: dict[str, Tensor] = {}
+        for name, arr in arrays.items():
+            if name == "logits":
+                rows = arr[idx]
+            else:
+                rows = np.zeros((len(idx), width, arr.shape[1]), dtype=arr.dtype)
+                for j, i in enumerate(idx):
+                    a, b = self.offsets[i], self.offsets[i + 1]
+                    rows[j, :b - a] = arr[a:b]
+            t = torch.from_numpy(np.ascontiguousarray(rows))
+            if self.torch_dtype == torch.bfloat16:
+                t = t.view(torch.bfloat16)
+            out[name] = t.to(device, non_blocking=True)
+        self.hits += len(idx)
+        return self._features(out, mask)
+
+    def _features(self, out: dict[str, Tensor], mask: Tensor) -> Features:
+        feats = Features(logits=out["logits"], attention_mask=mask, num_heads=self.num_heads)
+        hidden = {int(n.split(".")[1]): t for n, t in out.items() if n.startswith("hidden.")}
+        if hidden:
+            feats.hidden = tuple(hidden.get(i) for i in range(max(hidden) + 1))
+        for n, t in out.items():
+            kind, _, layer = n.partition(".")
+            if kind in ("q", "k", "v", "attn_out"):
+                getattr(feats, kind)[int(layer)] = t
+        return feats
+
+    # ------------------------------------------------------------------------------------- writing
+    def store(self, batch: dict[str, Tensor], feats: Features) -> Features:
+        """Record a fresh teacher forward for the batch's examples; returns `feats` unchanged."""
+        idx = batch["idx"].numpy()
+        self.misses += len(idx)
+        todo = [n for n in self.features if n not in self.ready and n not in self.skipped]
+        if not todo:
+            return feats
+        lens = self.lengths[idx]
+        dest = None
+        for name in todo:
+            t = _extract(name, feats).detach()
+            arr = self.filling.get(name)
+            if arr is None:
+                arr = self._allocate(name, t.shape[-1])
+                if arr is None:
+                    continue
+            t = t.to("cpu", self.torch_dtype)
+            if self.torch_dtype == torch.bfloat16:
+                t = t.view(torch.int16)
+            src = t.numpy()
+            if name == "logits":
+                arr[idx] = src
+            else:
+                if dest is None:
+                    dest = np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in idx])
+                valid = np.arange(src.shape[1])[None, :] < lens[:, None]
+                arr[dest] = src[valid]
+        self.filled[idx] = True
+        if self.filling and self.filled.all():
+            self._commit()
+        return feats
+
+    def _allocate(self, name: str, width: int) -> np.ndarray | None:
+        rows = self._expected_rows(name)
+        shape = (rows, width)
+        need = rows * width * np.dtype(self.np_dtype).itemsize
+        if self.dir is None:
+            arr = np.zeros(shape, dtype=self.np_dtype)
+            self.filling[name] = arr
+            return arr
+        if self.max_bytes is not None:
+            mine = _entry_bytes(self.dir) + need  # this entry's files so far (partials included) + this one
+            if mine > self.max_bytes:
+                log.warning("teacher cache: feature %s (%.1f MB) would put one entry over the %.2f GB bound; "
+                            "not cached (raise speed.teacher_cache.max_gb)", name, need / 1e6, self.max_bytes / 1e9)
+                self.skipped.add(name)
+                return None
+            evict(self.dir.parent, self.max_bytes - need, keep=self.key)
+        path = self.dir / f".{name}.{socket.gethostname()}.{os.getpid()}.partial"
+        try:
+            arr = np.lib.format.open_memmap(path, mode="w+", dtype=self.np_dtype, shape=shape)
+        except OSError as e:
+            log.warning("teacher cache: cannot write %s (%s); keeping %s in memory", path, e, name)
+            arr = np.zeros(shape, dtype=self.np_dtype)
+            path = None
+        self.filling[name] = arr
+        if path is not None:
+            self._partials[name] = path
+        return arr
+
+    def _commit(self) -> None:
+        """Every example is filled: publish the features (atomic rename) and read them back mapped."""
+        for name, arr in list(self.filling.items()):
+            path = self._partials.pop(name, None)
+            if path is not None:
+                try:
+                    arr.flush()
+                    del arr
+                    final = self.dir / f"{name}.npy"
+                    os.replace(path, final)
+                    self.ready[name] = np.load(final, mmap_mode="r", allow_pickle=False)
+                    (self.dir / "last_used").touch()
+                except OSError as e:  # evicted meanwhile by another process: keep it for this run only
+                    log.warning("teacher cache: could not publish %s (%s)", name, e)
+                    self.ready[name] = self.filling[name]
+            else:
+                self.ready[name] = arr
+        self.filling.clear()
+        if self.dir is not None and self.max_bytes is not None:
+            evict(self.dir.parent, self.max_bytes, keep=self.key)
+
+    @property
+    def bytes(self) -> int:
+        return sum(a.nbytes for a in self.ready.values()) + sum(a.nbytes for a in self.filling.values())
+
+    def close(self) -> None:
+        """Drop an unfinished fill (a stage that ended before seeing every example) and its files."""
+        for name, path in self._partials.items():
+            self.filling.pop(name, None)
+            path.unlink(missing_ok=True)
+        self._partials.clear()
+        self.filling.clear()
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,174 @@
+"""Plan a sweep before anything runs: trials, what is already done, what the teacher stage must do.
+
+`plan_sweep(path, tracking_uri)` reads and validates the YAML (`config.load_trials`: collapsed and dropped
+combinations come back as notes), asks MLflow once which config hashes already have a
+FINISHED run (dedupe), and for `search:` keeps the raw trial configs the sampled values are applied to.
+No Ray and no torch here: `--dry-run` is this plan printed.
+
+>>> plan = plan_sweep("sweeps/quickstart.yaml", "sqlite:////abs/mlflow.db")    # doctest: +SKIP
+>>> len(plan.trials), len(plan.to_run), plan.experiment_dir_name                # doctest: +SKIP
+(8, 8, 'quickstart-3f2a9c1d')
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from kdplatform import tracking
+from kdplatform.config import (AXES, ConfigError, ResolvedTrial, SweepSpec, TrialConfig, _set_dotted,
+                               load_trials, resolve_trial)
+
+# Fields that change how a sweep runs, not what it computes: left out of the spec hash, so a resumed
+# sweep finds its Ray experiment folder even when run against another store or with other concurrency.
+_NOT_IN_SPEC_HASH = {"tracking_uri", "max_concurrent_trials"}
+
+
+@dataclass
+class SweepPlan:
+    spec: SweepSpec
+    spec_file: Path
+    spec_hash: str
+    trials: list[ResolvedTrial]  # every distinct trial of the grid (x seeds)
+    notes: list[str]  # collapsed / dropped combinations, for --dry-run
+    tracking_uri: str = ""  # absolute
+    done: dict[str, str] = field(default_factory=dict)  # cfg_hash -> FINISHED run id
+    bases: dict[str, dict[str, Any]] = field(default_factory=dict)  # search: cfg_hash -> raw TrialConfig
+
+    @property
+    def to_run(self) -> list[ResolvedTrial]:
+        return [t for t in self.trials if t.cfg_hash not in self.done]
+
+    @property
+    def experiment(self) -> str:
+        return self.spec.name
+
+    @property
+    def experiment_dir_name(self) -> str:
+        """Ray experiment folder: spec name + spec hash, so `--resume` finds it from the file alone."""
+        return f"{slug(self.spec.name)}-{self.spec_hash[:8]}"
+
+    def teachers(self, trials: list[ResolvedTrial] | None = None) -> dict[str, ResolvedTrial]:
+        """One representative trial per distinct teacher hash (of `trials`, default: those to run)."""
+        out: dict[str, ResolvedTrial] = {}
+        for t in self.to_run if trials is None else trials:
+            out.setdefault(t.teacher_hash, t)
+        return out
+
+
+def slug(text: str, max_len: int = 60) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:max_len] or "sweep"
+
+
+def spec_hash(spec: SweepSpec) -> str:
+    """Hash of what the file says (explicit keys only, so a schema that gains a default keeps the hash)."""
+    d = spec.model_dump(mode="json", exclude=_NOT_IN_SPEC_HASH, exclude_unset=True)
+    d.get("data", {}).pop("glue_dir", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def plan_sweep(path: str | Path, tracking_uri: str | None = None, query_done: bool = True) -> SweepPlan:
+    """Validate and expand `path`; with `query_done`, look up finished runs in the store.
+
+    The store is `tracking_uri`, else the spec's `tracking_uri`, else the default (`./mlflow.db`).
+    """
+    spec, trials, notes = load_trials(path)
+    uri = tracking.absolute_uri(tracking_uri or spec.tracking_uri or tracking.default_tracking_uri())
+    plan = SweepPlan(spec=spec, spec_file=Path(path).resolve(), spec_hash=spec_hash(spec), trials=trials,
+                     notes=notes, tracking_uri=uri)
+    if spec.search is not None:
+        plan.bases = _raw_trials(spec, {t.cfg_hash for t in trials})
+        check_search_space(plan)
+    if query_done and not spec.search:
+        plan.done = finished_cfg_hashes(uri, spec.name, {t.cfg_hash for t in trials})
+    return plan
+
+
+def _raw_trials(spec: SweepSpec, wanted: set[str]) -> dict[str, dict[str, Any]]:
+    """cfg_hash -> the raw TrialConfig dict it was resolved from (the same walk as `config.expand`).
+
+    A search sample applies its drawn values to this raw dict and resolves it again in the trial.
+    """
+    base = spec.model_dump(mode="json", exclude={"seeds", "grid", "max_trials", "search", "scheduler",
+                                                 "resources", "max_concurrent_trials", "max_failures",
+                                                 "source_file"}, exclude_unset=True)
+    axes = list(spec.grid.items())
+    out: dict[str, dict[str, Any]] = {}
+    for combo in itertools.product(*[vals for _, vals in axes]):
+        raw = copy.deepcopy(base)
+        for (key, _), value in zip(axes, combo):
+            _set_dotted(raw, key, value)
+        for seed in spec.seeds:
+            raw["seed"] = seed
+            h = resolve_trial(TrialConfig.model_validate(raw), file=spec.source_file).cfg_hash
+            if h in wanted and h not in out:
+                out[h] = copy.deepcopy(raw)
+    return out
+
+
+def apply_sample(raw: dict[str, Any], values: dict[str, Any], file: str | None = None) -> ResolvedTrial:
+    """A search sample: the base trial's raw config with the drawn values set, validated and resolved."""
+    raw = copy.deepcopy(raw)
+    for key, value in values.items():
+        _set_dotted(raw, key, value)
+    try:
+        cfg = TrialConfig.model_validate(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(x) for x in first["loc"])
+        raise ConfigError(file, f"search.space ({loc})", first["msg"], f"got {first.get('input')!r}") from None
+    return resolve_trial(cfg, file=file)
+
+
+def check_search_space(plan: SweepPlan) -> None:
+    """Every search axis must be settable on every base trial at both ends of its range."""
+    search = plan.spec.search
+    assert search is not None
+    file = plan.spec.source_file
+    for key, dim in search.space.items():
+        if key in plan.spec.grid:
+            raise ConfigError(file, f"search.space.{key}", "this key is also a grid axis",
+                              "sample it or grid it, not both")
+        if key in ("seed", "seeds", "name", "tracking_uri"):
+            raise ConfigError(file, f"search.space.{key}", "not a searchable setting",
+                              f"search over trial settings: {', '.join(AXES)} or dotted keys such as train.ild.lr")
+        probes = dim.values if dim.type == "choice" else \
+            ([int(dim.low), int(dim.high) - 1] if dim.type == "randint" else [dim.low, dim.high])
+        for value in probes:
+            for raw in list(plan.bases.values())[:50]:
+                apply_sample(raw, {key: value}, file)
+
+
+def finished_cfg_hashes(tracking_uri: str, experiment: str, wanted: set[str] | None = None) -> dict[str, str]:
+    """cfg_hash -> run id of every FINISHED student run of the experiment, in one paged query."""
+    if _sqlite_file_missing(tracking_uri):
+        return {}  # nothing logged yet: do not create a database just to look
+    c = tracking.client(tracking_uri)
+    exp = tracking.retry(lambda: c.get_experiment_by_name(experiment), "find experiment")
+    if exp is None:
+        return {}
+    out: dict[str, str] = {}
+    token = None
+    flt = f"tags.`{tracking.ROLE}` = 'student' and attributes.status = 'FINISHED'"
+    while True:
+        page = tracking.retry(lambda: c.search_runs([exp.experiment_id], filter_string=flt, max_results=5000,
+                                                    page_token=token), "search runs")
+        for r in page:
+            h = r.data.tags.get(tracking.CFG_HASH)
+            if h and (wanted is None or h in wanted):
+                out.setdefault(h, r.info.run_id)
+        token = page.token
+        if not token:
+            return out
+
+
+def _sqlite_file_missing(uri: str) -> bool:
+    return uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists()

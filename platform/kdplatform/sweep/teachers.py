@@ -1,0 +1,130 @@
+"""The teacher stage: every distinct teacher a sweep needs is fine-tuned once, before any student starts.
+
+A teacher is keyed by `config.teacher_hash` (task x model x fine-tune config x seed x train-data config).
+`teacher_status` says where each one stands: given as a checkpoint, in the local cache, found through a
+FINISHED teacher run in MLflow whose checkpoint folder still exists (linked into the cache so the worker
+finds it), or to train. `train_teachers` fine-tunes the missing ones as Ray tasks, in parallel across
+teachers; the worker's own file lock and atomic rename keep a teacher from being trained twice.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from kdplatform import tracking
+from kdplatform.config import ResolvedTrial, SweepSpec
+
+GIVEN, CACHED, FROM_MLFLOW, TO_TRAIN = "checkpoint", "cached", "from MLflow", "to train"
+
+
+@dataclass
+class TeacherOutcome:
+    teacher_hash: str
+    trial: ResolvedTrial
+    status: str  # one of the constants above, then "trained" or "failed"
+    folder: str | None = None
+    error: str | None = None
+
+
+def teacher_status(trial: ResolvedTrial, tracking_uri: str | None) -> TeacherOutcome:
+    """Where this trial's teacher stands, without training anything (fast: files and one MLflow query)."""
+    from kdplatform.distill.teacher import MARKER, find_teacher_run, teacher_dir
+
+    folder = teacher_dir(trial)
+    h = trial.teacher_hash
+    if trial.teacher.checkpoint:
+        return TeacherOutcome(h, trial, GIVEN, str(folder))
+    if (folder / MARKER).is_file():
+        return TeacherOutcome(h, trial, CACHED, str(folder))
+    from kdplatform.sweep.expand import _sqlite_file_missing
+
+    if tracking_uri and not _sqlite_file_missing(tracking_uri):
+        try:
+            run = find_teacher_run(tracking_uri, trial)
+        except Exception:  # noqa: BLE001 - a store we cannot read yet simply has no teacher
+            run = None
+        ckpt = run.data.tags.get("kdp.checkpoint") if run is not None else None
+        if ckpt and (Path(ckpt) / MARKER).is_file():
+            return TeacherOutcome(h, trial, FROM_MLFLOW, ckpt)
+    return TeacherOutcome(h, trial, TO_TRAIN, str(folder))
+
+
+def link_from_mlflow(outcome: TeacherOutcome) -> None:
+    """Make a teacher found through MLflow (another cache folder) visible at this cache's path."""
+    from kdplatform.distill.teacher import teacher_dir
+
+    target = teacher_dir(outcome.trial)
+    if target.exists() or target.is_symlink():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.symlink(outcome.folder, target, target_is_directory=True)
+    except FileExistsError:
+        pass
+
+
+def check_given_checkpoints(teachers: dict[str, ResolvedTrial]) -> None:
+    """Ready checkpoints named in the spec are checked in the driver: a bad one fails before Ray starts."""
+    from kdplatform.distill.teacher import check_checkpoint, teacher_dir
+
+    for t in teachers.values():
+        if t.teacher.checkpoint:
+            check_checkpoint(teacher_dir(t), t)
+
+
+def _fine_tune(trial_json: dict, tracking_uri: str, parent_run_id: str | None, cwd: str) -> str:
+    """Ray task body: fine-tune one teacher (or find it ready); returns its folder."""
+    from kdplatform.config import ResolvedTrial
+    from kdplatform.distill.teacher import ensure_teacher
+
+    if os.path.isdir(cwd):
+        os.chdir(cwd)  # relative paths in the spec mean the driver's working directory
+    return str(ensure_teacher(ResolvedTrial.model_validate(trial_json), tracking_uri, parent_run_id))
+
+
+def train_teachers(outcomes: list[TeacherOutcome], *, spec: SweepSpec, tracking_uri: str,
+                   parent_run_id: str | None, max_concurrent: int | None, on_update=None) -> list[TeacherOutcome]:
+    """Fine-tune the teachers marked TO_TRAIN as Ray tasks (Ray must be initialised); others pass through."""
+    import ray
+
+    res = spec.resources
+    cpu = res.teacher_cpu if res.teacher_cpu is not None else res.cpu
+    gpu = res.teacher_gpu if res.teacher_gpu is not None else res.gpu
+    task = ray.remote(_fine_tune).options(num_cpus=cpu, num_gpus=gpu, max_retries=spec.max_failures,
+                                         retry_exceptions=_retryable(), name="kdp_teacher")
+    todo = [o for o in outcomes if o.status == TO_TRAIN]
+    for o in outcomes:
+        if o.status == FROM_MLFLOW:
+            link_from_mlflow(o)
+    limit = max_concurrent or len(todo) or 1
+    running: dict = {}
+    queue = list(todo)
+    while queue or running:
+        while queue and len(running) < limit:
+            o = queue.pop(0)
+            ref = task.remote(o.trial.model_dump(mode="json"), tracking_uri, parent_run_id, os.getcwd())
+            running[ref] = o
+            if on_update:
+                on_update(o, "running")
+        ready, _ = ray.wait(list(running), num_returns=1)
+        o = running.pop(ready[0])
+        try:
+            o.folder = ray.get(ready[0])
+            o.status = "trained"
+        except Exception as e:  # noqa: BLE001 - one failed teacher must not stop the others
+            o.status, o.error = "failed", _error_text(e)
+        if on_update:
+            on_update(o, o.status)
+    return outcomes
+
+
+def _retryable() -> list[type[Exception]]:
+    """Exceptions worth a retry: not the user's own mistakes, which fail the same way again."""
+    return [OSError, RuntimeError, ConnectionError]
+
+
+def _error_text(e: Exception) -> str:
+    cause = getattr(e, "cause", None) or e
+    return tracking.redact(f"{type(cause).__name__}: {cause}")[:500]

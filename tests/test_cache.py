@@ -1,0 +1,276 @@
+"""Teacher output cache: exact hits, reuse across epochs and trials, the size bound, damaged entries, mixup.
+
+Small on purpose (a tiny random BERT, a few dozen examples): speed is measured in benchmarks/, never here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kdplatform.config import ResolvedLoss, ResolvedStage, TrialConfig, resolve_trial
+from kdplatform.distill import cache as cache_mod
+from kdplatform.distill import worker
+from kdplatform.distill.cache import TeacherCache, cache_size, evict, teacher_identity
+from kdplatform.distill.models import freeze, load_classifier
+from kdplatform.distill.tasks import Collator
+
+SENTENCES = ["a fine film", "the plot is thin and the acting is worse", "wonderful", "not good at all , sadly",
+             "it drags", "an utterly charming , funny and moving story about two friends", "meh", "bold and new",
+             "i would not watch it again even for free", "great cast", "dull", "the ending surprises"]
+
+ALL_TERMS = [  # every kind of teacher feature: logits, hidden (incl. embeddings), q/k/v, attention output
+    ResolvedLoss(name="logit_kd", weight=1.0, temperature=2.0),
+    ResolvedLoss(name="hidden_mse", weight=1.0, layer_pairs=[(0, 0), (2, 4)]),
+    ResolvedLoss(name="attention_kl", weight=1.0, layer_pairs=[(1, 2)]),
+    ResolvedLoss(name="relation_kl", weight=1.0, layer_pairs=[(2, 4)], relations=["q", "k", "v"]),
+    ResolvedLoss(name="attention_output_mse", weight=1.0, layer_pairs=[(2, 3)]),
+]
+
+
+def _stage(terms=ALL_TERMS, mixup=False) -> ResolvedStage:
+    return ResolvedStage(name="distill", losses=terms, epochs=1, max_steps=None, lr=1e-4, batch_size=4,
+                         warmup=0.0, weight_decay=0.0, max_grad_norm=1.0, eval_every=0, mixup=mixup)
+
+
+@pytest.fixture(scope="module")
+def models(tiny_bert_dir):
+    teacher = freeze(load_classifier(str(tiny_bert_dir), 2))
+    student = load_classifier(str(tiny_bert_dir), 2, num_layers=2)
+    return teacher, student
+
+
+@pytest.fixture(scope="module")
+def examples(tiny_bert_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_bert_dir))
+    enc = tok(SENTENCES, truncation=True, max_length=32)
+    return [{"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i],
+             "token_type_ids": enc["token_type_ids"][i], "label": i % 2} for i in range(len(SENTENCES))]
+
+
+def _batches(examples, order, bs=4):
+    collate = Collator(0, regression=False)
+    return [collate([{**examples[i], "idx": i} for i in order[s:s + bs]]) for s in range(0, len(order), bs)]
+
+
+def _open(examples, losses, teacher, root, **kw) -> TeacherCache:
+    return TeacherCache.open(examples, features=losses.t_features, num_heads=teacher.config.num_attention_heads,
+                             identity=teacher_identity(teacher.name_or_path), precision="fp32", max_seq_length=32,
+                             root=root, **kw)
+
+
+def _fill(cache, losses, teacher, examples, order) -> None:
+    for b in _batches(examples, order):
+        losses.teacher(teacher, b, cache=cache)
+
+
+def _assert_same_features(got, want, mask) -> None:
+    valid = mask.bool()
+    assert torch.equal(got.logits, want.logits)
+    for layer, h in enumerate(got.hidden or ()):
+        if h is not None:
+            assert torch.equal(h[valid], want.hidden[layer][valid]), f"hidden.{layer}"
+    for kind in ("q", "k", "v", "attn_out"):
+        for layer, t in getattr(got, kind).items():
+            assert torch.equal(t[valid], getattr(want, kind)[layer][valid]), f"{kind}.{layer}"
+
+
+def test_hit_returns_exactly_a_fresh_forward(models, examples, tmp_path):
+    teacher, student = models
+    losses = worker.StageLosses(_stage(), student, teacher, n_student=2)
+    assert losses.t_features == ["attn_out.3", "hidden.0", "hidden.4", "k.2", "k.4", "logits", "q.2", "q.4",
+                                 "v.4"]
+    order = list(range(len(examples)))
+    first = _open(examples, losses, teacher, tmp_path)
+    _fill(first, losses, teacher, examples, order)
+    assert first.misses == len(examples) and first.hits == 0
+    entry = tmp_path / first.key
+    assert sorted(p.name for p in entry.glob("*.npy")) == sorted(["offsets.npy"] + [f"{n}.npy" for n in
+                                                                                    losses.t_features])
+    assert not list(entry.glob(".*partial"))
+
+    second = _open(examples, losses, teacher, tmp_path)  # another trial: other batches, other padding
+    assert set(second.ready) == set(losses.t_features)
+    rng = np.random.default_rng(0)
+    for b in _batches(examples, rng.permutation(len(examples)).tolist(), bs=5):
+        hit = second.lookup(b)
+        assert hit is not None
+        fresh = worker.forward_features(teacher, b, losses.t_tap, True)
+        # values at valid positions equal the forward that wrote them; a fresh forward of another padding
+        # differs only in float rounding
+        for name in losses.t_features:
+            got = cache_mod._extract(name, hit)
+            want = cache_mod._extract(name, fresh)
+            m = b["attention_mask"].bool() if got.dim() == 3 else slice(None)
+            torch.testing.assert_close(got[m], want[m], rtol=1e-5, atol=1e-5)
+        s = losses.student(student, b)
+        torch.testing.assert_close(losses.weighted(losses.terms(s, hit, b["labels"])),
+                                   losses.weighted(losses.terms(s, fresh, b["labels"])), rtol=1e-5, atol=1e-6)
+    assert second.hits == len(examples) and second.misses == 0
+
+    # same batch as the one written: bit for bit
+    same = _open(examples, losses, teacher, tmp_path)
+    b = _batches(examples, order)[1]
+    _assert_same_features(same.lookup(b), worker.forward_features(teacher, b, losses.t_tap, True),
+                          b["attention_mask"])
+
+
+def test_16bit_storage_is_close_and_half_the_bytes(models, examples, tmp_path):
+    teacher, student = models
+    losses = worker.StageLosses(_stage(), student, teacher, n_student=2)
+    order = list(range(len(examples)))
+    c32 = _open(examples, losses, teacher, tmp_path)
+    c16 = _open(examples, losses, teacher, tmp_path, dtype="bfloat16")
+    assert c32.key != c16.key
+    _fill(c32, losses, teacher, examples, order)
+    _fill(c16, losses, teacher, examples, order)
+    assert c16.bytes * 2 == c32.bytes
+    b = _batches(examples, order)[0]
+    torch.testing.assert_close(c16.lookup(b).hidden[4].float(), c32.lookup(b).hidden[4], rtol=1e-2, atol=1e-2)
+
+
+def test_eviction_keeps_the_bound(models, examples, tmp_path):
+    teacher, student = models
+    losses = worker.StageLosses(_stage(ALL_TERMS[:2]), student, teacher, n_student=2)
+    order = list(range(len(examples)))
+    sizes = []
+    for n in (6, 8, 10):  # three example sets: three entries
+        c = _open(examples[:n], losses, teacher, tmp_path)  # noqa: F841
+        _fill(c, losses, teacher, examples[:n], order[:n])
+        sizes.append(cache_size(tmp_path))
+        os.utime(tmp_path / c.key / "last_used", (n, n))  # older entries were used longer ago
+    one = sizes[0]
+    assert len(list(tmp_path.iterdir())) == 3
+    bound = cache_size(tmp_path) - 1
+    removed = evict(tmp_path, bound)
+    assert len(removed) == 1 and cache_size(tmp_path) <= bound  # the least recently used (6 examples) went
+    assert not any(p.name == removed[0] for p in tmp_path.iterdir())
+
+    # a cache with a bound writes within it, evicting older entries first
+    scratch = _open(examples, losses, teacher, tmp_path / "scratch")
+    _fill(scratch, losses, teacher, examples, order)
+    full = cache_size(tmp_path / "scratch")
+    assert full > one
+    c = _open(examples, losses, teacher, tmp_path, max_bytes=full + one // 2)
+    _fill(c, losses, teacher, examples, order)
+    assert cache_size(tmp_path) <= full + one // 2
+    assert (tmp_path / c.key).is_dir() and set(c.ready) == set(losses.t_features)
+
+    # an entry that alone exceeds the bound is not written: the run recomputes
+    tiny = _open(examples, losses, teacher, tmp_path / "small", max_bytes=1000)
+    _fill(tiny, losses, teacher, examples, order)
+    assert tiny.lookup(_batches(examples, order)[0]) is None and cache_size(tmp_path / "small") <= 1000
+
+
+def test_damaged_entries_are_ignored_and_rebuilt(models, examples, tmp_path):
+    teacher, student = models
+    losses = worker.StageLosses(_stage(ALL_TERMS[:2]), student, teacher, n_student=2)
+    order = list(range(len(examples)))
+    good = _open(examples, losses, teacher, tmp_path)
+    _fill(good, losses, teacher, examples, order)
+    entry = tmp_path / good.key
+    b = _batches(examples, order)[0]
+    want = worker.forward_features(teacher, b, losses.t_tap, True)
+
+    # a truncated feature file, a garbage one, and a writer's leftover partial (dead pid)
+    data = (entry / "hidden.4.npy").read_bytes()
+    (entry / "hidden.4.npy").write_bytes(data[:len(data) // 2])
+    (entry / "logits.npy").write_bytes(b"not a numpy file")
+    (entry / f".hidden.0.{os.uname().nodename}.999999999.partial").write_bytes(b"x" * 100)
+    c = _open(examples, losses, teacher, tmp_path)
+    assert set(c.ready) == {"hidden.0"}  # only the intact file is used
+    assert not list(entry.glob(".*partial"))
+    assert c.lookup(b) is None
+    _fill(c, losses, teacher, examples, order)  # rebuilt
+    assert set(c.ready) == set(losses.t_features)
+    _assert_same_features(_open(examples, losses, teacher, tmp_path).lookup(b), want, b["attention_mask"])
+
+    # wrong offsets (another example set under this key): the entry starts over
+    np.save(entry / "offsets.npy", np.arange(3, dtype=np.int64))
+    c = _open(examples, losses, teacher, tmp_path)
+    assert not c.ready and not (entry / "logits.npy").exists()
+
+    # a partial fill (stage ended early) never becomes readable and leaves no file
+    part = _open(examples, losses, teacher, tmp_path)
+    _fill(part, losses, teacher, examples, order[:4])
+    part.close()
+    assert not list(entry.glob("*.npy.*")) and not list(entry.glob(".*partial"))
+    assert not _open(examples, losses, teacher, tmp_path).ready
+
+
+# ------------------------------------------------------------------------------------------ whole trials
+TRIAL = dict(name="cache", task="sst2", method="custom",
+             teacher=dict(finetune=dict(epochs=1, max_steps=2, batch_size=16, lr=1e-3)),
+             student=dict(init="truncate", layers=2))
+
+
+def _trial(glue_dir, teacher_dir, **kw):
+    raw = {**TRIAL, "data": dict(source="glue_dir", glue_dir=str(glue_dir), max_train_examples=48,
+                                 max_dev_examples=32, train_eval_examples=16, max_seq_length=32)}
+    raw["teacher"] = {**raw["teacher"], "model": str(teacher_dir)}
+    raw["train"] = [dict(name="distill", epochs=2, batch_size=16, eval_every=0, lr=1e-3,
+                         losses=[dict(name="logit_kd"), dict(name="hidden_mse", layer_map="last"),
+                                 dict(name="attention_kl", layer_map="last")])]
+    raw.update(kw)
+    return resolve_trial(TrialConfig.model_validate(raw))
+
+
+def _history(uri, run_id, key):
+    from mlflow.tracking import MlflowClient
+
+    return [(m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key)]
+
+
+@pytest.fixture(scope="module")
+def trial_cache_dir(tmp_path_factory) -> Path:
+    """One KDP_CACHE_DIR for the whole-trial tests: the tiny teacher is fine-tuned once."""
+    return tmp_path_factory.mktemp("trial_cache")
+
+
+def test_run_trial_same_losses_with_and_without_cache(glue_dir, tiny_bert_dir, mlflow_uri, trial_cache_dir,
+                                                      monkeypatch):
+    monkeypatch.setenv("KDP_CACHE_DIR", str(trial_cache_dir))
+    off = worker.run_trial(_trial(glue_dir, tiny_bert_dir, speed={"precision": "fp32",
+                                                                 "teacher_cache": {"enabled": False}}),
+                           tracking_uri=mlflow_uri)
+    on = worker.run_trial(_trial(glue_dir, tiny_bert_dir, speed={"precision": "fp32"}), tracking_uri=mlflow_uri)
+    for key in ("loss/total", "loss/logit_kd", "loss/hidden_mse", "loss/attention_kl", "dev/distill_loss",
+                "train/distill_loss", "dev/accuracy"):
+        a, b = _history(mlflow_uri, off.run_id, key), _history(mlflow_uri, on.run_id, key)
+        assert [s for s, _ in a] == [s for s, _ in b] and len(a) == 2
+        np.testing.assert_allclose([v for _, v in a], [v for _, v in b], rtol=1e-4, atol=1e-6, err_msg=key)
+    # epoch 1 computed the 48 train examples and the 16 + 32 eval examples once; epoch 2 read them all
+    assert _history(mlflow_uri, on.run_id, "cache/misses") == [(3, 96.0), (6, 96.0)]
+    assert _history(mlflow_uri, on.run_id, "cache/hits") == [(3, 0.0), (6, 96.0)]
+    assert _history(mlflow_uri, on.run_id, "cache/bytes")[-1][1] > 0
+
+    # a second trial of the sweep (another seed and lr): every teacher output comes from the cache
+    again = worker.run_trial(_trial(glue_dir, tiny_bert_dir, seed=7, speed={"precision": "fp32"}),
+                             tracking_uri=mlflow_uri)
+    assert _history(mlflow_uri, again.run_id, "cache/misses")[-1][1] == 0
+    assert _history(mlflow_uri, again.run_id, "cache/hits")[-1][1] == 2 * 96
+
+
+def test_mixup_stages_bypass_the_cache(glue_dir, tiny_bert_dir, mlflow_uri, trial_cache_dir, monkeypatch):
+    monkeypatch.setenv("KDP_CACHE_DIR", str(trial_cache_dir))
+    seen = []
+    real = worker._step_losses
+
+    def spy(stage, *args, cache=None, **kw):
+        seen.append((stage.name, cache is None))
+        return real(stage, *args, cache=cache, **kw)
+
+    monkeypatch.setattr(worker, "_step_losses", spy)
+    trial = _trial(glue_dir, tiny_bert_dir, method="cr_ild", consistency_weight=0.5,
+                   train=[dict(name="ild", max_steps=2, batch_size=16, eval_every=0),
+                          dict(name="pred", max_steps=2, batch_size=16, eval_every=0)],
+                   speed={"precision": "fp32"})
+    worker.run_trial(trial, tracking_uri=mlflow_uri)
+    assert [x for x in seen if x[0] != "finetune"] == [("ild", True), ("ild", True), ("pred", False),
+                                                       ("pred", False)]

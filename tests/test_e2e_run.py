@@ -1,0 +1,144 @@
+"""End-to-end: `kdplatform run` on real GLUE data leaves runs that the plain mlflow client reads back."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import write_yaml
+
+
+def _cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kdplatform.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, timeout=900)
+
+
+TINY_TRIAL = """
+name: e2e
+task: {task}
+method: cr_ild
+consistency_weight: 0.5
+data: {{glue_dir: {glue}, source: glue_dir, max_train_examples: 96, max_dev_examples: 64,
+        train_eval_examples: 32, max_seq_length: 32}}
+teacher: {{model: {teacher}, finetune: {{epochs: 1, max_steps: 4, batch_size: 16, lr: 1.0e-3}}}}
+student: {{init: truncate, layers: 2}}
+train:
+  - {{name: ild, max_steps: 4, eval_every: 2, batch_size: 16}}
+  - {{name: pred, max_steps: 4, eval_every: 2, batch_size: 16}}
+"""
+
+
+def _runs(uri: str, experiment: str) -> list:
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name(experiment)
+    assert exp is not None, f"experiment {experiment} not created"
+    return c.search_runs([exp.experiment_id])
+
+
+def test_run_logs_a_complete_student_run(tmp_path, glue_dir, tiny_bert_dir, mlflow_uri):
+    cfg = write_yaml(tmp_path / "trial.yaml", TINY_TRIAL.format(task="sst2", glue=glue_dir, teacher=tiny_bert_dir))
+    proc = _cli("run", str(cfg), "--tracking-uri", mlflow_uri, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    runs = _runs(mlflow_uri, "e2e")
+    roles = sorted(r.data.tags["kdp.role"] for r in runs)
+    assert roles == ["student", "teacher"]
+    student = next(r for r in runs if r.data.tags["kdp.role"] == "student")
+    assert student.info.status == "FINISHED"
+    assert student.info.run_name == "sst2/cr_ild/last/w0.5/b32/s42"
+
+    c = MlflowClient(mlflow_uri)
+    for key in ("loss/relation_kl", "loss/consistency", "loss/logit_kd", "loss/total", "train/accuracy",
+                "dev/accuracy", "dev/score", "train/distill_loss", "dev/distill_loss", "gap/accuracy",
+                "gap/distill_loss", "dev/best_accuracy", "dev/best_score", "stage", "lr"):
+        assert key in student.data.metrics, f"missing metric {key}"
+    # eval every 2 steps over two stages of 4 steps: steps 2, 4 (ild) and 6, 8 (pred)
+    steps = [m.step for m in c.get_metric_history(student.info.run_id, "train/distill_loss")]
+    assert steps == [2, 4, 6, 8]
+    assert [m.step for m in c.get_metric_history(student.info.run_id, "dev/accuracy")] == [6, 8]
+    hist = {m.step: m.value for m in c.get_metric_history(student.info.run_id, "gap/accuracy")}
+    train = {m.step: m.value for m in c.get_metric_history(student.info.run_id, "train/accuracy")}
+    dev = {m.step: m.value for m in c.get_metric_history(student.info.run_id, "dev/accuracy")}
+    assert hist[8] == pytest.approx(train[8] - dev[8])
+    best = max(dev.values())
+    assert student.data.metrics["dev/best_accuracy"] == pytest.approx(best)
+
+    p = student.data.params
+    assert p["task"] == "sst2" and p["method"] == "cr_ild" and p["layer_map"] == "last"
+    assert p["consistency_weight"] == "0.5" and p["train.ild.mixup"] == "True"
+    assert p["train.ild.loss.relation_kl.layer_pairs"] == "[[2, 4]]"
+    assert p["data.train_examples"] == "96"
+    t = student.data.tags
+    assert len(t["kdp.cfg_hash"]) == 16 and len(t["kdp.teacher_hash"]) == 16
+    assert "mlflow.source.git.commit" in t and "kdp.git_commit" in t
+    arts = [a.path for a in c.list_artifacts(student.info.run_id)]
+    assert "config.yaml" in arts
+    text = Path(c.download_artifacts(student.info.run_id, "config.yaml", str(tmp_path))).read_text()
+    assert "cr_ild" in text and "relation_kl" in text
+
+
+def test_teacher_is_trained_once_and_reused(tmp_path, glue_dir, tiny_bert_dir, mlflow_uri):
+    cfg = write_yaml(tmp_path / "trial.yaml", TINY_TRIAL.format(task="rte", glue=glue_dir, teacher=tiny_bert_dir))
+    first = _cli("teacher", str(cfg), "--tracking-uri", mlflow_uri, cwd=tmp_path)
+    assert first.returncode == 0, first.stdout + first.stderr
+    second = _cli("run", str(cfg), "--tracking-uri", mlflow_uri, cwd=tmp_path)
+    assert second.returncode == 0, second.stdout + second.stderr
+    runs = _runs(mlflow_uri, "e2e")
+    assert sorted(r.data.tags["kdp.role"] for r in runs) == ["student", "teacher"]
+    teacher = next(r for r in runs if r.data.tags["kdp.role"] == "teacher")
+    student = next(r for r in runs if r.data.tags["kdp.role"] == "student")
+    assert teacher.data.tags["kdp.teacher_hash"] == student.data.tags["kdp.teacher_hash"]
+    assert Path(teacher.data.tags["kdp.checkpoint"], "kdp_teacher.json").is_file()
+
+
+def test_bad_config_exits_2_without_traceback_or_store(tmp_path):
+    cfg = write_yaml(tmp_path / "bad.yaml", "name: x\ntask: sst2\ndata: {max_seq_lenght: 64}\n")
+    proc = _cli("run", str(cfg), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert "data.max_seq_lenght" in proc.stderr and "bad.yaml" in proc.stderr
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.e2e
+def test_real_minilm_trial_learns(tmp_path, glue_dir, minilm, mlflow_uri):
+    """The real pretrained MiniLM-L6 teacher and its 2-layer truncation on real SST-2 data."""
+    cfg = write_yaml(tmp_path / "real.yaml", f"""
+name: e2e-real
+task: sst2
+method: kd
+data: {{glue_dir: {glue_dir}, source: glue_dir, max_train_examples: 640, max_dev_examples: 200,
+        train_eval_examples: 64, max_seq_length: 48}}
+teacher: {{model: minilm-l6, finetune: {{epochs: 2, batch_size: 32, lr: 1.0e-4}}}}
+student: {{init: truncate, layers: 2}}
+train: [{{name: pred, epochs: 2, batch_size: 32, lr: 1.0e-4, eval_every: 20}}]
+""")
+    proc = _cli("run", str(cfg), "--tracking-uri", mlflow_uri, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    runs = {r.data.tags["kdp.role"]: r for r in _runs(mlflow_uri, "e2e-real")}
+    assert runs["teacher"].data.metrics["dev/accuracy"] > 0.7
+    assert runs["student"].data.metrics["dev/best_accuracy"] > 0.6
+
+
+def test_same_seed_repeats_exactly_on_cpu(tmp_path, glue_dir, tiny_bert_dir):
+    """Two runs of one config give identical loss and metric histories; another seed does not."""
+    from kdplatform.config import load_trials
+    from kdplatform.distill.worker import run_trial
+
+    cfg = write_yaml(tmp_path / "t.yaml", TINY_TRIAL.format(task="sst2", glue=glue_dir, teacher=tiny_bert_dir)
+                     + "seeds: [42, 7]\n")
+    _, trials, _ = load_trials(cfg)
+    histories = []
+    for i, trial in enumerate([trials[0], trials[0], trials[1]]):
+        uri = f"sqlite:///{tmp_path}/repeat{i}.db"
+        res = run_trial(trial, tracking_uri=uri)
+        c = MlflowClient(uri)
+        histories.append({k: [m.value for m in c.get_metric_history(res.run_id, k)]
+                          for k in ("loss/total", "loss/consistency", "dev/accuracy", "train/distill_loss")})
+    assert histories[0] == histories[1]
+    assert histories[0]["loss/total"] != histories[2]["loss/total"]

@@ -1,0 +1,248 @@
+"""`kdplatform sweep` without a Ray cluster: planning, --dry-run, dedupe, schema, Ray wiring, MLflow repairs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from conftest import REPO, write_yaml
+from kdplatform import tracking
+from kdplatform.cli import app
+from kdplatform.config import ConfigError, load_trials
+from kdplatform.sweep.expand import apply_sample, plan_sweep, spec_hash
+
+SPEC = """
+name: plantest
+task: sst2
+data: {{glue_dir: /nowhere, source: glue_dir, max_train_examples: 64}}
+teacher: {{model: {teacher}}}
+student: {{layers: 2}}
+grid:
+  method: [kd, pkd, cr_ild]
+  layer_map: [uniform, last]
+  consistency_weight: [0.0, 0.5]
+seeds: [1, 2]
+"""
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """One MLflow store for this module's tests (each uses its own experiment): creating one costs seconds."""
+    return f"sqlite:///{tmp_path_factory.mktemp('sweep_plan') / 'mlflow.db'}"
+
+
+def _teacher_folder(tmp_path: Path) -> Path:
+    """A model folder with a config.json is all planning needs (depth for layer maps)."""
+    folder = tmp_path / "teacher"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"num_hidden_layers": 4, "model_type": "bert"}')
+    return folder
+
+
+def _spec(tmp_path: Path, extra: str = "") -> Path:
+    return write_yaml(tmp_path / "spec.yaml", SPEC.format(teacher=_teacher_folder(tmp_path)) + extra)
+
+
+def test_dry_run_prints_plan_and_starts_nothing(tmp_path, monkeypatch):
+    spec = _spec(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    res = CliRunner().invoke(app, ["sweep", str(spec), "--dry-run", "--tracking-uri", uri])
+    assert res.exit_code == 0, res.output
+    out = " ".join(res.output.split())
+    # kd: 1 x 2 seeds; pkd: 2 maps x 2 seeds; cr_ild: 2 maps x 2 weights x 2 seeds -> 14 distinct of 24
+    assert "14 distinct, 0 already done" in out and "14 to run" in out
+    assert "1 needed, 1 to train" in out
+    assert "collapsed: consistency_weight has no effect on method kd" in out
+    assert "dry run: nothing was started" in out
+    assert not (tmp_path / "mlflow.db").exists(), "a dry run must not create the store"
+    assert not (tmp_path / "ray_results").exists()
+
+
+def test_dedupe_counts_finished_runs_as_done(tmp_path, monkeypatch, store):
+    spec = _spec(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    uri = store
+    _, trials, _ = load_trials(spec)
+    c = MlflowClient(uri)
+    exp = c.create_experiment("plantest")
+    for t, status in ((trials[0], "FINISHED"), (trials[1], "FAILED"), (trials[2], "RUNNING")):
+        run = c.create_run(exp, tags={tracking.ROLE: "student", tracking.CFG_HASH: t.cfg_hash})
+        if status != "RUNNING":
+            c.set_terminated(run.info.run_id, status=status)
+    plan = plan_sweep(spec, uri)
+    assert set(plan.done) == {trials[0].cfg_hash}, "only FINISHED runs count as done"
+    assert len(plan.to_run) == len(trials) - 1
+    res = CliRunner().invoke(app, ["sweep", str(spec), "--dry-run", "--tracking-uri", uri])
+    assert "1 already done" in " ".join(res.output.split())
+
+
+def test_spec_hash_names_the_ray_folder(tmp_path):
+    spec = _spec(tmp_path)
+    plan = plan_sweep(spec, query_done=False)
+    assert plan.experiment_dir_name == f"plantest-{plan.spec_hash[:8]}"
+    moved = write_yaml(tmp_path / "other.yaml", spec.read_text() + "tracking_uri: sqlite:////x.db\n"
+                       "max_concurrent_trials: 3\n")
+    assert plan_sweep(moved, query_done=False).spec_hash == plan.spec_hash, "where/how fast: same sweep"
+    wider = write_yaml(tmp_path / "wider.yaml", spec.read_text().replace("seeds: [1, 2]", "seeds: [1, 2, 3]"))
+    assert spec_hash(plan_sweep(wider, query_done=False).spec) != plan.spec_hash
+
+
+@pytest.mark.parametrize("extra,where", [
+    ("resources: {cpu: 1, gpus: 1}\n", "resources.gpus"),
+    ("resources: {gpu: 1.5}\n", "resources.gpu"),
+    ("scheduler: {type: hyperband}\n", "scheduler.type"),
+    ("search: {num_samples: 2, space: {lr: {type: loguniform, low: 0, high: 1}}}\n", "search.space.lr"),
+    ("search: {num_samples: 2, space: {consistency_weight: {type: choice}}}\n", "search.space"),
+    ("max_concurrent_trials: 0\n", "max_concurrent_trials"),
+])
+def test_sweep_sections_are_validated(tmp_path, extra, where):
+    with pytest.raises(ConfigError) as e:
+        load_trials(_spec(tmp_path, extra))
+    assert where in str(e.value)
+
+
+def test_search_space_is_checked_against_the_grid(tmp_path):
+    clash = "search: {num_samples: 2, space: {consistency_weight: {type: uniform, low: 0, high: 1}}}\n"
+    with pytest.raises(ConfigError, match="also a grid axis"):
+        plan_sweep(_spec(tmp_path, clash), query_done=False)
+    ok = "search: {num_samples: 3, space: {train.pred.lr: {type: loguniform, low: 1.0e-5, high: 1.0e-3}}}\n"
+    plan = plan_sweep(_search_spec(tmp_path, ok), query_done=False)
+    assert len(plan.bases) == len(plan.trials)
+    base = next(iter(plan.bases.values()))
+    sampled = apply_sample(base, {"train.pred.lr": 2e-4})
+    assert next(s for s in sampled.train if s.name == "pred").lr == 2e-4
+    bad = "search: {num_samples: 3, space: {train.pred.lr: {type: uniform, low: -1, high: 1}}}\n"
+    with pytest.raises(ConfigError, match="search.space"):
+        plan_sweep(_search_spec(tmp_path, bad, "bad.yaml"), query_done=False)
+
+
+def _search_spec(tmp_path: Path, extra: str, name: str = "search.yaml") -> Path:
+    folder = tmp_path / "t2"
+    if not folder.exists():
+        folder.mkdir()
+        (folder / "config.json").write_text('{"num_hidden_layers": 4, "model_type": "bert"}')
+    return write_yaml(tmp_path / name, f"name: s\nteacher: {{model: {folder}}}\nstudent: {{layers: 2}}\n"
+                      "grid: {method: [kd, pkd]}\n" + extra)
+
+
+def test_study_sweep_files_expand():
+    spec, trials, notes = load_trials(REPO / "sweeps" / "glue_all.yaml")
+    assert len(trials) == 768 and len({t.teacher_hash for t in trials}) == 8
+    assert {t.task for t in trials} == {"cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte"}
+    assert {t.bits for t in trials} == {2, 32} and spec.resources.gpu == 0.5
+    assert any("consistency_weight has no effect on method kd" in n for n in notes)
+    spec, trials, notes = load_trials(REPO / "sweeps" / "cr_ild.yaml")
+    assert {t.data.max_train_examples for t in trials} == {None, 1000}
+    assert not any(t.task == "stsb" and t.data.label_noise > 0 for t in trials)
+    assert any("regression task stsb" in n for n in notes)
+
+
+def test_ray_wiring_without_a_cluster(tmp_path):
+    from ray import tune
+
+    from kdplatform.sweep import tune as kdp_tune
+
+    spec_file = _spec(tmp_path, "search: {num_samples: 5, seed: 1, space: {train.pred.lr: "
+                      "{type: loguniform, low: 1.0e-5, high: 1.0e-3}}}\nscheduler: {metric: dev/score}\n"
+                      "max_failures: 3\n")
+    spec_file.write_text(spec_file.read_text().replace("  consistency_weight: [0.0, 0.5]\n", ""))
+    plan = plan_sweep(spec_file, query_done=False)
+    space = kdp_tune.param_space(plan.trials, plan.spec.search)
+    assert set(space) == {"base", "space"} and "train.pred.lr" in space["space"]
+    cfg = kdp_tune.tune_config(plan.spec, 2)
+    assert cfg.num_samples == 5 and cfg.max_concurrent_trials == 2
+    assert type(cfg.scheduler).__name__ == "AsyncHyperBandScheduler"
+    assert type(cfg.search_alg).__name__ == "OptunaSearch"
+    rc = kdp_tune.run_config("x", tmp_path, plan.spec.max_failures)
+    assert isinstance(rc, tune.RunConfig) and rc.failure_config.max_failures == 3
+    grid = kdp_tune.param_space(plan.trials)["trial"]["grid_search"]
+    assert [g["cfg_hash"] for g in grid] == [t.cfg_hash for t in plan.trials]
+    # the Ray trial-name functions are pickled by value: readable without kdplatform
+    import ray.cloudpickle as cloudpickle
+
+    blob = cloudpickle.dumps(cfg.trial_dirname_creator)
+    code = ("import sys, ray.cloudpickle as cp; sys.modules['kdplatform'] = None\n"
+            "f = cp.loads(bytes.fromhex(sys.argv[1]))\n"
+            "class T: trial_id = 'abc'; config = {'trial': {'run_name': 'sst2/kd/b32/s1'}}\n"
+            "print(f(T()))")
+    out = subprocess.run([sys.executable, "-c", code, blob.hex()], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "abc_sst2-kd-b32-s1", out.stderr
+
+
+def test_reattached_run_logs_no_duplicate_steps(store):
+    mlflow_uri = store
+    first = tracking.RunLogger(mlflow_uri, "dup", "t", {tracking.ROLE: "student"})
+    for step in (1, 2, 3):
+        first.add_metrics({"loss/total": float(step), "dev/score": 0.5}, step)
+    first.flush()  # ... then the process dies after step 3; the checkpoint was at step 2
+    again = tracking.RunLogger(mlflow_uri, "dup", "t", {}, run_id=first.run_id)
+    for step in (3, 4):
+        again.add_metrics({"loss/total": float(step), "dev/score": 0.6}, step)
+    again.finish()
+    c = MlflowClient(mlflow_uri)
+    assert [m.step for m in c.get_metric_history(first.run_id, "loss/total")] == [1, 2, 3, 4]
+    assert [m.step for m in c.get_metric_history(first.run_id, "dev/score")] == [1, 2, 3, 4]
+    assert c.get_run(first.run_id).info.status == "FINISHED"
+
+
+def test_driver_closes_runs_a_worker_left_open(store):
+    mlflow_uri = store
+    """ASHA stops a trial by ending its process: the driver closes its MLflow run (FINISHED, tagged)."""
+    from kdplatform.sweep.tune import DriverHooks, TrialContext
+
+    c = MlflowClient(mlflow_uri)
+    exp = c.create_experiment("repair")
+    parent = c.create_run(exp).info.run_id
+    tags = {tracking.ROLE: "student", tracking.CFG_HASH: "h1", tracking.PARENT: parent}
+    stopped = c.create_run(exp, tags=tags).info.run_id
+    crashed = c.create_run(exp, tags={**tags, tracking.CFG_HASH: "h2"}).info.run_id
+    done = c.create_run(exp, tags={**tags, tracking.CFG_HASH: "h3"}).info.run_id
+    c.set_terminated(done, "FINISHED")
+    seen = []
+    monitor = SimpleNamespace(trial_done=lambda *a: seen.append(a[1]), note=seen.append)
+    hooks = DriverHooks(TrialContext(mlflow_uri, "repair", parent, parent, os.getcwd()), monitor)
+
+    def trial(h, last, error_file=None):
+        return SimpleNamespace(trial_id=h, config={"trial": {"cfg_hash": h, "run_name": h}}, last_result=last,
+                               error_file=error_file)
+
+    hooks.trial_complete(trial("h1", {"step": 40, "mlflow_run_id": stopped, "dev/score": 0.4}))
+    hooks.trial_error(trial("h2", {}))
+    hooks.trial_complete(trial("h3", {"kdp_status": "FINISHED", "mlflow_run_id": done}))
+    r = c.get_run(stopped)
+    assert r.info.status == "FINISHED" and r.data.tags["kdp.early_stopped"] == "asha"
+    assert r.data.tags["kdp.early_stopped_step"] == "40"
+    r = c.get_run(crashed)
+    assert r.info.status == "FAILED" and r.data.tags["kdp.failure_reason"]
+    assert "kdp.early_stopped" not in c.get_run(done).data.tags
+    assert seen == ["STOPPED", "FAILED", "FINISHED"]
+
+
+def test_resume_without_a_previous_run_is_a_clear_error(tmp_path, monkeypatch):
+    spec = _spec(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["sweep", str(spec), "--resume", "--tracking-uri",
+                                   f"sqlite:///{tmp_path / 'm.db'}"])
+    assert res.exit_code == 2
+    assert "nothing to resume" in " ".join(res.output.split())
+
+
+def test_retry_note_moves_the_old_failure_reason(store):
+    mlflow_uri = store
+    from kdplatform.sweep.tune import _note_retry
+
+    c = MlflowClient(mlflow_uri)
+    run = c.create_run(c.create_experiment("retry"), tags={"kdp.failure_reason": "InjectedFault: boom"})
+    c.set_terminated(run.info.run_id, "FAILED")
+    _note_retry(mlflow_uri, run.info.run_id, 8)
+    tags = c.get_run(run.info.run_id).data.tags
+    assert "kdp.failure_reason" not in tags and tags["kdp.retried_after"] == "InjectedFault: boom"
+    assert tags["kdp.attempts"] == "2" and tags["kdp.resumed_from_step"] == "8"
