@@ -171,11 +171,16 @@ def why_no_postgres() -> str | None:
             return "running as root and there is no 'postgres' user to run initdb as"
         if shutil.which("runuser") is None:
             return "running as root and `runuser` is missing (util-linux)"
-    try:
-        import psycopg  # noqa: F401  (SQLAlchemy 2.1 maps postgresql:// to psycopg 3)
-    except ImportError:
-        return "psycopg 3 is not installed: pip install 'psycopg[binary]'"
     return None
+
+
+def missing_server_packages() -> list[str]:
+    """Python packages the MLflow team server needs that are not installed (pip, so CI must have them)."""
+    import importlib.util
+
+    wanted = {"psycopg": "psycopg[binary]",  # SQLAlchemy 2.1 maps postgresql:// to psycopg 3
+              "flask_wtf": "mlflow[auth]"}  # the basic-auth app
+    return [pkg for mod, pkg in wanted.items() if importlib.util.find_spec(mod) is None]
 
 
 _LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback never goes through a proxy

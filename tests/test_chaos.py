@@ -212,8 +212,12 @@ def test_chaos_sweep_loses_nothing_duplicates_nothing_and_leaves_nothing_running
         else:
             assert r.info.status == "FINISHED", (name, r.info.status, r.data.tags.get("kdp.failure_reason"))
     assert runs[RAISES].data.tags.get("kdp.retried_after", "").startswith("InjectedFault")
-    if runs[KILLED].info.run_id in {r.info.run_id for r in before}:
-        assert int(runs[KILLED].data.tags.get("kdp.attempts", "1")) >= 1
+    fired = list((tmp_path / "fault_markers").iterdir())
+    assert len(fired) == 2, "the raise and the kill each fired exactly once"
+    killed = runs[KILLED].data.tags
+    assert int(killed.get("kdp.attempts", "1")) >= 2 or "kdp.resumed_from_step" in killed, killed
+    for r in before:  # a trial interrupted with the driver continued in its own run, not a second one
+        assert runs[r.info.run_name].info.run_id == r.info.run_id, r.info.run_name
 
     for name, r in runs.items():
         for key in r.data.metrics:

@@ -296,7 +296,8 @@ def _optimizer(params: list[tuple[str, nn.Parameter]], stage: ResolvedStage) -> 
          "weight_decay": stage.weight_decay},
         {"params": [p for n, p in params if any(nd in n for nd in no_decay)], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=stage.lr)
+    # fused: one kernel over all parameters (CPU and CUDA); the per-tensor loop cost ~1 s/step on 2 CPU cores
+    return torch.optim.AdamW(groups, lr=stage.lr, fused=True)
 
 
 def _is_finite(x: float) -> bool:
