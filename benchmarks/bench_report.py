@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
 import tempfile
 import time
@@ -98,59 +99,62 @@ def main() -> None:
     from kdplatform.report.dashboards import load_dashboards
     from kdplatform.report.render import build_report, find_chromium, generate, render_html
 
-    timings = {}
-    t = time.perf_counter()
+    timings: dict[str, tuple[float, float]] = {}
+
+    class timed:
+        def __init__(self, name: str):
+            self.name = name
+
+        def __enter__(self):
+            self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+        def __exit__(self, *exc):
+            timings[self.name] = (time.perf_counter() - self.wall, time.process_time() - self.cpu)
+
     dashes = load_dashboards(None)
     client = C._client(uri)
-    runs = C.search_all_runs(client, [client.get_experiment_by_name("bench").experiment_id],
-                             "tags.`kdp.role` = 'student'")
-    timings["search_runs (one query)"] = time.perf_counter() - t
-    run_ids = [r.info.run_id for r in runs]
+    exp_id = client.get_experiment_by_name("bench").experiment_id
+    with timed("runs via MLflow search_runs (paged, one query per 50,000 runs)"):
+        api_runs = C.search_all_runs(client, [exp_id], "tags.`kdp.role` = 'student'")
+    engine = C._sql_engine(client)
+    with timed("runs via SQL on the store's tables (what the report uses)"):
+        sql_runs = C._runs_from_sql(engine, [exp_id], None, {exp_id: "bench"})
+    assert len(sql_runs) == len(api_runs)
+    run_ids = sql_runs.run_id.tolist()
     keys = list(C.DEFAULT_HISTORY_KEYS)
-
-    t = time.perf_counter()
-    hist = C.fetch_histories(client, run_ids, keys)
-    timings[f"histories, SQL ({len(run_ids)} runs x {len(keys)} keys, {len(hist)} points)"] = \
-        time.perf_counter() - t
-
+    with timed(f"histories via SQL ({len(run_ids)} runs x {len(keys)} keys)"):
+        hist = C.fetch_histories(client, run_ids, keys)
     sample = run_ids[:args.sample]
-    engine_store = client._tracking_client.store
-    engine = engine_store.engine
-    try:
-        engine_store.engine = None  # force the thread-pool path that an HTTP store uses
-        t = time.perf_counter()
-        C.fetch_histories(client, sample, keys)
-        per_call = time.perf_counter() - t
-    finally:
-        engine_store.engine = engine
-    timings[f"histories, get_metric_history x thread pool, extrapolated from {len(sample)} runs"] = \
-        per_call * len(run_ids) / max(1, len(sample))
+    with timed(f"histories via get_metric_history per (run, key), {len(sample)} runs"):
+        C.fetch_histories(client, sample, keys, sql=False)
+    _, (w, c) = timings.popitem()
+    scale = len(run_ids) / max(1, len(sample))
+    timings[f"histories via get_metric_history per (run, key), extrapolated to {len(run_ids)} runs"] = \
+        (w * scale, c * scale)
 
-    t = time.perf_counter()
-    data = C.collect_runs(uri, experiment="bench")
-    timings["collect (runs + histories + best scores)"] = time.perf_counter() - t
-    t = time.perf_counter()
-    report = build_report(data, dashes)
-    timings[f"tables + figures ({len(report.figures)} figures)"] = time.perf_counter() - t
-    t = time.perf_counter()
-    page = render_html(report)
-    timings[f"HTML page ({len(page) / 1e6:.1f} MB)"] = time.perf_counter() - t
-
+    with timed("collect: runs + histories + best scores"):
+        data = C.collect_runs(uri, experiment="bench")
+    with timed("tables + figures in memory"):
+        report = build_report(data, dashes)
+    with timed("HTML page"):
+        page = render_html(report)
     out = store / "report"
-    t = time.perf_counter()
-    generate(uri, out, experiment="bench", formats="html,md,tex,csv")
-    timings["TOTAL: kdplatform report --format html,md,tex,csv"] = time.perf_counter() - t
+    with timed("TOTAL: kdplatform report --format html,md,tex,csv"):
+        generate(uri, out, experiment="bench", formats="html,md,tex,csv")
     if args.images:
         if find_chromium() is None:
             print("no Chromium: image export not timed")
         else:
-            t = time.perf_counter()
-            generate(uri, out, experiment="bench", formats="html,png,md,tex,csv")
-            timings["TOTAL with PNG export"] = time.perf_counter() - t
+            with timed("TOTAL with PNG export (kaleido)"):
+                generate(uri, out, experiment="bench", formats="html,png,md,tex,csv")
 
-    print(f"\nreport benchmark: {len(data.runs)} runs x {args.points} eval points ({store})")
-    for name, secs in timings.items():
-        print(f"  {secs:8.2f} s  {name}")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"\nreport benchmark: {len(data.runs)} runs x {args.points} eval points, {len(hist)} history points of "
+          f"{len(keys)} keys, {len(report.figures)} figures, page {len(page) / 1e6:.1f} MB "
+          f"(load average {load:.1f} on {os.cpu_count()} cores)")
+    print(f"  {'wall':>8}  {'cpu':>8}")
+    for name, (wall, cpu) in timings.items():
+        print(f"  {wall:7.2f}s  {cpu:7.2f}s  {name}")
 
 
 if __name__ == "__main__":

@@ -93,7 +93,7 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=8)
     p.add_argument("--examples", type=int, default=512, help="train examples per trial")
     p.add_argument("--dev-examples", type=int, default=256)
-    p.add_argument("--threads", type=int, default=int(os.environ.get("KDP_BENCH_THREADS", 2)))
+    p.add_argument("--threads", type=int, default=int(os.environ.get("KDP_BENCH_THREADS", 1)))
     p.add_argument("--glue-dir", default=os.environ.get("KDP_GLUE_DIR", str(bench_worker.REPO.parent /
                                                                           "shared/data/glue")))
     p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "kdp_bench_worker"))
@@ -109,6 +109,9 @@ def main() -> None:
         child(args)
         return
 
+    import torch
+
+    torch.set_num_threads(args.threads)
     bench_worker.args_threads = args.threads
     print(f"machine: {bench_worker.machine()}", flush=True)
     if args.teacher_dir is None:

@@ -17,8 +17,11 @@ All systems use the same loss functions (kdplatform.distill.losses), the same st
 same batches in the same order (kdplatform's length-grouped order; only the padding differs), so dev accuracy
 compares the loops, not data order. Each system runs in its own process (peak RSS is that process's); with
 --rounds 2 the order is a b c ... c b a, so load drift on a shared machine hits every system alike.
-Train samples/s = examples x epochs / training wall time (evaluation excluded); cpu-s/sample (process CPU time)
-is printed too, being less sensitive to other processes on a loaded machine.
+Train samples/s = examples x epochs / training wall time (from the first step, evaluation excluded);
+cpu-ms/sample (process CPU time) is printed too, being less sensitive to other processes on a loaded machine.
+Every system runs with the same number of torch threads (--threads, default 1: on a shared machine two OpenMP
+threads that are descheduled in turn spin-wait on each other, which slows small kernels 5-10x and would
+penalise whichever system has the smaller kernels).
 
     KDP_GLUE_DIR=../shared/data/glue python benchmarks/bench_worker.py
     python benchmarks/bench_worker.py --systems kdp,plain --examples 256 --rounds 1     # a quick look
@@ -384,7 +387,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--rounds", type=int, default=1, help="2: run a b c, then c b a (fair under load drift)")
-    p.add_argument("--threads", type=int, default=int(os.environ.get("KDP_BENCH_THREADS", 2)))
+    p.add_argument("--threads", type=int, default=int(os.environ.get("KDP_BENCH_THREADS", 1)),
+                   help="torch threads per system (1: on a shared, loaded machine two threads spin-wait on each "
+                        "other and small kernels run 5-10x slower)")
     p.add_argument("--glue-dir", default=os.environ.get("KDP_GLUE_DIR", str(REPO.parent / "shared/data/glue")))
     p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "kdp_bench_worker"),
                    help="teacher cache, MLflow store and scratch (kept between runs: the teacher is trained once)")
@@ -400,6 +405,9 @@ def main() -> None:
         child(args)
         return
 
+    import torch
+
+    torch.set_num_threads(args.threads)
     print(f"machine: {machine()}", flush=True)
     t0 = time.time()
     teacher_dir = args.teacher_dir or ensure_bench_teacher(args)

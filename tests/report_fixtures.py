@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 TASK_METRICS = {"cola": ("mcc",), "sst2": ("accuracy",), "mrpc": ("f1", "accuracy"),
@@ -63,6 +63,10 @@ class SynthRun:
             parts.append(self.layer_map.replace(",", "-"))
         if self.consistency_weight:
             parts.append(f"w{self.consistency_weight}")
+        if self.map_coeff:
+            parts.append(f"m{self.map_coeff}")
+        if self.output_coeff:
+            parts.append(f"o{self.output_coeff}")
         parts += [f"b{self.bits}", f"s{self.seed}"]
         return "/".join(parts)
 
@@ -145,8 +149,7 @@ def _chunks(items: list, n: int):
 
 def log_run(client: MlflowClient, experiment_id: str, run: SynthRun, t0: int | None = None) -> str:
     tags = {"kdp.role": "student", "kdp.task": run.task, "kdp.method": run.method, "kdp.seed": str(run.seed),
-            "kdp.cfg_hash": hashlib.sha1((run.run_name + repr(sorted(run.extra_params.items()))).encode())
-            .hexdigest()[:16],
+            "kdp.cfg_hash": hashlib.sha1(repr(sorted(run.params().items())).encode()).hexdigest()[:16],
             "kdp.teacher_hash": f"t-{run.task}", "kdp.git_commit": "0" * 40}
     if run.sweep_id:
         tags["mlflow.parentRunId"] = run.sweep_id

@@ -192,6 +192,14 @@ def test_rows_by_method_show_the_best_config(data):
     assert "Layer map" not in table.to_markdown()
 
 
+def test_an_optuna_search_shows_its_best_trial(store):
+    opt = collect_runs(store["uri"], experiment=rf.OPTUNA)
+    table = accuracy_table(opt)
+    assert table.rows == ["method"]  # searched params are not rows
+    [row] = table.stats.to_dict("records")
+    assert (row["method"], row["mean"], row["n"], row["n_configs"]) == ("cr_ild", pytest.approx(72.0), 1, 10)
+
+
 def test_auto_rows_find_dotted_grid_axes_but_not_seeds_or_per_run_values():
     rows = []
     for n_train in ("1000", "2000"):

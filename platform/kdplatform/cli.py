@@ -207,6 +207,23 @@ def tasks() -> None:
 
 
 @app.command()
+def report(experiment: Optional[str] = typer.Option(None, "--experiment", "-e",
+                                                    help="MLflow experiment (the sweep file's name)"),
+           sweep: Optional[str] = typer.Option(None, "--sweep", help="parent sweep run id"),
+           dashboard: Optional[list[str]] = typer.Option(None, "--dashboard", "-d",
+                                                         help="dashboards/FILE.yaml or a name; repeatable "
+                                                              "(default: every dashboard)"),
+           out: Path = typer.Option(Path("report"), "--out", "-o", help="output folder"),
+           formats: str = typer.Option("html,png,tex,md,csv", "--format",
+                                       help="any of html,png,svg,pdf,tex,md,csv or 'all'"),
+           tracking_uri: Optional[str] = TrackingOpt) -> None:
+    """Paper-style accuracy tables and overfitting/bit-width/sweep figures from MLflow runs."""
+    from kdplatform.report.render import report_command
+
+    raise typer.Exit(report_command(experiment, sweep, dashboard, str(out), formats, tracking_uri))
+
+
+@app.command()
 def ui(tracking_uri: Optional[str] = TrackingOpt,
        host: str = typer.Option("127.0.0.1", help="bind address (127.0.0.1: this machine only)"),
        port: int = typer.Option(5000)) -> None:

@@ -596,7 +596,7 @@ def run_trial(trial: ResolvedTrial, *, tracking_uri: str | None = None, parent_r
     except BaseException as e:
         # a crash (retried by the orchestrator) or Ctrl-C: the run stays reattachable, marked FAILED/KILLED
         logger.set_tags({"kdp.failure_reason": f"{type(e).__name__}: {str(e)[:4000]}"})
-        logger.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        logger.finish("KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED")
         raise
     best = {f"dev/best_{k}": v for k, v in state.best.items()}
     logger.set_tags({"kdp.best_dev_score": f"{state.best.get('score', float('nan')):.4f}"})

@@ -17,6 +17,7 @@ Read `run_sweep` top to bottom:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ DRIVER_ENV = {
     # num_to_keep=1 snapshots the experiment at every checkpoint on purpose (resume consistency)
     "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
     "RAY_CHDIR_TO_TRIAL_DIR": "0",
+    # Ray's own console reporter: off (verbose=0 alone still prints its banner); our progress view reports
+    "RAY_AIR_NEW_OUTPUT": "0",
 }
 
 
@@ -136,6 +139,8 @@ def run_sweep(file: str | Path, *, tracking_uri: str | None = None, dry_run: boo
     import ray
 
     os.environ.update(DRIVER_ENV)
+    if console.is_terminal:  # the live view owns the terminal; failures are in its summary and error files
+        logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
     os.environ.update(_worker_env())  # absolute paths: a local cluster's workers inherit this environment
     started_ray = False
     try:
@@ -202,6 +207,11 @@ def _run_stages(plan: SweepPlan, parent: tracking.RunLogger, state: dict, exp_pa
             kdp_tune.set_driver_hooks(None)
     if results is not None:
         rows += _result_rows(results)
+        left = _unfinished_trials(exp_path)
+        if left:  # Ctrl-C: Ray saved the experiment and returned; the parent stays open for --resume
+            console.print(f"[yellow]interrupted with {left} trial(s) unfinished.[/] Continue with: [bold]"
+                          f"kdplatform sweep {escape(str(plan.spec_file))} --resume[/]")
+            return SweepOutcome(130, parent.run_id, exp_path, {"unfinished": left}, rows)
 
     # ---- summary
     counts = {"trials": len(plan.trials), "already_done": len(plan.done), "ran": len(rows),
@@ -251,6 +261,16 @@ def _result_rows(results) -> list[dict[str, Any]]:
 def _teacher_failure_row(trial, outcome: TeacherOutcome) -> dict[str, Any]:
     return {"run_name": trial.run_name, "task": trial.task, "method": trial.method, "status": "FAILED",
             "score": None, "reason": f"teacher {outcome.teacher_hash[:8]} failed: {outcome.error}"}
+
+
+def _unfinished_trials(exp_path: Path) -> int:
+    """Trials Ray has not ended (after an interrupted `fit`), read from the saved experiment state."""
+    try:
+        from ray.tune import ExperimentAnalysis
+
+        return sum(t.status not in ("TERMINATED", "ERROR") for t in ExperimentAnalysis(str(exp_path)).trials)
+    except Exception:  # noqa: BLE001 - no state written: nothing ran
+        return 0
 
 
 def _ray_trial_count(exp_path: Path) -> int:
