@@ -10,6 +10,8 @@ attention_kl, AdamW lr 1e-4, 10% warmup, clip 1.0.
 - textbrewer: TextBrewer's GeneralDistiller with the same matches, fed as its documentation shows (a DataLoader
   of dict batches padded to max length, an adaptor returning logits / hidden states / attentions, eager
   attention because it reads attention maps); the attention-KL match is registered with `register_new`.
+- textbrewer_dyn (extra): the same TextBrewer distiller fed kdplatform's dynamically padded batches, to
+  separate what padding alone buys from the rest (teacher cache, SDPA, fused AdamW, bf16).
 - plain: a loop in the style of the CR-ILD reference code: pad to 128, teacher recomputed every step with all
   hidden states and attentions (eager attention), fp32, `loss.item()` every step.
 
@@ -45,7 +47,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-SYSTEMS = ("kdp", "kdp_bf16", "textbrewer", "plain")
+SYSTEMS = ("kdp", "kdp_bf16", "textbrewer", "plain", "textbrewer_dyn")
 LR, WARMUP, WD, CLIP, TEMPERATURE = 1e-4, 0.1, 0.01, 1.0, 1.0
 
 
@@ -201,11 +203,14 @@ def run_kdp(args, teacher_dir: str, precision: str) -> dict:
             started.update(wall=time.perf_counter(), cpu=time.process_time())
         return real_step(*a, **kw)
 
-    def timed_eval(*a, **kw):
+    def timed_eval(*a, **kw):  # evaluation time and the teacher forwards it makes are not training's
+        before = counter["examples"]
         with eval_clock:
-            return real_eval(*a, **kw)
+            out = real_eval(*a, **kw)
+        eval_forwards["examples"] += counter["examples"] - before
+        return out
 
-    counter = {"examples": 0}
+    counter, eval_forwards = {"examples": 0}, {"examples": 0}
     real_freeze = worker.freeze  # run_trial freezes exactly one model: the teacher
 
     def counted_freeze(model):
@@ -217,11 +222,12 @@ def run_kdp(args, teacher_dir: str, precision: str) -> dict:
     result = worker.run_trial(trial, tracking_uri=f"sqlite:///{Path(args.work) / f'mlflow_{os.getpid()}.db'}")
     t = train_clock.minus(eval_clock)
     return {"train_s": t.wall, "cpu_s": t.cpu, "dev_acc": result.last["dev/accuracy"],
-            "teacher_forward_examples": counter["examples"], "cache_hits": result.last.get("cache/hits", 0),
+            "teacher_forward_examples": counter["examples"] - eval_forwards["examples"],
+            "cache_hits": result.last.get("cache/hits", 0),
             "cache_misses": result.last.get("cache/misses", 0)}
 
 
-def run_textbrewer(args, teacher_dir: str) -> dict:
+def run_textbrewer(args, teacher_dir: str, dynamic: bool = False) -> dict:
     import torch
     import textbrewer
     from textbrewer import DistillationConfig, GeneralDistiller, TrainingConfig
@@ -241,6 +247,8 @@ def run_textbrewer(args, teacher_dir: str) -> dict:
             return len(train)
 
         def __getitem__(self, i):
+            if dynamic:
+                return {k: train[i][k] for k in ("input_ids", "attention_mask", "token_type_ids")}
             return {k: tr[k][i] for k in ("input_ids", "attention_mask", "token_type_ids")}
 
     clock = Clock()
@@ -258,7 +266,11 @@ def run_textbrewer(args, teacher_dir: str) -> dict:
         def __len__(self):
             return math.ceil(len(train) / args.batch)
 
-    loader = DataLoader(Padded(), batch_sampler=SameBatches())
+    from kdplatform.distill.tasks import Collator
+
+    # textbrewer_dyn: the same distiller fed kdplatform's dynamically padded batches (what padding alone buys)
+    loader = DataLoader(Padded(), batch_sampler=SameBatches(),
+                        collate_fn=Collator(tok.pad_token_id, regression=False) if dynamic else None)
 
     def adaptor(batch, outputs):
         return {"logits": outputs.logits, "hidden": outputs.hidden_states, "attention": outputs.attentions,
@@ -346,6 +358,8 @@ def child(args) -> None:
         res = run_kdp(args, args.teacher_dir, "bf16")
     elif args.child == "textbrewer":
         res = run_textbrewer(args, args.teacher_dir)
+    elif args.child == "textbrewer_dyn":
+        res = run_textbrewer(args, args.teacher_dir, dynamic=True)
     elif args.child == "plain":
         res = run_plain(args, args.teacher_dir)
     else:
@@ -453,9 +467,9 @@ def main() -> None:
     for name, s in summary.items():
         print(f"{name:11s} {s['samples_per_s']:8.1f} train samples/s  {s['cpu_ms_per_sample']:7.1f} cpu-ms/sample  "
               f"peak RSS {s['peak_rss_mb']:6.0f} MB  dev acc {s['dev_acc']:.4f}  "
-              f"teacher fwd/example {s['teacher_fwd_per_example']:.2f}  (runs: {s['runs']})")
+              f"teacher fwd/train example {s['teacher_fwd_per_example']:.2f}  (runs: {s['runs']})")
     for ours in ("kdp", "kdp_bf16"):
-        for other in ("textbrewer", "plain"):
+        for other in ("textbrewer", "plain", "textbrewer_dyn"):
             if ours in summary and other in summary:
                 a, b = summary[ours], summary[other]
                 print(f"ratio {ours}/{other}: {a['samples_per_s'] / b['samples_per_s']:.2f}x samples/s "

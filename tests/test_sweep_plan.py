@@ -195,21 +195,25 @@ def test_reattached_run_logs_no_duplicate_steps(store):
 
 
 def test_driver_closes_runs_a_worker_left_open(store):
-    mlflow_uri = store
-    """ASHA stops a trial by ending its process: the driver closes its MLflow run (FINISHED, tagged)."""
-    from kdplatform.sweep.tune import DriverHooks, TrialContext
+    """ASHA stops a trial by ending its tune.report with SystemExit, so the worker closes the run as KILLED;
+    after fit the driver makes it FINISHED + kdp.early_stopped. A trial whose process died is FAILED."""
+    from kdplatform.sweep.tune import DriverHooks, TrialContext, finish_early_stopped
 
+    mlflow_uri = store
     c = MlflowClient(mlflow_uri)
     exp = c.create_experiment("repair")
     parent = c.create_run(exp).info.run_id
     tags = {tracking.ROLE: "student", tracking.CFG_HASH: "h1", tracking.PARENT: parent}
-    stopped = c.create_run(exp, tags=tags).info.run_id
+    stopped = c.create_run(exp, tags={**tags, "kdp.failure_reason": "SystemExit: 0"}).info.run_id
+    c.set_terminated(stopped, "KILLED")
+    still_open = c.create_run(exp, tags={**tags, tracking.CFG_HASH: "h4"}).info.run_id
     crashed = c.create_run(exp, tags={**tags, tracking.CFG_HASH: "h2"}).info.run_id
     done = c.create_run(exp, tags={**tags, tracking.CFG_HASH: "h3"}).info.run_id
     c.set_terminated(done, "FINISHED")
     seen = []
     monitor = SimpleNamespace(trial_done=lambda *a: seen.append(a[1]), note=seen.append)
-    hooks = DriverHooks(TrialContext(mlflow_uri, "repair", parent, parent, os.getcwd()), monitor)
+    ctx = TrialContext(mlflow_uri, "repair", parent, parent, os.getcwd())
+    hooks = DriverHooks(ctx, monitor)
 
     def trial(h, last, error_file=None):
         return SimpleNamespace(trial_id=h, config={"trial": {"cfg_hash": h, "run_name": h}}, last_result=last,
@@ -218,13 +222,43 @@ def test_driver_closes_runs_a_worker_left_open(store):
     hooks.trial_complete(trial("h1", {"step": 40, "mlflow_run_id": stopped, "dev/score": 0.4}))
     hooks.trial_error(trial("h2", {}))
     hooks.trial_complete(trial("h3", {"kdp_status": "FINISHED", "mlflow_run_id": done}))
-    r = c.get_run(stopped)
-    assert r.info.status == "FINISHED" and r.data.tags["kdp.early_stopped"] == "asha"
-    assert r.data.tags["kdp.early_stopped_step"] == "40"
+    assert seen == ["STOPPED", "FAILED", "FINISHED"]
+    rows = [{"status": "STOPPED", "run_id": stopped, "step": 40}, {"status": "STOPPED", "cfg_hash": "h4", "step": 6},
+            {"status": "FINISHED", "run_id": done}]
+    assert sorted(finish_early_stopped(ctx, rows, wait_s=0.5)) == sorted([stopped, still_open])
+    for run_id, step in ((stopped, "40"), (still_open, "6")):
+        r = c.get_run(run_id)
+        assert r.info.status == "FINISHED" and r.data.tags["kdp.early_stopped"] == "asha"
+        assert r.data.tags["kdp.early_stopped_step"] == step and "kdp.failure_reason" not in r.data.tags
     r = c.get_run(crashed)
     assert r.info.status == "FAILED" and r.data.tags["kdp.failure_reason"]
     assert "kdp.early_stopped" not in c.get_run(done).data.tags
-    assert seen == ["STOPPED", "FAILED", "FINISHED"]
+    assert finish_early_stopped(ctx, rows, wait_s=0.5) == [], "idempotent"
+
+
+def test_live_view_renders_in_a_terminal():
+    import io
+
+    from rich.console import Console
+
+    from kdplatform.sweep.progress import SweepMonitor, summary_table
+
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=True, width=100)
+    with SweepMonitor(console, total=3, concurrency_hint=2) as m:
+        m.trial_started("a", "sst2/kd/b32/s1")
+        m.trial_started("b", "rte/kd/b32/s1")
+        m.trial_result("a", {"step": 4, "dev/best_score": 0.7, "kdp_task": "sst2", "kdp_run_name": "sst2/kd/b32/s1"})
+        m.trial_done("a", "FINISHED", {"dev/best_score": 0.8, "kdp_task": "sst2"})
+        m.trial_done("b", "FAILED", {"kdp_failure_reason": "DivergedError: nan"})
+        assert m.counts() == {"pending": 1, "running": 0, "done": 1, "failed": 1, "stopped early": 0,
+                              "skipped": 0}
+        assert m.eta_seconds() is not None
+    text = buf.getvalue()
+    assert "best dev score so far" in text and "0.7000" in text and "ETA" in text
+    console.print(summary_table([{"task": "sst2", "method": "kd", "status": "FINISHED", "score": 0.8},
+                                 {"task": "sst2", "method": "kd", "status": "FAILED", "score": None}], "t"))
+    assert "0.8000" in buf.getvalue()
 
 
 def test_resume_without_a_previous_run_is_a_clear_error(tmp_path, monkeypatch):

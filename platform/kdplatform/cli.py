@@ -164,8 +164,8 @@ def sweep(file: Path = typer.Argument(..., help="sweep YAML"),
         _fail(str(e).replace("[", r"\["))
     except SweepError as e:
         _fail(str(e).replace("[", r"\["))
-    except _user_errors() as e:
-        _fail(str(e).replace("[", r"\["))
+    except _user_errors() as e:  # a data file or checkpoint the file points at
+        _fail(f"{file}: {e}".replace("[", r"\["))
     if outcome.exit_code:
         raise typer.Exit(outcome.exit_code)
 

@@ -156,7 +156,9 @@ class TeacherCacheConfig(Strict):
 class SpeedConfig(Strict):
     """How a trial runs, not what it computes (only `precision` changes numbers, and enters the cfg hash)."""
 
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    # auto: bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), fp32 for quantized
+    # students and elsewhere; the teacher fine-tune always runs fp32
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available
     compile: bool = False  # torch.compile the student (dynamic shapes)
     teacher_cache: TeacherCacheConfig = TeacherCacheConfig()

@@ -126,12 +126,24 @@ def resolve_device(trial: ResolvedTrial) -> torch.device:
 
 
 def resolve_precision(trial: ResolvedTrial, device: torch.device) -> str:
-    """'bf16' or 'fp32'. auto: bf16 on CUDA; fp32 on CPU (benchmarks/README.md: bf16 autocast on this CPU
-    trains faster but costs dev accuracy at these model sizes)."""
+    """'bf16' or 'fp32'. auto: bf16 autocast where the hardware multiplies bf16 natively (CUDA; CPUs with
+    AVX512-BF16/AMX) and the student is not quantized (bf16 rounding would blur the quantization grid); fp32
+    otherwise. benchmarks/README.md: on the benchmark CPU bf16 trains ~2x faster at the same dev accuracy."""
     p = trial.speed.precision
-    if p == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return p
+    if p != "auto":
+        return p
+    if trial.bits < 32 or trial.act_bits < 32:
+        return "fp32"
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if _cpu_has_bf16() else "fp32"
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def autocast(device: torch.device, precision: str):

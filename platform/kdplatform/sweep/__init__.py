@@ -1,0 +1,8 @@
+"""The orchestrator: `kdplatform sweep` on Ray Tune (knows nothing of losses; the worker knows nothing of Ray).
+
+- `expand.py`   plan: validated trials, dedupe against MLflow, spec hash, search bases (no Ray, no torch)
+- `teachers.py` the teacher stage: each distinct teacher fine-tuned once, as Ray tasks, before any student
+- `tune.py`     the Ray trainable around `distill.worker.run_trial`, the Tuner config, the driver callback
+- `progress.py` --dry-run tables, the live progress view, the summary
+- `driver.py`   `run_sweep`: the whole command, top to bottom
+"""

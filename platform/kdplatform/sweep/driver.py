@@ -28,7 +28,6 @@ from rich.console import Console
 from rich.markup import escape
 
 from kdplatform import tracking
-from kdplatform.config import ConfigError
 from kdplatform.sweep.expand import SweepPlan, plan_sweep
 from kdplatform.sweep.progress import SweepMonitor, failures_table, plan_tables, summary_table
 from kdplatform.sweep.teachers import TeacherOutcome, check_given_checkpoints, teacher_status, train_teachers
@@ -94,6 +93,10 @@ def run_sweep(file: str | Path, *, tracking_uri: str | None = None, dry_run: boo
         if state.get("tracking_uri") != tracking.redact(uri):
             raise SweepError(f"this sweep logged to {state.get('tracking_uri')}, not {tracking.redact(uri)}",
                              "pass the same --tracking-uri (or MLFLOW_TRACKING_URI) as the first run")
+        if not _interrupted(state, uri):
+            console.print(f"nothing to resume: the last run of this sweep ended (parent run "
+                          f"{state.get('parent_run_id')}). Run it without --resume to run what is missing.")
+            return SweepOutcome(0, state.get("parent_run_id"), exp_path)
     else:
         if state is not None and _interrupted(state, uri) and not fresh:
             raise SweepError(f"an interrupted run of this sweep exists ({exp_path}, parent run "
@@ -127,6 +130,7 @@ def run_sweep(file: str | Path, *, tracking_uri: str | None = None, dry_run: boo
         parent.log_text("\n".join(t.run_name for t in plan.to_run) + "\n", "spec/trials_to_run.txt")
         state = {"spec_hash": plan.spec_hash, "parent_run_id": parent.run_id, "experiment": spec.name,
                  "tracking_uri": tracking.redact(uri), "spec_file": str(plan.spec_file), "sessions": 0,
+                 "already_done": len(plan.done),
                  "created": time.strftime("%Y-%m-%d %H:%M:%S")}
     else:
         parent = tracking.RunLogger(uri, spec.name, f"sweep/{dir_name}", {}, run_id=state["parent_run_id"])
@@ -135,6 +139,10 @@ def run_sweep(file: str | Path, *, tracking_uri: str | None = None, dry_run: boo
     _write_json(state_file, state)
     console.print(f"parent run [bold]{parent.run_id}[/] (session {state['sessions']}), Ray experiment "
                   f"{escape(str(exp_path))}")
+
+    if address and uri.startswith("sqlite:"):
+        console.print("[yellow]warning:[/] trials on other nodes cannot write to a local SQLite file: point "
+                      "--tracking-uri at an MLflow server (and --storage at storage every node can reach)")
 
     import ray
 
@@ -171,9 +179,12 @@ def _run_stages(plan: SweepPlan, parent: tracking.RunLogger, state: dict, exp_pa
     concurrency = max_concurrent or spec.max_concurrent_trials
     total = spec.search.num_samples if spec.search is not None else len(plan.to_run)
     restorable = resume and ray_tune.Tuner.can_restore(str(exp_path))
+    ended = 0
     if restorable:
-        total = max(total, _ray_trial_count(exp_path))
+        n_trials, ended = _ray_trial_counts(exp_path)
+        total = max(total, n_trials)
     with SweepMonitor(console, total, concurrency or 1) as monitor:
+        monitor.already_ended(ended)
         # ---- teacher stage: every teacher the remaining trials need, once, before any student starts
         outcomes = [teacher_status(t, uri) for t in plan.teachers().values()]
         outcomes = train_teachers(outcomes, spec=spec, tracking_uri=uri, parent_run_id=parent.run_id,
@@ -212,9 +223,11 @@ def _run_stages(plan: SweepPlan, parent: tracking.RunLogger, state: dict, exp_pa
             console.print(f"[yellow]interrupted with {left} trial(s) unfinished.[/] Continue with: [bold]"
                           f"kdplatform sweep {escape(str(plan.spec_file))} --resume[/]")
             return SweepOutcome(130, parent.run_id, exp_path, {"unfinished": left}, rows)
+        kdp_tune.finish_early_stopped(ctx, rows)
 
     # ---- summary
-    counts = {"trials": len(plan.trials), "already_done": len(plan.done), "ran": len(rows),
+    counts = {"trials": len(plan.trials), "already_done": state.get("already_done", len(plan.done)),
+              "ran": len(rows),
               "finished": sum(r["status"] in ("FINISHED", "SKIPPED") for r in rows),
               "failed": sum(r["status"] == "FAILED" for r in rows),
               "stopped_early": sum(r["status"] == "STOPPED" for r in rows),
@@ -251,7 +264,8 @@ def _result_rows(results) -> list[dict[str, Any]]:
         cfg = (r.config or {}).get("trial", {})
         status = m.get(STATUS) or ("FAILED" if r.error else "STOPPED")
         reason = m.get(REASON) or (f"{type(r.error).__name__}: {str(r.error)[-300:]}" if r.error else "")
-        rows.append({"run_name": m.get("kdp_run_name") or cfg.get("run_name", "?"),
+        rows.append({"cfg_hash": m.get("kdp_cfg_hash") or cfg.get("cfg_hash"), "step": m.get("step"),
+                     "run_name": m.get("kdp_run_name") or cfg.get("run_name", "?"),
                      "task": m.get("kdp_task") or cfg.get("task", "?"),
                      "method": m.get("kdp_method") or cfg.get("method", "?"), "status": status,
                      "score": m.get("dev/best_score"), "reason": reason, "run_id": m.get("mlflow_run_id")})
@@ -273,13 +287,15 @@ def _unfinished_trials(exp_path: Path) -> int:
         return 0
 
 
-def _ray_trial_count(exp_path: Path) -> int:
+def _ray_trial_counts(exp_path: Path) -> tuple[int, int]:
+    """(trials, trials already ended) in Ray's saved experiment state: the progress view's starting point."""
     try:
         from ray.tune import ExperimentAnalysis
 
-        return len(ExperimentAnalysis(str(exp_path)).trials)
-    except Exception:  # noqa: BLE001 - only for the progress total
-        return 0
+        trials = ExperimentAnalysis(str(exp_path)).trials
+        return len(trials), sum(t.status == "TERMINATED" for t in trials)
+    except Exception:  # noqa: BLE001 - only for the progress view
+        return 0, 0
 
 
 def _interrupted(state: dict, uri: str) -> bool:
@@ -320,4 +336,4 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["ConfigError", "SweepError", "SweepOutcome", "run_sweep"]
+__all__ = ["SweepError", "SweepOutcome", "run_sweep"]

@@ -62,7 +62,7 @@ def plan_tables(plan, teacher_outcomes: list, tracking_uri: str) -> list:
 
     table = Table(title=f"trials ({len(plan.trials)})")
     for col in ("#", "run name", "stages", "teacher", "cfg hash", "status"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for i, t in enumerate(plan.trials[:MAX_ROWS], 1):
         stages = " -> ".join(f"{s.name}[{'+'.join(x.name for x in s.losses)}]" for s in t.train)
         status = "[green]done[/]" if t.cfg_hash in plan.done else "to run"
@@ -141,6 +141,11 @@ class SweepMonitor:
         extra = f" - {outcome.error}" if outcome.error else ""
         self._line(escape(self.teacher_line + extra))
         self.refresh()
+
+    def already_ended(self, n: int) -> None:
+        """Trials a resumed sweep finds ended in Ray's saved state (they fire no events this session)."""
+        for i in range(n):
+            self.status[f"restored-{i}"] = "FINISHED"
 
     def trial_started(self, trial_id: str, name: str) -> None:
         self.names[trial_id] = name

@@ -9,6 +9,7 @@ teachers; the worker's own file lock and atomic rename keep a teacher from being
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,15 +91,18 @@ def train_teachers(outcomes: list[TeacherOutcome], *, spec: SweepSpec, tracking_
     import ray
 
     res = spec.resources
-    cpu = res.teacher_cpu if res.teacher_cpu is not None else res.cpu
-    gpu = res.teacher_gpu if res.teacher_gpu is not None else res.gpu
-    task = ray.remote(_fine_tune).options(num_cpus=cpu, num_gpus=gpu, max_retries=spec.max_failures,
-                                         retry_exceptions=_retryable(), name="kdp_teacher")
     todo = [o for o in outcomes if o.status == TO_TRAIN]
     for o in outcomes:
         if o.status == FROM_MLFLOW:
             link_from_mlflow(o)
     limit = max_concurrent or len(todo) or 1
+    cpu = res.teacher_cpu
+    if cpu is None:  # no student runs yet: share the cluster's CPUs (torch threads = assigned CPUs in Ray)
+        cluster_cpus = ray.cluster_resources().get("CPU", res.cpu)
+        cpu = max(res.cpu, math.floor(cluster_cpus / max(1, min(limit, len(todo)))))
+    gpu = res.teacher_gpu if res.teacher_gpu is not None else res.gpu
+    task = ray.remote(_fine_tune).options(num_cpus=cpu, num_gpus=gpu, max_retries=spec.max_failures,
+                                         retry_exceptions=_retryable(), name="kdp_teacher")
     running: dict = {}
     queue = list(todo)
     while queue or running:

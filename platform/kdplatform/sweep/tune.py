@@ -7,9 +7,9 @@ trial's MLflow run id). On a retry or a resumed sweep, `tune.get_checkpoint()` g
 the worker continues from it in the SAME MLflow run; a trial that crashed before its first checkpoint finds
 its run through MLflow (parent run + config hash), so one trial never gets a second run.
 
-A diverged trial (NaN/inf loss) is not retried: the worker marks its run FAILED with the reason, the
-trainable reports `kdp_status: FAILED` and returns, and the sweep goes on. Other exceptions propagate and
-`FailureConfig(max_failures)` retries the trial.
+A diverged trial (NaN/inf loss) is not retried, nor is one that fails on the user's data or config: the
+worker marks its run FAILED with the reason, the trainable reports `kdp_status: FAILED` and returns, and the
+sweep goes on. Other exceptions (crashes) propagate and `FailureConfig(max_failures)` retries the trial.
 
 `SweepCallback` runs in the driver: it feeds the progress view and repairs MLflow runs a worker could not
 close itself (a trial stopped early by ASHA, a worker process that died).
@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,9 @@ class _Reporter:
 
 def student_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
     """Ray Tune function trainable: one student trial, resumable, one MLflow run."""
+    from kdplatform.config import ConfigError
+    from kdplatform.distill.tasks import DataError
+    from kdplatform.distill.teacher import TeacherError
     from kdplatform.distill.worker import Callbacks, DivergedError, TrialSetupError, run_trial
 
     if os.path.isdir(ctx.cwd):
@@ -135,8 +139,8 @@ def student_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
         try:
             result = run_trial(trial, tracking_uri=uri, parent_run_id=ctx.parent_run_id, run_id=run_id,
                                callbacks=callbacks, resume_dir=resume_dir, sweep_id=ctx.sweep_id)
-        except (DivergedError, TrialSetupError) as e:
-            # deterministic: a retry would fail the same way. The worker has marked the run FAILED.
+        except (DivergedError, TrialSetupError, DataError, TeacherError, ConfigError) as e:
+            # deterministic: a retry would fail the same way. The worker has marked its run FAILED.
             reporter.final("FAILED", {REASON: f"{type(e).__name__}: {e}"[:500]})
             return
         reporter.run_id = result.run_id
@@ -287,12 +291,8 @@ class DriverHooks:
 
     def trial_complete(self, trial) -> None:
         last = trial.last_result or {}
-        status = last.get(STATUS)
-        if status is None:  # stopped by the scheduler: the worker never got to close its run
-            self._close_run(trial, last, "FINISHED", {EARLY_STOPPED: "asha",
-                                                       "kdp.early_stopped_step": last.get("step", "")})
-            status = "STOPPED"
-        self.monitor.trial_done(trial.trial_id, status, last)
+        # No final status: the scheduler stopped it (its run is closed by `finish_early_stopped` after fit)
+        self.monitor.trial_done(trial.trial_id, last.get(STATUS) or "STOPPED", last)
 
     def trial_error(self, trial) -> None:
         last = trial.last_result or {}
@@ -309,14 +309,10 @@ class DriverHooks:
         """Terminate the trial's MLflow run if it is still RUNNING (never touch a closed one)."""
         try:
             c = tracking.client(self.ctx.tracking_uri)
-            run_id = last.get(RUN_ID)
-            if run_id is None:
-                cfg_hash = last.get("kdp_cfg_hash") or trial.config.get("trial", {}).get("cfg_hash")
-                if cfg_hash is None:
-                    return
-                run_id = unfinished_run_id(self.ctx.tracking_uri, self.ctx.experiment, self.ctx.parent_run_id,
-                                           cfg_hash)
-            if run_id is None:
+            cfg_hash = last.get("kdp_cfg_hash") or trial.config.get("trial", {}).get("cfg_hash")
+            run_id = last.get(RUN_ID) or (cfg_hash and unfinished_run_id(
+                self.ctx.tracking_uri, self.ctx.experiment, self.ctx.parent_run_id, cfg_hash))
+            if not run_id:
                 return
             run = tracking.retry(lambda: c.get_run(run_id), "get run")
             if run.info.status != "RUNNING":
@@ -326,3 +322,35 @@ class DriverHooks:
             tracking.retry(lambda: c.set_terminated(run_id, status=status), "end run")
         except Exception as e:  # noqa: BLE001 - bookkeeping must never stop the sweep
             self.monitor.note(f"could not close the MLflow run of {trial_name(trial)}: {e}")
+
+
+def finish_early_stopped(ctx: TrialContext, rows: list[dict[str, Any]], wait_s: float = 15.0) -> list[str]:
+    """Close the runs of trials the scheduler stopped: FINISHED, tagged `kdp.early_stopped=asha`.
+
+    Ray stops such a trial by ending its `tune.report` with SystemExit, so its worker closes the run as
+    KILLED on the way out. Called after `Tuner.fit()` returns; a run still RUNNING is given `wait_s` for
+    that last write (the worker's final one), so this correction is never overwritten.
+    """
+    c = tracking.client(ctx.tracking_uri)
+    fixed = []
+    for row in rows:
+        if row["status"] != "STOPPED":
+            continue
+        run_id = row.get("run_id") or (row.get("cfg_hash") and unfinished_run_id(
+            ctx.tracking_uri, ctx.experiment, ctx.parent_run_id, row["cfg_hash"]))
+        if not run_id:
+            continue
+        deadline = time.time() + wait_s
+        run = tracking.retry(lambda: c.get_run(run_id), "get run")
+        while run.info.status == "RUNNING" and time.time() < deadline:
+            time.sleep(0.5)
+            run = tracking.retry(lambda: c.get_run(run_id), "get run")
+        if run.info.status == "FINISHED":  # already closed: by us before, or its training completed
+            continue
+        tracking.retry(lambda: c.set_tag(run_id, EARLY_STOPPED, "asha"), "set tag")
+        tracking.retry(lambda: c.set_tag(run_id, "kdp.early_stopped_step", str(row.get("step", ""))), "set tag")
+        if run.data.tags.get("kdp.failure_reason", "").startswith("SystemExit"):
+            tracking.retry(lambda: c.delete_tag(run_id, "kdp.failure_reason"), "delete tag")
+        tracking.retry(lambda: c.set_terminated(run_id, status="FINISHED"), "end run")
+        fixed.append(run_id)
+    return fixed
