@@ -10,6 +10,7 @@ attention_kl, AdamW lr 1e-4, 10% warmup, clip 1.0.
 - textbrewer: TextBrewer's GeneralDistiller with the same matches, fed as its documentation shows (a DataLoader
   of dict batches padded to max length, an adaptor returning logits / hidden states / attentions, eager
   attention because it reads attention maps); the attention-KL match is registered with `register_new`.
+- kdp_bf16_c16 (extra): kdp_bf16 with the teacher outputs stored as float16 (half the cache's bytes).
 - textbrewer_dyn (extra): the same TextBrewer distiller fed kdplatform's dynamically padded batches, to
   separate what padding alone buys from the rest (teacher cache, SDPA, fused AdamW, bf16).
 - plain: a loop in the style of the CR-ILD reference code: pad to 128, teacher recomputed every step with all
@@ -51,7 +52,7 @@ SYSTEMS = ("kdp", "kdp_bf16", "textbrewer", "plain", "textbrewer_dyn")
 LR, WARMUP, WD, CLIP, TEMPERATURE = 1e-4, 0.1, 0.01, 1.0, 1.0
 
 
-def trial_config(args, precision: str = "fp32", cache: bool = True):
+def trial_config(args, precision: str = "fp32", cache: bool = True, cache_dtype: str = "float32"):
     from kdplatform.config import TrialConfig, resolve_trial
 
     raw = {
@@ -65,7 +66,7 @@ def trial_config(args, precision: str = "fp32", cache: bool = True):
                    "losses": [{"name": "logit_kd", "temperature": TEMPERATURE},
                               {"name": "hidden_mse", "layer_map": "last"},
                               {"name": "attention_kl", "layer_map": "last"}]}],
-        "speed": {"precision": precision, "teacher_cache": {"enabled": cache}},
+        "speed": {"precision": precision, "teacher_cache": {"enabled": cache, "dtype": cache_dtype}},
     }
     if args.teacher_dir:
         raw["teacher"]["checkpoint"] = args.teacher_dir
@@ -183,7 +184,7 @@ def dev_accuracy(model, dev: dict, batch: int = 128) -> float:
     return correct / len(dev["labels"])
 
 
-def run_kdp(args, teacher_dir: str, precision: str) -> dict:
+def run_kdp(args, teacher_dir: str, precision: str, cache_dtype: str = "float32") -> dict:
     from kdplatform.distill import worker
     from kdplatform.distill.cache import default_root
 
@@ -218,7 +219,7 @@ def run_kdp(args, teacher_dir: str, precision: str) -> dict:
 
     worker.train_stage, worker.evaluate, worker.freeze = timed_stage, timed_eval, counted_freeze
     worker._step_losses = timed_step
-    trial = trial_config(args, precision=precision)
+    trial = trial_config(args, precision=precision, cache_dtype=cache_dtype)
     result = worker.run_trial(trial, tracking_uri=f"sqlite:///{Path(args.work) / f'mlflow_{os.getpid()}.db'}")
     t = train_clock.minus(eval_clock)
     return {"train_s": t.wall, "cpu_s": t.cpu, "dev_acc": result.last["dev/accuracy"],
@@ -356,6 +357,8 @@ def child(args) -> None:
         res = run_kdp(args, args.teacher_dir, "fp32")
     elif args.child == "kdp_bf16":
         res = run_kdp(args, args.teacher_dir, "bf16")
+    elif args.child == "kdp_bf16_c16":  # teacher outputs stored as float16 (half the bytes)
+        res = run_kdp(args, args.teacher_dir, "bf16", cache_dtype="float16")
     elif args.child == "textbrewer":
         res = run_textbrewer(args, args.teacher_dir)
     elif args.child == "textbrewer_dyn":

@@ -145,9 +145,6 @@ def test_sweep_refuses_bad_files_before_writing(name, corpus_copy, tmp_path, mon
     assert_untouched(tmp_path, corpus_copy)
 
 
-@pytest.mark.xfail(strict=True, reason="sweep/driver.py does not call kdplatform.distill.preflight.preflight("
-                   "plan.trials) before its parent run: a broken TSV file is found only by the teacher stage, "
-                   "after the parent run was written and Ray started")
 @pytest.mark.parametrize("name", ["tsv_bad_label.yaml", "tsv_missing_column.yaml"])
 def test_sweep_refuses_bad_data_files_before_writing(name, corpus_copy, tmp_path, monkeypatch):
     result = _sweep(name, monkeypatch)

@@ -28,9 +28,10 @@ from rich.console import Console
 from rich.markup import escape
 
 from kdplatform import tracking
+from kdplatform.distill.preflight import preflight
 from kdplatform.sweep.expand import SweepPlan, plan_sweep
 from kdplatform.sweep.progress import SweepMonitor, failures_table, plan_tables, summary_table
-from kdplatform.sweep.teachers import TeacherOutcome, check_given_checkpoints, teacher_status, train_teachers
+from kdplatform.sweep.teachers import TeacherOutcome, teacher_status, train_teachers
 
 STATE_FILE = "kdp_sweep.json"
 OBJECT_STORE_BYTES = 1 << 30  # the sweep ships configs, not tensors: 1 GiB is plenty
@@ -114,7 +115,8 @@ def run_sweep(file: str | Path, *, tracking_uri: str | None = None, dry_run: boo
 
     for r in plan_tables(plan, outcomes, uri)[:2 + len(plan.notes)]:
         console.print(r)  # the header and notes; the full tables are --dry-run's
-    check_given_checkpoints(plan.teachers())
+    # every data file and ready checkpoint the trials read, checked before the parent run or Ray exist
+    preflight(plan.trials if spec.search is not None else plan.to_run)
 
     # ---- the parent run
     dir_name = plan.experiment_dir_name

@@ -66,15 +66,6 @@ def link_from_mlflow(outcome: TeacherOutcome) -> None:
         pass
 
 
-def check_given_checkpoints(teachers: dict[str, ResolvedTrial]) -> None:
-    """Ready checkpoints named in the spec are checked in the driver: a bad one fails before Ray starts."""
-    from kdplatform.distill.teacher import check_checkpoint, teacher_dir
-
-    for t in teachers.values():
-        if t.teacher.checkpoint:
-            check_checkpoint(teacher_dir(t), t)
-
-
 def _fine_tune(trial_json: dict, tracking_uri: str, parent_run_id: str | None, cwd: str) -> str:
     """Ray task body: fine-tune one teacher (or find it ready); returns its folder."""
     from kdplatform.config import ResolvedTrial
