@@ -134,6 +134,15 @@ def test_16bit_storage_is_close_and_half_the_bytes(models, examples, tmp_path):
     b = _batches(examples, order)[0]
     torch.testing.assert_close(c16.lookup(b).hidden[4].float(), c32.lookup(b).hidden[4], rtol=1e-2, atol=1e-2)
 
+    # float16 cannot hold |x| > 65504: such a feature is not cached (the teacher runs), the rest is
+    big = _open(examples, losses, teacher, tmp_path / "big", dtype="float16")
+    for batch in _batches(examples, order):
+        feats = worker.forward_features(teacher, batch, losses.t_tap, True)
+        feats.hidden = tuple(h * 1e6 if i == 4 else h for i, h in enumerate(feats.hidden))
+        big.store(batch, feats)
+    assert "hidden.4" in big.skipped and "logits" in big.ready and big.lookup(b) is None
+    assert not (tmp_path / "big" / big.key / "hidden.4.npy").exists()
+
 
 def test_eviction_keeps_the_bound(models, examples, tmp_path):
     teacher, student = models
@@ -239,7 +248,8 @@ def test_run_trial_same_losses_with_and_without_cache(glue_dir, tiny_bert_dir, m
     off = worker.run_trial(_trial(glue_dir, tiny_bert_dir, speed={"precision": "fp32",
                                                                  "teacher_cache": {"enabled": False}}),
                            tracking_uri=mlflow_uri)
-    on = worker.run_trial(_trial(glue_dir, tiny_bert_dir, speed={"precision": "fp32"}), tracking_uri=mlflow_uri)
+    exact = {"precision": "fp32", "teacher_cache": {"dtype": "float32"}}  # float32 storage: bit-exact reads
+    on = worker.run_trial(_trial(glue_dir, tiny_bert_dir, speed=exact), tracking_uri=mlflow_uri)
     for key in ("loss/total", "loss/logit_kd", "loss/hidden_mse", "loss/attention_kl", "dev/distill_loss",
                 "train/distill_loss", "dev/accuracy"):
         a, b = _history(mlflow_uri, off.run_id, key), _history(mlflow_uri, on.run_id, key)
@@ -251,8 +261,7 @@ def test_run_trial_same_losses_with_and_without_cache(glue_dir, tiny_bert_dir, m
     assert _history(mlflow_uri, on.run_id, "cache/bytes")[-1][1] > 0
 
     # a second trial of the sweep (another seed and lr): every teacher output comes from the cache
-    again = worker.run_trial(_trial(glue_dir, tiny_bert_dir, seed=7, speed={"precision": "fp32"}),
-                             tracking_uri=mlflow_uri)
+    again = worker.run_trial(_trial(glue_dir, tiny_bert_dir, seed=7, speed=exact), tracking_uri=mlflow_uri)
     assert _history(mlflow_uri, again.run_id, "cache/misses")[-1][1] == 0
     assert _history(mlflow_uri, again.run_id, "cache/hits")[-1][1] == 2 * 96
 

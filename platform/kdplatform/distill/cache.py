@@ -375,6 +375,9 @@ class TeacherCache:
                 if arr is None:
                     continue
             t = t.to("cpu", self.torch_dtype)
+            if self.torch_dtype == torch.float16 and not bool(torch.isfinite(t).all()):
+                self._skip(name, "overflows float16 (|x| > 65504); use speed.teacher_cache.dtype: bfloat16")
+                continue
             if self.torch_dtype == torch.bfloat16:
                 t = t.view(torch.int16)
             src = t.numpy()
@@ -390,6 +393,15 @@ class TeacherCache:
             self._commit()
         return feats
 
+    def _skip(self, name: str, why: str) -> None:
+        """Never cache this feature in this run (batches that need it run the teacher)."""
+        log.warning("teacher cache: not caching %s: %s", name, why)
+        self.skipped.add(name)
+        self.filling.pop(name, None)
+        path = self._partials.pop(name, None)
+        if path is not None:
+            path.unlink(missing_ok=True)
+
     def _allocate(self, name: str, width: int) -> np.ndarray | None:
         rows = self._expected_rows(name)
         shape = (rows, width)
@@ -401,9 +413,8 @@ class TeacherCache:
         if self.max_bytes is not None:
             mine = _entry_bytes(self.dir) + need  # this entry's files so far (partials included) + this one
             if mine > self.max_bytes:
-                log.warning("teacher cache: feature %s (%.1f MB) would put one entry over the %.2f GB bound; "
-                            "not cached (raise speed.teacher_cache.max_gb)", name, need / 1e6, self.max_bytes / 1e9)
-                self.skipped.add(name)
+                self._skip(name, f"{need / 1e6:.1f} MB would put one entry over the {self.max_bytes / 1e9:.2f} GB "
+                                 "bound (raise speed.teacher_cache.max_gb)")
                 return None
             evict(self.dir.parent, self.max_bytes - need, keep=self.key)
         path = self.dir / f".{name}.{socket.gethostname()}.{os.getpid()}.partial"
