@@ -70,7 +70,7 @@ def _uri(tracking_uri: str | None, trials: list[ResolvedTrial] | None = None) ->
 def trial_table(trials: list[ResolvedTrial], done: set[str] | None = None, title: str = "trials") -> Table:
     table = Table(title=title)
     for col in ("#", "run name", "stages", "teacher", "cfg hash", "status"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # full run names, wrapped, never cut with an ellipsis
     for i, t in enumerate(trials, 1):
         stages = " -> ".join(f"{s.name}[{'+'.join(x.name for x in s.losses)}]" for s in t.train)
         status = "done" if done and t.cfg_hash in done else "to run"
