@@ -1,0 +1,9 @@
+"""Reporting layer: MLflow runs -> pandas -> paper tables and plotly figures (never imports torch).
+
+`collect` reads runs, `tables` and `figures` build the content, `dashboards` says what a page holds,
+`render` writes the output folder; `render.report_command` is the `kdplatform report` entry point.
+"""
+
+from kdplatform.report.collect import ReportData, ReportError, collect_runs, default_tracking_uri
+
+__all__ = ["ReportData", "ReportError", "collect_runs", "default_tracking_uri"]
