@@ -8,6 +8,7 @@ commands that need them, so `kdplatform --help` and validation stay fast.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -78,6 +79,10 @@ def trial_table(trials: list[ResolvedTrial], done: set[str] | None = None, title
     return table
 
 
+def _interrupt(signum, _frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 @app.command()
 def run(file: Path = typer.Argument(..., help="trial or sweep YAML"), tracking_uri: Optional[str] = TrackingOpt,
         dry_run: bool = typer.Option(False, "--dry-run", help="validate and list the trials; run nothing")) -> None:
@@ -91,6 +96,8 @@ def run(file: Path = typer.Argument(..., help="trial or sweep YAML"), tracking_u
         return
     _preflight(file, trials)
     from kdplatform.distill.worker import DivergedError, run_trial
+
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill`/`timeout`: end the open run as KILLED, not RUNNING
 
     failed = 0
     summary = Table(title=f"results ({tracking.redact(uri)}, experiment '{spec.name}')")
@@ -108,6 +115,10 @@ def run(file: Path = typer.Argument(..., help="trial or sweep YAML"), tracking_u
         except DivergedError as e:
             failed += 1
             summary.add_row(trial.run_name, "[red]FAILED[/] (diverged)", "-", "-", str(e)[:60])
+        except KeyboardInterrupt:
+            console.print(summary)
+            err.print(f"interrupted: {trial.run_name} ended KILLED; finished trials are kept")
+            raise typer.Exit(130) from None
     console.print(summary)
     console.print(f"Browse: [bold]kdplatform ui --tracking-uri {tracking.redact(uri)}[/]")
     if failed:

@@ -312,10 +312,6 @@ def _optimizer(params: list[tuple[str, nn.Parameter]], stage: ResolvedStage) -> 
     return torch.optim.AdamW(groups, lr=stage.lr, fused=True)
 
 
-def _is_finite(x: float) -> bool:
-    return math.isfinite(x)
-
-
 def train_stage(*, stage: ResolvedStage, stage_index: int, trial: ResolvedTrial, student: nn.Module,
                 teacher: nn.Module | None, data: TrialData, logger: tracking.RunLogger, state: LoopState,
                 callbacks: Callbacks, resume_blob: dict | None, save_state: Callable[[Path, dict], None]) -> None:
@@ -378,14 +374,13 @@ def train_stage(*, stage: ResolvedStage, stage_index: int, trial: ResolvedTrial,
         for k, v in window.items():
             metrics[f"loss/{k}"] = float(v) / max(window_steps, 1)
         window, window_steps = {}, 0
-        if not all(_is_finite(v) for k, v in metrics.items() if k.startswith("loss/")):
+        if not all(math.isfinite(v) for k, v in metrics.items() if k.startswith("loss/")):
             raise DivergedError(f"loss became non-finite at step {state.global_step} (stage {stage.name}): "
                                 + ", ".join(f"{k}={v}" for k, v in metrics.items() if k.startswith("loss/")))
         results = {s: evaluate(forward_student, teacher, losses, loader, trial.task, stage.predicts,
                                teacher_caches[s], precision) for s, loader in eval_sets.items()}
-        for split, res in results.items():
-            prefix = {"dev_mm": "dev_mm"}.get(split, split)
-            metrics.update({f"{prefix}/{k}": v for k, v in res.items()})
+        for split, res in results.items():  # train/*, dev/* and, for MNLI, dev_mm/*
+            metrics.update({f"{split}/{k}": v for k, v in res.items()})
         for k, v in results["train"].items():
             if k in results["dev"]:
                 gap = results["dev"][k] - v if k == "distill_loss" else v - results["dev"][k]
