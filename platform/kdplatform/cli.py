@@ -16,6 +16,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from kdplatform import tracking
@@ -73,7 +74,7 @@ def trial_table(trials: list[ResolvedTrial], done: set[str] | None = None, title
     for col in ("#", "run name", "stages", "teacher", "cfg hash", "status"):
         table.add_column(col, overflow="fold")  # full run names, wrapped, never cut with an ellipsis
     for i, t in enumerate(trials, 1):
-        stages = " -> ".join(f"{s.name}[{'+'.join(x.name for x in s.losses)}]" for s in t.train)
+        stages = escape(t.stages_label)  # "ild[relation_kl]" is text, not rich markup
         status = "done" if done and t.cfg_hash in done else "to run"
         table.add_row(str(i), t.run_name, stages, t.teacher_hash[:8], t.cfg_hash[:8], status)
     return table
@@ -193,6 +194,7 @@ def methods() -> None:
         stages = " -> ".join(f"{s.name}[{'+'.join(t['name'] for t in s.losses)}"
                              f"{'+mixup' if s.mixup else ''}{'+consistency' if s.consistency else ''}]"
                              for s in p.stages) or "(yours)"
+        stages = escape(stages)  # "ild[relation_kl]" is text, not rich markup
         axes = [a for a, used in (("layer_map", p.layer_map), ("consistency_weight", p.uses_consistency),
                                   ("map_coeff/output_coeff", p.uses_mix_coeffs)) if used]
         table.add_row(p.name, stages, ", ".join(axes) or "-", p.description)

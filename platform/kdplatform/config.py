@@ -358,6 +358,12 @@ class ResolvedTrial(BaseModel):
         return teacher_hash(self)
 
     @property
+    def stages_label(self) -> str:
+        """What the trial trains, for tables: 'ild[relation_kl+mixup+consistency] -> pred[logit_kd]'."""
+        return " -> ".join(f"{s.name}[{'+'.join(x.name for x in s.losses)}{'+mixup' if s.mixup else ''}"
+                           f"{'+consistency' if s.consistency else ''}]" for s in self.train)
+
+    @property
     def run_name(self) -> str:
         parts = [self.task, self.method]
         if self.layer_map is not None:

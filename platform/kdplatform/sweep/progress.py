@@ -64,7 +64,7 @@ def plan_tables(plan, teacher_outcomes: list, tracking_uri: str) -> list:
     for col in ("#", "run name", "stages", "teacher", "cfg hash", "status"):
         table.add_column(col, overflow="fold")
     for i, t in enumerate(plan.trials[:MAX_ROWS], 1):
-        stages = " -> ".join(f"{s.name}[{'+'.join(x.name for x in s.losses)}]" for s in t.train)
+        stages = t.stages_label
         status = "[green]done[/]" if t.cfg_hash in plan.done else "to run"
         table.add_row(str(i), escape(t.run_name), escape(stages), t.teacher_hash[:8], t.cfg_hash[:8], status)
     if len(plan.trials) > MAX_ROWS:
