@@ -195,3 +195,18 @@ def test_sigterm_ends_the_open_run_killed_not_running(tmp_path, glue_dir, tiny_b
     students = _runs(mlflow_uri, "e2e")
     student = next(r for r in students if r.data.tags["kdp.role"] == "student")
     assert student.info.status == "KILLED"
+
+
+def test_teacher_found_through_mlflow_is_reused_from_another_cache(tmp_path, glue_dir, tiny_bert_dir, mlflow_uri):
+    """A second machine/cache with the same store finds the teacher run and does not fine-tune again."""
+    cfg = write_yaml(tmp_path / "t.yaml", TINY_TRIAL.format(task="sst2", glue=glue_dir, teacher=tiny_bert_dir))
+    first = _cli("teacher", str(cfg), "--tracking-uri", mlflow_uri, cwd=tmp_path,
+                 env={"KDP_CACHE_DIR": str(tmp_path / "cache_a")})
+    assert first.returncode == 0, first.stdout + first.stderr
+    second = _cli("run", str(cfg), "--tracking-uri", mlflow_uri, cwd=tmp_path,
+                  env={"KDP_CACHE_DIR": str(tmp_path / "cache_b")})
+    assert second.returncode == 0, second.stdout + second.stderr
+    roles = sorted(r.data.tags["kdp.role"] for r in _runs(mlflow_uri, "e2e"))
+    assert roles == ["student", "teacher"]
+    linked = next((tmp_path / "cache_b" / "teachers").iterdir())
+    assert linked.is_symlink() and linked.resolve().parent == (tmp_path / "cache_a" / "teachers").resolve()

@@ -93,14 +93,40 @@ def find_teacher_run(tracking_uri: str, trial: ResolvedTrial):
     return runs[0] if runs else None
 
 
+def teacher_from_mlflow(tracking_uri: str, trial: ResolvedTrial) -> Path | None:
+    """The folder of a FINISHED teacher run with this hash whose checkpoint still exists (another cache)."""
+    try:
+        run = find_teacher_run(tracking_uri, trial)
+    except Exception:  # noqa: BLE001 - a store we cannot read simply has no teacher to offer
+        return None
+    ckpt = run.data.tags.get("kdp.checkpoint") if run is not None else None
+    return Path(ckpt) if ckpt and (Path(ckpt) / MARKER).is_file() else None
+
+
+def link_into_cache(trial: ResolvedTrial, found: Path) -> Path:
+    """Make a teacher found through MLflow visible at this cache's path (a symlink); returns that path."""
+    target = teacher_dir(trial)
+    if not (target.exists() or target.is_symlink()):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.symlink(found, target, target_is_directory=True)
+        except FileExistsError:
+            pass
+    return target
+
+
 def ensure_teacher(trial: ResolvedTrial, tracking_uri: str, parent_run_id: str | None = None) -> Path:
-    """The fine-tuned teacher folder for this trial: ready checkpoint, cached, or fine-tuned now."""
+    """The fine-tuned teacher folder for this trial: ready checkpoint, cached, found through MLflow, or
+    fine-tuned now."""
     folder = teacher_dir(trial)
     if trial.teacher.checkpoint:
         check_checkpoint(folder, trial)
         return folder
     if (folder / MARKER).is_file():
         return folder
+    found = teacher_from_mlflow(tracking_uri, trial)
+    if found is not None:
+        return link_into_cache(trial, found)
     with _lock(folder.with_suffix(".lock")):
         if (folder / MARKER).is_file():  # trained meanwhile by another process
             return folder

@@ -31,7 +31,7 @@ class TeacherOutcome:
 
 def teacher_status(trial: ResolvedTrial, tracking_uri: str | None) -> TeacherOutcome:
     """Where this trial's teacher stands, without training anything (fast: files and one MLflow query)."""
-    from kdplatform.distill.teacher import MARKER, find_teacher_run, teacher_dir
+    from kdplatform.distill.teacher import MARKER, teacher_dir, teacher_from_mlflow
 
     folder = teacher_dir(trial)
     h = trial.teacher_hash
@@ -42,28 +42,17 @@ def teacher_status(trial: ResolvedTrial, tracking_uri: str | None) -> TeacherOut
     from kdplatform.sweep.expand import _sqlite_file_missing
 
     if tracking_uri and not _sqlite_file_missing(tracking_uri):
-        try:
-            run = find_teacher_run(tracking_uri, trial)
-        except Exception:  # noqa: BLE001 - a store we cannot read yet simply has no teacher
-            run = None
-        ckpt = run.data.tags.get("kdp.checkpoint") if run is not None else None
-        if ckpt and (Path(ckpt) / MARKER).is_file():
-            return TeacherOutcome(h, trial, FROM_MLFLOW, ckpt)
+        found = teacher_from_mlflow(tracking_uri, trial)
+        if found is not None:
+            return TeacherOutcome(h, trial, FROM_MLFLOW, str(found))
     return TeacherOutcome(h, trial, TO_TRAIN, str(folder))
 
 
 def link_from_mlflow(outcome: TeacherOutcome) -> None:
     """Make a teacher found through MLflow (another cache folder) visible at this cache's path."""
-    from kdplatform.distill.teacher import teacher_dir
+    from kdplatform.distill.teacher import link_into_cache
 
-    target = teacher_dir(outcome.trial)
-    if target.exists() or target.is_symlink():
-        return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.symlink(outcome.folder, target, target_is_directory=True)
-    except FileExistsError:
-        pass
+    link_into_cache(outcome.trial, Path(outcome.folder))
 
 
 def _fine_tune(trial_json: dict, tracking_uri: str, parent_run_id: str | None, cwd: str) -> str:
