@@ -229,7 +229,6 @@ def run_kdp(args, teacher_dir: str, precision: str, cache_dtype: str = "float32"
 
 
 def run_textbrewer(args, teacher_dir: str, dynamic: bool = False) -> dict:
-    import torch
     import textbrewer
     from textbrewer import DistillationConfig, GeneralDistiller, TrainingConfig
     from torch.utils.data import DataLoader, Dataset

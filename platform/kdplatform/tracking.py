@@ -216,10 +216,11 @@ class RunLogger:
         try:
             self.flush()
         except Exception as e:
+            reason = f"metrics could not be written: {redact(str(e))[:4000]}"
             try:
                 if status == "FINISHED":
-                    retry(lambda: self.client.set_tag(self.run_id, "kdp.failure_reason", "metrics could not be "
-                                                      f"written: {redact(str(e))[:4000]}"), "set tags", attempts=2)
+                    retry(lambda: self.client.set_tag(self.run_id, "kdp.failure_reason", reason), "set tags",
+                          attempts=2)
                 retry(lambda: self.client.set_terminated(self.run_id, status="FAILED"), "end run", attempts=2)
             except Exception:  # noqa: BLE001 - the store is gone too: the run stays RUNNING for resume to see
                 log.error("could not mark run %s FAILED after its metrics failed to write", self.run_id)
