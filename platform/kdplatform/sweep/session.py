@@ -80,7 +80,8 @@ def open_parent(plan: SweepPlan, runner: str, ray_experiment: Path | None = None
     parent.log_params({"trials": len(plan.trials), "already_done": len(plan.done), "to_run": len(plan.to_run),
                        "search": spec.search is not None, "scheduler": spec.scheduler is not None,
                        "max_failures": spec.max_failures})
-    parent.log_artifact(plan.spec_file, "spec")
+    # the file as written, with any password in a URI hidden (a `tracking_uri:` overridden on the command line)
+    parent.log_text(tracking.redact(plan.spec_file.read_text()), f"spec/{plan.spec_file.name}")
     parent.log_text("\n".join(t.run_name for t in plan.to_run) + "\n", "spec/trials_to_run.txt")
     return parent
 
