@@ -113,8 +113,10 @@ def _unique(name: str, used: set[str]) -> str:
     return name
 
 
-DEFAULT_TITLES = {"accuracy_table": "Accuracy comparison", "score_curves": "Train vs dev score",
-                  "distill_loss_curves": "Distillation loss, train vs dev", "gap_bars": "Gap at the end of training",
+DEFAULT_TITLES = {"accuracy_table": "Accuracy comparison", "score_curves": "Train vs dev score (whole run)",
+                  "distill_loss_curves": "Distillation loss, train vs dev (whole run)",
+                  "stage_curves": "Per stage: train vs dev of the stage's own objective",
+                  "stage_gap_bars": "Gap at the end of each stage", "gap_bars": "Gap at the end of training",
                   "bits": "Score against weight bits", "heatmap": "Heatmap", "parallel_coordinates":
                   "All axes against the best dev score", "param_importance": "Parameter importance (Optuna)"}
 
@@ -136,13 +138,17 @@ def build_item(item, data: ReportData) -> tuple[str, list[F.Figure] | object]:
     if item.kind == "accuracy_table":
         try:
             return "table", accuracy_table(data, rows=item.rows, metric=item.metric, select=item.select,
-                                           caption=item.title or "")
+                                           caption=item.title or "", value=item.value, baseline=item.baseline)
         except ValueError as e:
             raise F.NoData(str(e)) from e
     if item.kind == "score_curves":
         return "figures", F.score_curves(data, item.group_by, item.metric)
     if item.kind == "distill_loss_curves":
         return "figures", F.distill_loss_curves(data, item.group_by)
+    if item.kind == "stage_curves":
+        return "figures", F.stage_curves(data, item.group_by)
+    if item.kind == "stage_gap_bars":
+        return "figures", F.stage_gap_bars(data, item.group_by)
     if item.kind == "gap_bars":
         return "figures", F.gap_bars(data, item.group_by, item.metric)
     if item.kind == "bits":
