@@ -213,8 +213,8 @@ def export_images(figs: list[F.Figure], folder: Path, formats: list[str]) -> lis
 
 
 def _runs_frame(data: ReportData) -> pd.DataFrame:
-    cols = ["run_name", "task", *CONFIG_AXES, "seed", "best_score", "best_step", "status", "run_id",
-            "experiment"]
+    cols = ["run_name", "task", *CONFIG_AXES, "seed", "best_score", "best_step", "final_score", "status",
+            "run_id", "experiment"]
     df = data.runs[cols].copy()
     df["url"] = [run_url(data.ui_base, e, r) or "" for e, r in zip(data.runs.experiment_id, data.runs.run_id)]
     return df
@@ -276,6 +276,7 @@ h2{border-bottom:2px solid #ddd;padding-bottom:.3rem;margin-top:2.5rem}
 .meta{color:#555;font-size:.9rem} .files{font-size:.85rem;color:#555} .files a{margin-right:.6rem}
 .note{color:#8a6d3b;background:#fcf8e3;padding:.4rem .7rem;border-radius:4px;font-size:.9rem}
 nav ul{font-size:.9rem;line-height:1.5}
+.howto{color:#555;font-size:.85rem;max-width:60rem}
 table.kdp-table,table.runs{border-collapse:collapse;font-size:.88rem;margin:.5rem 0}
 table.kdp-table td,table.kdp-table th,table.runs td,table.runs th{border-bottom:1px solid #ddd;padding:.25rem .6rem;
   text-align:center}
@@ -328,9 +329,9 @@ generated {{ generated }}.{% if not ui_base %} Runs are not linked: the store is
 <section id="runs">
 <h2>Runs</h2>
 <details><summary>{{ n_runs }} student runs{% if ui_base %} (linked to the MLflow UI){% endif %}</summary>
-<table class="runs"><thead><tr><th>Run</th><th>Task</th>{% for c in axis_labels %}<th>{{ c }}</th>{% endfor %}<th>Seed</th><th>Best dev score</th><th>at step</th><th>Status</th></tr></thead>
+<table class="runs"><thead><tr><th>Run</th><th>Task</th>{% for c in axis_labels %}<th>{{ c }}</th>{% endfor %}<th>Seed</th><th>Best dev score</th><th>at step</th><th>Final dev score</th><th>Status</th></tr></thead>
 <tbody>
-{% for r in runs %}<tr><td>{% if r.url %}<a href="{{ r.url }}" target="_blank" rel="noopener">{{ r.run_name }}</a>{% else %}{{ r.run_name }} <span class="meta">{{ r.run_id }}</span>{% endif %}</td><td>{{ r.task }}</td>{% for c in axes %}<td>{{ r[c] or "–" }}</td>{% endfor %}<td>{{ r.seed }}</td><td>{{ "%.2f" | format(r.best_score * 100) }}</td><td>{{ r.best_step }}</td><td>{{ r.status }}</td></tr>
+{% for r in runs %}<tr><td>{% if r.url %}<a href="{{ r.url }}" target="_blank" rel="noopener">{{ r.run_name }}</a>{% else %}{{ r.run_name }} <span class="meta">{{ r.run_id }}</span>{% endif %}</td><td>{{ r.task }}</td>{% for c in axes %}<td>{{ r[c] or "–" }}</td>{% endfor %}<td>{{ r.seed }}</td><td>{{ "%.2f" | format(r.best_score * 100) }}</td><td>{{ r.best_step }}</td><td>{{ "%.2f" | format(r.final_score * 100) }}</td><td>{{ r.status }}</td></tr>
 {% endfor %}</tbody></table></details>
 </section>
 </main>
