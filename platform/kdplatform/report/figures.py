@@ -99,7 +99,7 @@ def _mean_band(h: pd.DataFrame) -> pd.DataFrame:
 def _band_trace(x, mean, std, colour: str, group: str) -> go.Scatter:
     std = np.nan_to_num(np.asarray(std, dtype=float))
     upper, lower = np.asarray(mean) + std, np.asarray(mean) - std
-    return go.Scatter(x=list(x) + list(x)[::-1], y=list(upper) + list(lower)[::-1], fill="toself",
+    return go.Scatter(x=list(x) + list(x)[::-1], y=list(upper) + list(lower)[::-1], fill="toself", mode="lines",
                       fillcolor=_rgba(colour, 0.12), line={"width": 0}, hoverinfo="skip", showlegend=False,
                       legendgroup=group, meta={"group": group, "kind": "band"})
 

@@ -41,8 +41,8 @@ def seed_difference(other: dict[int, float], baseline: dict[int, float]) -> Diff
         diff = sum(x - y for x, y in zip(a, b)) / len(seeds)
         if len(seeds) < 2:
             return Difference(diff, nan, nan, len(seeds), True)
-        if all(x - y == a[0] - b[0] for x, y in zip(a, b)):  # identical differences: zero-width interval
-            return Difference(diff, diff, diff, len(seeds), True)
+        if all(math.isclose(x - y, diff, rel_tol=1e-9, abs_tol=1e-9) for x, y in zip(a, b)):
+            return Difference(diff, diff, diff, len(seeds), True)  # equal differences: a zero-width interval
         ci = stats.ttest_rel(a, b).confidence_interval(CONFIDENCE)
         return Difference(diff, float(ci.low), float(ci.high), len(seeds), True)
     a, b = list(other.values()), list(baseline.values())
