@@ -50,9 +50,9 @@ def test_report_writes_page_tables_and_runs(store, tmp_path, capsys):
     assert not re.search(r"<(script|link|img)[^>]*(src|href)=\"(https?:)?//", rest)
     assert "<link" not in head and "src=" not in head
     n_figs = page.count("Plotly.newPlot(")
-    # 2 tasks x (ILD loss, pred score, pred KD loss, whole-run score, whole-run loss, bits, size, heatmap,
-    # parallel) + 3 stage-gap charts + the final-gap chart
-    assert n_figs == 22
+    # 2 tasks x (ILD loss, pred score, pred KD loss, whole-run score, bits, size, heatmap, parallel)
+    # + 3 stage-gap charts + the final-gap chart
+    assert n_figs == 20
     assert page.count('class="figure"') == n_figs
     for anchor in ("paper_table", "overfitting", "quantization", "sweep_overview", "runs"):
         assert f'href="#{anchor}"' in page and f'id="{anchor}"' in page

@@ -168,7 +168,6 @@ items:
   - kind: stage_curves
   - kind: score_curves
   - kind: stage_gap_bars
-  - kind: distill_loss_curves
   - kind: gap_bars
     metric: score
 """,

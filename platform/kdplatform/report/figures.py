@@ -140,22 +140,25 @@ def train_dev_curves(data: ReportData, task: str, train_key: str, dev_key: str, 
     points, against the step within the stage. references: add the teacher and majority-class lines."""
     runs = selected_runs(data, task, group_by)
     if kind is not None:
-        runs = runs[runs.run_id.isin(staged_history(data, STAGE_KEY, kind).run_id)]
-    fig = go.Figure()
+        # unique() first: pandas' isin on arrow strings converts every value it is given one by one
+        runs = runs[runs.run_id.isin(staged_history(data, STAGE_KEY, kind).run_id.unique())]
+    traces: list = []  # added at once: plotly re-validates the figure on every add_trace
+    configs = dict(zip(runs.group, runs.config))
     drawn, xs = 0, []
     for split, key, dash in (("train", train_key, "dash"), ("dev", dev_key, "solid")):
-        h = _history(data, key, runs)
-        if kind is not None:
-            h = h.merge(staged_history(data, key, kind)[["run_id", "step", "stage_step"]], on=["run_id", "step"])
-            h["step"] = h.stage_step
+        if kind is None:
+            h = _history(data, key, runs)
+        else:
+            h = staged_history(data, key, kind)[["run_id", "stage_step", "value"]].rename(columns={"stage_step": "step"})
+            h = h.merge(runs[["run_id", "group", "group_order", "config"]], on="run_id")
         stats = _mean_band(h)
         for (order, group), s in stats.groupby(["group_order", "group"], sort=True):
             colour = PALETTE[order % len(PALETTE)]
             mean, std = s["mean"] * scale, s["std"] * scale
             if (s.n > 1).any():
-                fig.add_trace(_band_trace(s.step, mean, std, colour, group))
-            config = runs.loc[runs.group == group, "config"].iloc[0]
-            fig.add_trace(go.Scatter(
+                traces.append(_band_trace(s.step, mean, std, colour, group))
+            config = configs[group]
+            traces.append(go.Scatter(
                 x=s.step, y=mean, mode="lines+markers", name=f"{group} ({split})", legendgroup=group,
                 line={"color": colour, "dash": dash}, marker={"size": 4, "color": colour},
                 customdata=np.stack([std.fillna(0), s.n], axis=-1),
@@ -166,6 +169,7 @@ def train_dev_curves(data: ReportData, task: str, train_key: str, dev_key: str, 
             drawn += 1
     if not drawn:
         raise NoData(f"no {dev_key} / {train_key} history for {task}")
+    fig = go.Figure(data=traces)
     if references:
         _reference_lines(fig, data, task, (min(xs), max(xs)))
     if kind is None:

@@ -39,9 +39,14 @@ def stage_of_points(data: ReportData) -> pd.DataFrame:
 
 
 def staged_history(data: ReportData, key: str, kind: str | None = None) -> pd.DataFrame:
-    """History rows of `key` with stage, kind and stage_step; only the points of stage `kind` if given."""
-    h = data.key_history(key).merge(stage_of_points(data), on=["run_id", "step"], how="inner")
-    return h if kind is None else h[h.kind == kind]
+    """History rows of `key` with stage, kind and stage_step; only the points of stage `kind` if given.
+    Split by kind once per key, then cached on `data` (figures ask for the same keys per task)."""
+    cache_key = ("staged", key)
+    if cache_key not in data.cache:
+        h = data.key_history(key).merge(stage_of_points(data), on=["run_id", "step"], how="inner")
+        data.cache[cache_key] = {None: h, **{k: g for k, g in h.groupby("kind", sort=False)}}
+    parts = data.cache[cache_key]
+    return parts.get(kind, parts[None].iloc[0:0])
 
 
 def boundaries(data: ReportData, run_ids) -> list[float]:
