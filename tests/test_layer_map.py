@@ -7,8 +7,8 @@ import doctest
 
 import pytest
 
-from kdplatform.distill import mapping
-from kdplatform.distill.mapping import LayerMapError, layer_map_label, resolve_layer_map, with_embeddings
+from kdplatform.config import layer_map as mapping
+from kdplatform.config.layer_map import LayerMapError, layer_map_label, resolve_layer_map, with_embeddings
 
 
 def test_module_doctest_passes():
