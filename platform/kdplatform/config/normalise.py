@@ -65,7 +65,7 @@ def _reset(section: BaseModel, no_ops: dict[str, str], name: str, notes: list[st
         value = _NO_OP_VALUE.get((type(section), field), getattr(fresh, field))
         if getattr(section, field) != value:
             update[field] = value
-            if field in section.model_fields_set:
-                notes.append(f"{name}.{field} has no effect {why} (set to its default)")
+        if field in section.model_fields_set:  # the file says it: tell the researcher it does nothing here
+            notes.append(f"{name}.{field} has no effect {why} (set to its default)")
     return section.model_copy(update=update) if update else section
 
