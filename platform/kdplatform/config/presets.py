@@ -77,7 +77,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("kd", "prediction-layer KD only (Hinton et al.): soft cross-entropy on logits, T=2",
            (_pred_stage(),), paper="CR-ILD baseline"),
     Preset("pkd", "Patient KD: MSE of L2-normalised [CLS] states of mapped layers, then prediction KD",
-           (_ild_stage(({"name": "pkd", "projection": True},)), _pred_stage()), layer_map="uniform", paper="CR-ILD baseline"),
+           (_ild_stage(({"name": "pkd", "projection": True},)), _pred_stage()), layer_map="uniform",
+           paper="CR-ILD baseline"),
     Preset("tinybert", "TinyBERT ILD: hidden-state MSE (with embeddings) + attention KL on mapped layers, "
            "then prediction KD",
            (_ild_stage(({"name": "hidden_mse", "include_embeddings": True, "projection": True},

@@ -242,7 +242,8 @@ def _stage_consistency(ctx: _Context, tpl: StageTemplate | None, ov: StageConfig
                           "inputs, so it never fires without mixup", "set mixup: true")
     c = ov.consistency if configured else ConsistencyConfig()  # type: ignore[union-attr]
     if c.target != "ema" and "ema_decay" in c.model_fields_set:
-        ctx.notes.append(f"train.{ov.name}.consistency.ema_decay has no effect with target {c.target} "  # type: ignore[union-attr]
+        name = ov.name if ov else ""
+        ctx.notes.append(f"train.{name}.consistency.ema_decay has no effect with target {c.target} "
                          "(the clean targets come from the student itself; not recorded)")
     return ResolvedConsistency(weight=weight, losses=list(c.losses), ramp=c.ramp, target=c.target,
                                ema_decay=c.ema_decay if c.target == "ema" else None)

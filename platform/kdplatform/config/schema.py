@@ -124,7 +124,8 @@ class TeacherCacheConfig(Strict):
 
 
 class SpeedConfig(Strict):
-    """How a trial runs, not what it computes (only `precision` changes numbers, and enters the cfg hash)."""
+    """How a trial runs. `precision` and the teacher cache's `dtype` (when a stage reads the cache) change
+    numbers and enter the cfg hash; device, compile and the cache's size bound do not."""
 
     # auto: bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), fp32 for quantized
     # students and elsewhere; the teacher fine-tune always runs fp32
