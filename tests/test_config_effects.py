@@ -222,6 +222,7 @@ def test_conditional_overrides_set_values_for_matching_trials(tmp_path):
     ("[{when: {task: cola}, set: {data.nope: 1}}]", "overrides[0]"),
     ("[{when: {task: cola}, set: {task: rte}}]", "overrides[0].set.task"),
     ("[{when: {task: cola}, set: {data.max_seq_length: 4}}]", "overrides[0].set.data.max_seq_length"),
+    ("[{when: {task: colaa}, set: {data.max_seq_length: 64}}]", "overrides[0].when"),
 ])
 def test_bad_overrides_are_refused_with_their_path(tmp_path, overrides, path):
     e = refused(tmp_path, f"method: kd\noverrides: {overrides}\ngrid: {{task: [cola, rte]}}\n")

@@ -36,6 +36,7 @@ class GridPoint:
     raw: dict[str, Any]
     relabel: dict[str, tuple[str, int | None]] = field(default_factory=dict)
     dotted: list[str] = field(default_factory=list)  # 'train.pred.lr=0.0001': the run-name suffix
+    overrides: list[int] = field(default_factory=list)  # indices of the `overrides:` entries it matched
 
 
 def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
@@ -127,14 +128,13 @@ def validate_point(spec: SweepSpec, point: GridPoint, lines: dict | None = None)
     """Validate a grid point and apply the `overrides:` whose `when` it matches."""
     file, lines = spec.source_file, lines or {}
     cfg = _validate(point, file, lines)
-    matched = False
     for i, ov in enumerate(spec.overrides):
         if all(get_dotted(cfg, k) == v for k, v in ov.when.items()):
             for key, value in ov.set.items():
                 set_dotted(point.raw, key, value)
                 point.relabel[key] = (f"overrides[{i}].set.{key}", lines.get(("overrides", i, "set", key)))
-            matched = True
-    return _validate(point, file, lines) if matched else cfg
+            point.overrides.append(i)
+    return _validate(point, file, lines) if point.overrides else cfg
 
 
 def _validate(point: GridPoint, file: str | None, lines: dict) -> TrialConfig:
@@ -169,7 +169,9 @@ def expand(spec: SweepSpec, lines: dict | None = None) -> tuple[list[ResolvedTri
     trials: dict[str, ResolvedTrial] = {}
     collapsed: Counter[str] = Counter()
     normalised: Counter[str] = Counter()
-    for _, trial, notes in resolved_points(spec, lines):
+    unmatched = set(range(len(spec.overrides)))
+    for point, trial, notes in resolved_points(spec, lines):
+        unmatched -= set(point.overrides)
         why = "; ".join(notes)
         if trial is None:
             collapsed[why] += 1
@@ -179,6 +181,11 @@ def expand(spec: SweepSpec, lines: dict | None = None) -> tuple[list[ResolvedTri
             trials[trial.cfg_hash] = trial
             if why:
                 normalised[why] += 1
+    if unmatched:  # an override that no trial matches does nothing: most likely a typo in `when`
+        i = min(unmatched)
+        raise ConfigError(spec.source_file, f"overrides[{i}].when", "matches no trial of the file, so it does "
+                          "nothing", "check its keys and values against the grid (e.g. task names)",
+                          line=(lines or {}).get(("overrides", i, "when")))
     out = [f"{k} trial(s) collapsed: {why}" for why, k in collapsed.items()]
     out += [f"{k} trial(s) normalised: {why}" for why, k in normalised.items() if why not in collapsed]
     return list(trials.values()), out

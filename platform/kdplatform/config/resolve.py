@@ -58,7 +58,7 @@ def resolve_with_notes(cfg: TrialConfig, where: str = "", file: str | None = Non
     stages = [_resolve_stage(ctx, name, tpl, ov) for name, tpl, ov in _stage_plan(cfg, preset, where, file)]
     uses_map = any(t.layer_map is not None and t.layer_map == _label(layer_map) for s in stages for t in s.losses)
     if cfg.layer_map is not None and layer_map is not None and not uses_map:
-        notes.append(f"layer_map has no effect on method {cfg.method} (its terms pin their own layers)")
+        notes.append(f"layer_map has no effect on method {cfg.method} (no term of it reads the trial's map)")
     trial = ResolvedTrial(
         name=cfg.name, tracking_uri=cfg.tracking_uri, task=cfg.task, method=cfg.method,
         layer_map=layer_map if uses_map else None, consistency_weight=cw, bits=cfg.bits, act_bits=cfg.act_bits,
