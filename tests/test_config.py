@@ -1,4 +1,4 @@
-"""The YAML schema (config.py): expansion of grids into trials, run names, collapse of unused axes, hashes,
+"""The config layer (kdplatform.config): expansion of grids into trials, run names, collapse of unused axes, hashes,
 and every rejection naming the file and the YAML path of the bad value. Plus the CLI's exit code 2."""
 
 from __future__ import annotations

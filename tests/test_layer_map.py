@@ -1,4 +1,4 @@
-"""Layer mappings as data (distill/mapping.py): uniform, last, explicit lists, 's:t' pairs, and errors that
+"""Layer mappings as data (config/layer_map.py): uniform, last, explicit lists, 's:t' pairs, and errors that
 say which side (student or teacher) is out of range."""
 
 from __future__ import annotations
