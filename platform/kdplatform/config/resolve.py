@@ -58,7 +58,7 @@ def resolve_with_notes(cfg: TrialConfig, where: str = "", file: str | None = Non
     stages = [_resolve_stage(ctx, name, tpl, ov) for name, tpl, ov in _stage_plan(cfg, preset, where, file)]
     uses_map = any(t.layer_map is not None and t.layer_map == _label(layer_map) for s in stages for t in s.losses)
     if cfg.layer_map is not None and layer_map is not None and not uses_map:
-        notes.append(f"layer_map has no effect on method {cfg.method} (no term of it reads the trial's map)")
+        notes.append(f"layer_map has no effect on method {cfg.method} (its terms do not take the trial's map)")
     trial = ResolvedTrial(
         name=cfg.name, tracking_uri=cfg.tracking_uri, task=cfg.task, method=cfg.method,
         layer_map=layer_map if uses_map else None, consistency_weight=cw, bits=cfg.bits, act_bits=cfg.act_bits,
@@ -99,7 +99,7 @@ def _axes(cfg: TrialConfig, preset: Preset, notes: list[str]) -> tuple[Any, floa
     if preset.layer_map is None and not custom:
         layer_map = None  # collapsed: every term of the method pins its layers
         if cfg.layer_map is not None:
-            notes.append(f"layer_map has no effect on method {cfg.method} (it fixes its own layers)")
+            notes.append(f"layer_map has no effect on method {cfg.method} (its terms do not take the trial's map)")
     cw = None
     if preset.uses_consistency:
         cw = cfg.consistency_weight if cfg.consistency_weight is not None else DEFAULT_CONSISTENCY_WEIGHT
