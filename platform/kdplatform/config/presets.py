@@ -76,11 +76,12 @@ _LAST_RELATIONS = {**_RELATIONS, "layer_map": "last"}
 PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("kd", "prediction-layer KD only (Hinton et al.): soft cross-entropy on logits, T=2",
            (_pred_stage(),), paper="CR-ILD baseline"),
-    Preset("pkd", "Patient KD: MSE of L2-normalised [CLS] states of mapped layers, then prediction KD",
+    Preset("pkd", "Patient KD: MSE of L2-normalised [CLS] states of mapped layers (averaged over layers, learned "
+           "projection as in the reference), then prediction KD",
            (_ild_stage(({"name": "pkd", "projection": True},)), _pred_stage()), layer_map="uniform",
            paper="CR-ILD baseline"),
-    Preset("tinybert", "TinyBERT ILD: hidden-state MSE (with embeddings) + attention KL on mapped layers, "
-           "then prediction KD",
+    Preset("tinybert", "TinyBERT ILD: hidden-state MSE (with embeddings, learned projection as in the reference) + "
+           "attention KL on mapped layers, then prediction KD",
            (_ild_stage(({"name": "hidden_mse", "include_embeddings": True, "projection": True},
                         {"name": "attention_kl"})),
             _pred_stage()), layer_map="uniform", paper="CR-ILD baseline"),
@@ -98,7 +99,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("supplementary_ild", "last-layer relation KL also on unlabeled sentences of data.supplementary_tasks, "
            "then prediction KD", (_ild_stage((_LAST_RELATIONS,), supplementary=True),
                                   _pred_stage()), paper="CR-ILD"),
-    Preset("ternarybert", "TernaryBERT: logit KD (T=1) + hidden MSE (all layers) + attention-score MSE",
+    Preset("ternarybert", "TernaryBERT: logit KD (T=1) + hidden MSE (all layers, no projection) + attention-score MSE",
            (_qat_stage({"name": "attention_score_mse"}),), layer_map="uniform", paper="KD-QAT baseline"),
     Preset("kdqat_map", "KD-QAT: logit KD (T=1) + hidden MSE + attention-map KL",
            (_qat_stage({"name": "attention_map_kl"}),), layer_map="uniform", paper="KD-QAT"),
