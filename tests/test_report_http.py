@@ -1,5 +1,5 @@
-"""The report against an MLflow tracking server (HTTP): same numbers as the database path, histories fetched
-through the server's bulk endpoint, and every run linked to its MLflow UI page."""
+"""The report against an MLflow tracking server (HTTP): same numbers as the SQL fast path on the same file,
+read through MLflow's public REST API only, and every run linked to its MLflow UI page."""
 
 from __future__ import annotations
 

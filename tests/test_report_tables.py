@@ -67,7 +67,7 @@ def test_histories_hold_every_eval_point(data):
 
 def test_sql_reads_the_same_as_the_mlflow_api(store, data):
     """The direct SQL path (database stores) and the API path (search_runs + get_metric_history, as for a
-    server without the bulk endpoint) give identical frames."""
+    server) give identical frames."""
     api = collect_runs(store["uri"], experiment=rf.MAIN, sql=False)
     a = data.runs.sort_values("run_id").reset_index(drop=True)
     b = api.runs.sort_values("run_id").reset_index(drop=True)
