@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from kdplatform import tracking
-from kdplatform.config import ConfigError, ResolvedTrial, load_trials
+from kdplatform.config import ConfigError, ResolvedTrial, describe_trials, load_trials
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Sweeps of knowledge distillation and quantization-aware training for BERT-like encoders.")
@@ -104,6 +104,8 @@ def run(file: Path = typer.Argument(..., help="trial or sweep YAML"), tracking_u
         console.print(f"[yellow]note:[/] {escape(n)}")
     console.print(trial_table(plan.trials, set(plan.done), title=f"{len(plan.trials)} trial(s) from {file}"))
     if dry_run:
+        for line in describe_trials(plan.trials):  # per stage: each loss term, its layer pairs and weight
+            console.print(escape(line))
         return
     signal.signal(signal.SIGTERM, _interrupt)  # `kill`/`timeout`: end the open run as KILLED, not RUNNING
     try:
@@ -201,7 +203,7 @@ def list_runs(tracking_uri: Optional[str] = TrackingOpt) -> None:
 @app.command()
 def methods() -> None:
     """List KD method presets and their loss terms per stage."""
-    from kdplatform.distill.methods import PRESETS
+    from kdplatform.config import PRESETS
 
     table = Table(title="methods")
     for col in ("name", "stages (loss terms)", "axes", "description"):

@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from kdplatform import runs, tracking
+from kdplatform.config import describe_trials
 from kdplatform.distill.preflight import preflight
 from kdplatform.sweep.expand import SweepPlan, plan_sweep
 from kdplatform.sweep.progress import SweepMonitor, plan_tables
@@ -64,6 +65,8 @@ def run_sweep(file: str | Path, *, tracking_uri: str | None = None, dry_run: boo
         for r in plan_tables(plan, [teacher_status(t, plan.tracking_uri) for t in plan.teachers().values()],
                              plan.tracking_uri):
             console.print(r)
+        for line in describe_trials(plan.trials):  # what each trial computes: loss terms, layer pairs, weights
+            console.print(escape(line))
         if (exp_path / STATE_FILE).is_file():
             console.print(f"Ray experiment folder exists: {escape(str(exp_path))}")
         console.print("[bold]dry run:[/] nothing was started.")
