@@ -27,6 +27,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 console = Console()
 err = Console(stderr=True)
 
+OverridesArg = typer.Argument(None, metavar="[KEY=VALUE]...", show_default=False,
+                              help="settings over the file's, e.g. train.pred.lr=1e-4 seeds=[1] (values are YAML)")
 TrackingOpt = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
                            "else sqlite:///./mlflow.db)")
 
@@ -43,9 +45,9 @@ def _user_errors():
     return (ConfigError, DataError, TeacherError, tracking.CredentialsInUri)
 
 
-def _load(file: Path) -> tuple:
+def _load(file: Path, overrides: list[str] | None = None) -> tuple:
     try:
-        return load_trials(file)
+        return load_trials(file, overrides or [])
     except ConfigError as e:
         _fail(str(e).replace("[", r"\["))
 
@@ -85,10 +87,11 @@ def _interrupt(signum, _frame) -> None:
 
 
 @app.command()
-def run(file: Path = typer.Argument(..., help="trial or sweep YAML"), tracking_uri: Optional[str] = TrackingOpt,
+def run(file: Path = typer.Argument(..., help="trial or sweep YAML"), overrides: Optional[list[str]] = OverridesArg,
+        tracking_uri: Optional[str] = TrackingOpt,
         dry_run: bool = typer.Option(False, "--dry-run", help="validate and list the trials; run nothing")) -> None:
     """Run the file's trials in this process, one after the other (no Ray)."""
-    spec, trials, notes = _load(file)
+    spec, trials, notes = _load(file, overrides)
     uri = _uri(tracking_uri, trials)
     for n in notes:
         console.print(f"[yellow]note:[/] {n}")
@@ -149,7 +152,7 @@ def teacher(file: Path = typer.Argument(..., help="trial or sweep YAML"),
 
 
 @app.command()
-def sweep(file: Path = typer.Argument(..., help="sweep YAML"),
+def sweep(file: Path = typer.Argument(..., help="sweep YAML"), overrides: Optional[list[str]] = OverridesArg,
           dry_run: bool = typer.Option(False, "--dry-run", help="print the trial table (count, teachers to train, "
                                        "trials already done) and run nothing"),
           resume: bool = typer.Option(False, "--resume", help="continue an interrupted run of this sweep file"),
@@ -171,7 +174,7 @@ def sweep(file: Path = typer.Argument(..., help="sweep YAML"),
     if resume and fresh:
         _fail("--resume and --fresh exclude each other")
     try:
-        outcome = run_sweep(file, tracking_uri=tracking_uri, dry_run=dry_run, resume=resume, fresh=fresh,
+        outcome = run_sweep(file, overrides=overrides or [], tracking_uri=tracking_uri, dry_run=dry_run, resume=resume, fresh=fresh,
                             address=address, max_concurrent=max_concurrent, storage=storage, num_cpus=num_cpus,
                             num_gpus=num_gpus, console=console)
     except ConfigError as e:

@@ -18,7 +18,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from pydantic import ValidationError
 
@@ -74,12 +74,14 @@ def spec_hash(spec: SweepSpec) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def plan_sweep(path: str | Path, tracking_uri: str | None = None, query_done: bool = True) -> SweepPlan:
-    """Validate and expand `path`; with `query_done`, look up finished runs in the store.
+def plan_sweep(path: str | Path, tracking_uri: str | None = None, query_done: bool = True,
+               overrides: Sequence[str] = ()) -> SweepPlan:
+    """Validate and expand `path` (with command-line `key=value` overrides); with `query_done`, look up
+    finished runs in the store.
 
     The store is `tracking_uri`, else the spec's `tracking_uri`, else the default (`./mlflow.db`).
     """
-    spec, trials, notes = load_trials(path)
+    spec, trials, notes = load_trials(path, overrides)
     uri = tracking.absolute_uri(tracking_uri or spec.tracking_uri or tracking.default_tracking_uri())
     plan = SweepPlan(spec=spec, spec_file=Path(path).resolve(), spec_hash=spec_hash(spec), trials=trials,
                      notes=notes, tracking_uri=uri)
