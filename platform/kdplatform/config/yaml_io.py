@@ -20,7 +20,7 @@ from kdplatform.config.errors import ConfigError
 from kdplatform.config.schema import SweepSpec
 
 # A config file names a grid and seeds in a few kB; these bounds are far above any real one.
-MAX_FILE_BYTES = 1_000_000
+MAX_FILE_BYTES = 256_000  # PyYAML reads about 100 kB a second on one slow core
 MAX_YAML_VALUES = 100_000  # scalars, lists and mappings, every alias expanded
 
 # Keys that once parsed but were never read: refused with the reason, so nobody believes they act.
@@ -37,7 +37,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     seen: dict[Any, int] = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # `<<: *base`: the node's own keys override the merged ones
         key = loader.construct_object(key_node, deep=deep)
+        if isinstance(key, (list, dict)):
+            raise yaml.constructor.ConstructorError(None, None, "a key must be a name, not a list or mapping",
+                                                    key_node.start_mark)
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key '{key}' (first on line {seen[key] + 1})", key_node.start_mark)
@@ -95,8 +100,8 @@ def read_yaml(path: str | os.PathLike) -> tuple[dict[str, Any], dict[tuple, int]
     with p.open("rb") as f:
         data = f.read(MAX_FILE_BYTES + 1)  # never more, even if the file grows meanwhile
     if max(size, len(data)) > MAX_FILE_BYTES:
-        raise ConfigError(p, "", f"the file is {max(size, len(data)) / 1e6:.1f} MB, over the limit of "
-                          f"{MAX_FILE_BYTES / 1e6:g} MB for a config file", "a sweep names its grid axes and "
+        raise ConfigError(p, "", f"the file is {max(size, len(data)):,} bytes, over the limit of "
+                          f"{MAX_FILE_BYTES:,} bytes for a config file", "a sweep names its grid axes and "
                           "seeds in a few kB: list values, not every expanded combination")
     try:
         text = data.decode("utf-8")
