@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from kdplatform.config.errors import ConfigError
 from kdplatform.config.overrides import apply_overrides, blame_override, refuse_shadowed
@@ -41,7 +41,6 @@ class GridPoint:
     relabel: dict[str, tuple[str, int | None]] = field(default_factory=dict)
     dotted: list[str] = field(default_factory=list)  # 'train.pred.lr=0.0001': the run-name suffix
     dotted_keys: list[str] = field(default_factory=list)  # the axis of each `dotted` entry
-    unused: list[str] = field(default_factory=list)  # dotted axes with no effect in this trial (not labelled)
     overrides: list[int] = field(default_factory=list)  # indices of the `overrides:` entries it matched
 
 
@@ -172,19 +171,17 @@ def resolved_points(spec: SweepSpec, lines: dict | None = None
             trial, notes = resolve_with_notes(cfg, file=spec.source_file)
         except ConfigError as e:
             raise relabel_error(e, point.relabel) from None
-        unused = [key for key in point.dotted_keys if not axis_in_effect(key, point.raw, trial, notes)]
+        unused = [key for key in point.dotted_keys if not axis_in_effect(key, trial, notes)]
         notes += [_unused_note(key, trial) for key in unused if not _noted(key, notes)]
-        point.unused = unused
         labels = [label for key, label in zip(point.dotted_keys, point.dotted) if key not in unused]
         if labels:
             trial = trial.model_copy(update={"run_suffix": ",".join(labels)})
         yield point, trial, notes
 
 
-def axis_in_effect(key: str, raw: dict[str, Any], trial: ResolvedTrial, notes: list[str]) -> bool:
-    """Whether a dotted grid axis changes the resolved trial: its stage is trained, and its value was neither
-    reset as a no-op (a note says so) nor replaced. Values the resolved trial holds in another shape (a
-    stage's `losses`) count as in effect."""
+def axis_in_effect(key: str, trial: ResolvedTrial, notes: list[str]) -> bool:
+    """Whether a dotted grid axis acts in the resolved trial: no note says it was reset as a no-op, and the
+    stage (or optional section, e.g. a stage's consistency) it addresses is part of the trial."""
     if _noted(key, notes):
         return False
     parts = key.split(".")
@@ -192,14 +189,11 @@ def axis_in_effect(key: str, raw: dict[str, Any], trial: ResolvedTrial, notes: l
     if parts[0] == "train" and len(parts) >= 3:
         node = next((st for st in trial.train if st.name == parts[1]), None)
         parts = parts[2:]
-    for part in parts:
-        if node is None:
-            return False  # a stage this trial does not train, or a section it leaves off (consistency)
-        if not hasattr(node, part):
-            return True  # held in another shape: cannot compare, assume it acts
+    for part in parts[:-1]:
+        if node is None or not hasattr(node, part):
+            break
         node = getattr(node, part)
-    wanted = get_raw_dotted(raw, key)
-    return node == wanted or isinstance(node, BaseModel) or isinstance(wanted, (dict, list))
+    return node is not None
 
 
 def _noted(key: str, notes: list[str]) -> bool:
@@ -216,18 +210,6 @@ def _unused_note(key: str, trial: ResolvedTrial) -> str:
         stages = ", ".join(st.name for st in trial.train)
         return f"grid axis {key} has no effect on method {trial.method} (no stage '{parts[1]}'; it trains {stages})"
     return f"grid axis {key} has no effect in these trials (not part of their run names)"
-
-
-def get_raw_dotted(raw: dict[str, Any], key: str) -> Any:
-    """The value `set_dotted` wrote at `key` in a raw config."""
-    parts = key.split(".")
-    node: Any = raw
-    if parts[0] == "train" and len(parts) >= 3:
-        node = next((st for st in raw.get("train", []) if isinstance(st, dict) and st.get("name") == parts[1]), {})
-        parts = parts[2:]
-    for part in parts:
-        node = node.get(part) if isinstance(node, dict) else None
-    return node
 
 
 def expand(spec: SweepSpec, lines: dict | None = None) -> tuple[list[ResolvedTrial], list[str]]:
