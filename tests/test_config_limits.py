@@ -230,3 +230,19 @@ def test_a_normalised_axis_does_not_label_the_run(tmp_path):
     _, trials, notes = load_trials(p)
     assert len(trials) == 1 and "two_bit" not in trials[0].run_name
     assert any("student.two_bit has no effect" in n for n in notes)
+
+
+@pytest.mark.parametrize("text, path", [("teacher: {model: " + "a" * 300 + "}", "teacher.model"),
+                                        ("student: {init: " + "a/" * 2100 + "}", "student.init"),
+                                        ('data: {glue_dir: "glue\\0x"}', "data.glue_dir")])
+def test_paths_the_file_system_cannot_take_are_refused(tmp_path, text, path):
+    p = tmp_path / "f.yaml"
+    p.write_text(text + "\n")
+    with pytest.raises(ConfigError) as e:
+        load_trials(p)
+    assert e.value.path == path
+
+
+def test_conditional_overrides_are_bounded(tmp_path):
+    entries = "".join(f"  - {{when: {{seed: {i}}}, set: {{data.max_seq_length: 64}}}}\n" for i in range(201))
+    refused(tmp_path, "overrides:\n" + entries, "overrides", "at most 200")

@@ -10,7 +10,8 @@ import re
 import typing
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator,
+                      model_validator)
 
 from kdplatform.config.presets import METHOD_NAMES
 from kdplatform.loss_menu import LOSS_NAMES
@@ -25,6 +26,19 @@ MAX_TRIALS_LIMIT = 20_000  # expanding and resolving takes about 1 ms per trial:
 Seed = Annotated[int, Field(ge=0, lt=2**32)]
 # Experiment names are printed (rich), used in MLflow filter strings and stored in a 256-character column.
 MAX_NAME_LENGTH = 250
+
+
+def _usable_path(v: str) -> str:
+    """A name or path the file system can look up (Linux: 4096 bytes, 255 per folder name); longer ones made
+    every later lookup raise."""
+    if len(v.encode()) > 4096 or any(len(part.encode()) > 255 for part in v.split("/")):
+        raise ValueError("too long for a path (at most 4096 bytes, 255 per folder or file name)")
+    if "\0" in v:
+        raise ValueError("a path cannot hold a NUL character")
+    return v
+
+
+PathText = Annotated[str, AfterValidator(_usable_path)]  # a model name, hub id or local folder
 NAME_PATTERN = re.compile(r"[\w][\w .,:;+=@()/#%-]*")
 CONSISTENCY_LOSSES = ("attention_kl", "hidden_mse", "relation_kl")
 
@@ -54,7 +68,7 @@ def _takes_bool(annotation: Any) -> bool:
 
 class DataConfig(Strict):
     source: Literal["auto", "hub", "glue_dir"] = "auto"
-    glue_dir: str | None = None  # or env KDP_GLUE_DIR; `auto` uses it when set, else the hub
+    glue_dir: PathText | None = None  # or env KDP_GLUE_DIR; `auto` uses it when set, else the hub
     max_train_examples: int | None = Field(None, gt=0)  # deterministic downsample (CR-ILD 1k setting)
     max_dev_examples: int | None = Field(None, gt=0)
     train_eval_examples: int = Field(512, gt=0)  # fixed train subset scored at every eval (overfitting view)
@@ -80,14 +94,14 @@ class FinetuneConfig(Strict):
 
 
 class TeacherConfig(Strict):
-    model: str = "bert-base-uncased"
-    checkpoint: str | None = None  # a ready fine-tuned checkpoint folder: skips fine-tuning
+    model: PathText = "bert-base-uncased"
+    checkpoint: PathText | None = None  # a ready fine-tuned checkpoint folder: skips fine-tuning
     finetune: FinetuneConfig = FinetuneConfig()
     seed: Seed = 42
 
 
 class StudentConfig(Strict):
-    init: str = "truncate"  # truncate | teacher_copy | a model name or path
+    init: PathText = "truncate"  # truncate | teacher_copy | a model name or path
     layers: int | None = Field(None, gt=0)  # truncate: bottom N layers; None = the teacher's depth
     quantize_embeddings: bool = False  # KD-QAT: word embeddings ternarised per row
     two_bit: Literal["ternary", "uniform"] = "ternary"  # bits: 2 = TWN ternary (KD-QAT) or 4-level uniform
@@ -303,7 +317,8 @@ class SweepSpec(TrialConfig):
     max_concurrent_trials: int | None = Field(None, gt=0)
     max_failures: int = Field(1, ge=0)
     # settings that depend on others: [{when: {task: cola}, set: {data.max_seq_length: 64}}]
-    overrides: list[ConditionalOverride] = []
+    # (each is checked against every trial: the bound keeps that to seconds at MAX_TRIALS_LIMIT trials)
+    overrides: list[ConditionalOverride] = Field([], max_length=200)
     source_file: str | None = Field(None, exclude=True)
 
     @model_validator(mode="before")
