@@ -174,9 +174,9 @@ def sweep(file: Path = typer.Argument(..., help="sweep YAML"), overrides: Option
     if resume and fresh:
         _fail("--resume and --fresh exclude each other")
     try:
-        outcome = run_sweep(file, overrides=overrides or [], tracking_uri=tracking_uri, dry_run=dry_run, resume=resume, fresh=fresh,
+        outcome = run_sweep(file, tracking_uri=tracking_uri, dry_run=dry_run, resume=resume, fresh=fresh,
                             address=address, max_concurrent=max_concurrent, storage=storage, num_cpus=num_cpus,
-                            num_gpus=num_gpus, console=console)
+                            num_gpus=num_gpus, console=console, overrides=overrides or [])
     except ConfigError as e:
         _fail(str(e).replace("[", r"\["))
     except SweepError as e:

@@ -66,10 +66,10 @@ class SweepOutcome:
     rows: list[dict[str, Any]] = field(default_factory=list)
 
 
-def run_sweep(file: str | Path, *, overrides: Sequence[str] = (), tracking_uri: str | None = None,
-              dry_run: bool = False, resume: bool = False, fresh: bool = False, address: str | None = None, max_concurrent: int | None = None,
+def run_sweep(file: str | Path, *, tracking_uri: str | None = None, dry_run: bool = False, resume: bool = False,
+              fresh: bool = False, address: str | None = None, max_concurrent: int | None = None,
               storage: str | Path | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
-              console: Console | None = None) -> SweepOutcome:
+              console: Console | None = None, overrides: Sequence[str] = ()) -> SweepOutcome:
     """Run (or with `dry_run` only print) the sweep of `file`. Raises ConfigError / SweepError for user errors."""
     console = console or Console()
     plan = plan_sweep(file, tracking_uri, overrides=overrides)
