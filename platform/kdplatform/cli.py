@@ -27,7 +27,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 console = Console()
 err = Console(stderr=True)
 
-OverridesArg = typer.Argument(None, metavar="[KEY=VALUE]...", show_default=False,
+OverridesArg = typer.Argument(None, metavar="KEY=VALUE", show_default=False,
                               help="settings over the file's, e.g. train.pred.lr=1e-4 seeds=[1] (values are YAML)")
 TrackingOpt = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
                            "else sqlite:///./mlflow.db)")
