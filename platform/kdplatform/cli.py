@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -39,8 +37,9 @@ def _fail(message: str, code: int = 2) -> None:
 def _user_errors():
     from kdplatform.distill.tasks import DataError
     from kdplatform.distill.teacher import TeacherError
+    from kdplatform.store_check import StoreUnusable
 
-    return (ConfigError, DataError, TeacherError, tracking.CredentialsInUri)
+    return (ConfigError, DataError, TeacherError, tracking.CredentialsInUri, StoreUnusable)
 
 
 def _load(file: Path) -> tuple:
@@ -58,6 +57,16 @@ def _preflight(file: Path, trials: list[ResolvedTrial]) -> None:
         preflight(trials)
     except _user_errors() as e:
         _fail(f"{file}: {e}".replace("[", r"\["))
+
+
+def _check_store(uri: str) -> None:
+    """The tracking store answers and can be written (exit 2 in seconds otherwise), before any work."""
+    from kdplatform.store_check import StoreUnusable, check_store
+
+    try:
+        check_store(uri)
+    except StoreUnusable as e:
+        _fail(str(e).replace("[", r"\["))
 
 
 def _uri(tracking_uri: str | None, trials: list[ResolvedTrial] | None = None) -> str:
@@ -95,6 +104,7 @@ def run(file: Path = typer.Argument(..., help="trial or sweep YAML"), tracking_u
     console.print(trial_table(trials, title=f"{len(trials)} trial(s) from {file}"))
     if dry_run:
         return
+    _check_store(uri)
     _preflight(file, trials)
     from kdplatform.distill.worker import DivergedError, run_trial
 
@@ -132,6 +142,7 @@ def teacher(file: Path = typer.Argument(..., help="trial or sweep YAML"),
     """Fine-tune (or find) every distinct teacher the file needs, once each."""
     _, trials, _ = _load(file)
     uri = _uri(tracking_uri, trials)
+    _check_store(uri)
     _preflight(file, trials)
     from kdplatform.distill.teacher import ensure_teacher
 
@@ -241,10 +252,16 @@ def ui(tracking_uri: Optional[str] = TrackingOpt,
        host: str = typer.Option("127.0.0.1", help="bind address (127.0.0.1: this machine only)"),
        port: int = typer.Option(5000)) -> None:
     """Start the MLflow UI on the store (bound to 127.0.0.1 unless told otherwise)."""
+    from kdplatform import ui_server
+
     uri = _uri(tracking_uri)
+    try:
+        ui_server.check_ui_store(uri)
+        ui_server.check_port_free(host, port)
+    except ui_server.UiError as e:
+        _fail(str(e).replace("[", r"\["))
     console.print(f"MLflow UI on http://{host}:{port} for {tracking.redact(uri)}")
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
-    raise typer.Exit(subprocess.call(cmd))
+    raise typer.Exit(ui_server.serve(uri, host, port))
 
 
 def main() -> None:  # pragma: no cover
