@@ -59,23 +59,23 @@ def _preflight(file: Path, trials: list[ResolvedTrial]) -> None:
         _fail(f"{file}: {e}".replace("[", r"\["))
 
 
-def _check_store(uri: str) -> None:
+def _check_store(uri: str, file: Path) -> None:
     """The tracking store answers and can be written (exit 2 in seconds otherwise), before any work."""
     from kdplatform.store_check import StoreUnusable, check_store
 
     try:
         check_store(uri)
     except StoreUnusable as e:
-        _fail(str(e).replace("[", r"\["))
+        _fail(f"{file}: {e}".replace("[", r"\["))
 
 
-def _uri(tracking_uri: str | None, trials: list[ResolvedTrial] | None = None) -> str:
+def _uri(tracking_uri: str | None, trials: list[ResolvedTrial] | None = None, file: Path | None = None) -> str:
     uri = tracking_uri or (trials[0].tracking_uri if trials and trials[0].tracking_uri else None) \
         or tracking.default_tracking_uri()
     try:
         return tracking.absolute_uri(uri)
     except tracking.CredentialsInUri as e:
-        _fail(str(e))
+        _fail(f"{file}: {e}".replace("[", r"\[") if file else str(e))
 
 
 def trial_table(trials: list[ResolvedTrial], done: set[str] | None = None, title: str = "trials") -> Table:
@@ -98,13 +98,13 @@ def run(file: Path = typer.Argument(..., help="trial or sweep YAML"), tracking_u
         dry_run: bool = typer.Option(False, "--dry-run", help="validate and list the trials; run nothing")) -> None:
     """Run the file's trials in this process, one after the other (no Ray)."""
     spec, trials, notes = _load(file)
-    uri = _uri(tracking_uri, trials)
+    uri = _uri(tracking_uri, trials, file)
     for n in notes:
         console.print(f"[yellow]note:[/] {n}")
     console.print(trial_table(trials, title=f"{len(trials)} trial(s) from {file}"))
     if dry_run:
         return
-    _check_store(uri)
+    _check_store(uri, file)
     _preflight(file, trials)
     from kdplatform.distill.worker import DivergedError, run_trial
 
@@ -141,8 +141,8 @@ def teacher(file: Path = typer.Argument(..., help="trial or sweep YAML"),
             tracking_uri: Optional[str] = TrackingOpt) -> None:
     """Fine-tune (or find) every distinct teacher the file needs, once each."""
     _, trials, _ = _load(file)
-    uri = _uri(tracking_uri, trials)
-    _check_store(uri)
+    uri = _uri(tracking_uri, trials, file)
+    _check_store(uri, file)
     _preflight(file, trials)
     from kdplatform.distill.teacher import ensure_teacher
 
