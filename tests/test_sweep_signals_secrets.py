@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -60,6 +61,7 @@ def sweep_setup(tmp_path, glue_dir, tiny_bert_dir):
     ckpt = _classifier(tiny_bert_dir, tmp_path / "teacher_ckpt")
     yield tmp_path, env, ray_tmp, ckpt
     _kill_session_leftovers(ray_tmp)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def _kill_session_leftovers(ray_tmp: Path) -> None:
@@ -169,3 +171,60 @@ def test_sigterm_ends_the_sweep_cleanly_runs_killed_then_resume_finishes(sweep_s
     assert sorted((r.data.tags["kdp.role"], r.info.status) for r in after) == [("student", "FINISHED"),
                                                                              ("sweep", "FINISHED")]
     assert {r.info.run_id for r in after} == {r.info.run_id for r in runs.values()}, "the same runs, reopened"
+
+
+def _mount_tmpfs(folder: Path, size: str) -> str:
+    """Mount a tmpfs of `size` at `folder`; returns why it cannot ('' when mounted)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        return "mounting a small tmpfs needs root"
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                          capture_output=True, text=True)
+    return "" if proc.returncode == 0 else f"cannot mount a tmpfs here: {proc.stderr.strip()}"
+
+
+def test_ray_storage_full_closes_the_sweep_failed_and_resume_never_runs_a_phantom(sweep_setup, glue_dir,
+                                                                                   tiny_bert_dir):
+    tmp_path, env, ray_tmp, ckpt = sweep_setup
+    full = tmp_path / "full"
+    why = _mount_tmpfs(full, "1m")  # Ray's storage: room for its state files, not for a trial checkpoint
+    if why:
+        pytest.skip(why)
+    try:
+        spec = write_yaml(tmp_path / "sweep.yaml", SPEC.format(name="diskfull", glue=glue_dir,
+                                                               teacher=tiny_bert_dir, ckpt=ckpt))
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        c = MlflowClient(uri)
+
+        def sweep(*more: str) -> tuple[subprocess.CompletedProcess, dict]:
+            proc = subprocess.run(_cmd(spec, uri, "--storage", str(full), *more), cwd=tmp_path, env=env,
+                                  capture_output=True, text=True, timeout=420)
+            exp = c.get_experiment_by_name("diskfull").experiment_id
+            runs = {}
+            for r in c.search_runs([exp]):
+                runs.setdefault(r.data.tags["kdp.role"], []).append(r)
+            return proc, runs
+
+        proc, runs = sweep()
+        assert proc.returncode == 2, (proc.stdout + proc.stderr)[-4000:]
+        assert "is full" in proc.stderr and "--resume" in proc.stderr, proc.stderr[-2000:]
+        [parent] = runs["sweep"]
+        assert parent.info.status == "FAILED" and parent.data.tags.get("kdp.failure_reason")
+        assert all(r.info.status != "FINISHED" for r in runs["student"])
+
+        subprocess.run(["mount", "-o", "remount,size=64m", str(full)], check=True)  # space freed
+        proc, runs = sweep("--resume")
+        out = proc.stdout + proc.stderr
+        print(f"--resume after freeing space: exit {proc.returncode}: {proc.stderr.strip()[:300]}")
+        assert "sample-" not in out and "KeyError" not in out, "a phantom trial ran"
+        if proc.returncode == 2:  # Ray's state was cut short: said so, nothing marked FINISHED
+            assert "cannot resume" in proc.stderr and "--fresh" in proc.stderr, proc.stderr[-2000:]
+            assert runs["sweep"][0].info.status == "FAILED"
+            assert all(r.info.status != "FINISHED" for r in runs["student"])
+            proc, runs = sweep("--fresh")
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        students = [r for r in runs["student"] if r.info.status == "FINISHED"]
+        assert [r.info.run_name for r in students] == ["sst2/kd/b32/s1"], "the real trial, once"
+        assert "dev/best_score" in students[0].data.metrics
+    finally:
+        subprocess.run(["umount", "-l", str(full)], capture_output=True)

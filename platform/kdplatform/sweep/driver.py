@@ -191,9 +191,9 @@ def _on_ray(plan: SweepPlan, parent: tracking.RunLogger, state: dict, exp_path: 
         outcome = SweepOutcome(130, parent.run_id, exp_path)
     except Exception as e:  # a full disk, Ray's state unreadable, ...: the parent ends FAILED, saying why
         _close_open_runs(parent, uri, name, "FAILED", {"kdp.failure_reason": f"{type(e).__name__}: {e}"})
-        if _disk_full(e):
-            raise SweepError(f"the disk is full ({tracking.redact(str(e))[:300]}); the sweep's runs were closed "
-                             "FAILED", f"free space under {exp_path.parent}, then continue with: kdplatform "
+        if _disk_full(e) or _storage_full(exp_path):
+            raise SweepError(f"the disk holding Ray's storage {exp_path.parent} is full ({type(e).__name__}: "
+                             f"{tracking.redact(str(e))[:200]}); the sweep's open runs were closed FAILED", f"free space under {exp_path.parent}, then continue with: kdplatform "
                              f"sweep {plan.spec_file} --resume") from None
         raise
     finally:
@@ -210,6 +210,17 @@ def _disk_full(e: BaseException | None) -> bool:
             return True
         e = e.__cause__ or e.__context__
     return False
+
+
+def _storage_full(exp_path: Path) -> bool:
+    """Whether Ray's storage has run out of space (its errors reach the driver wrapped, or as a truncated
+    file read back: an EOFError rather than ENOSPC)."""
+    import shutil
+
+    try:
+        return shutil.disk_usage(exp_path if exp_path.exists() else exp_path.parent).free < (1 << 20)
+    except OSError:
+        return False
 
 
 def _sigterm_as_sigint(_signum, _frame) -> None:
@@ -268,6 +279,8 @@ def _run_stages(plan: SweepPlan, parent: tracking.RunLogger, state: dict, exp_pa
     concurrency = max_concurrent or spec.max_concurrent_trials
     total = spec.search.num_samples if spec.search is not None else len(plan.to_run)
     restorable = resume and ray_tune.Tuner.can_restore(str(exp_path))
+    if restorable:
+        _check_restorable(exp_path, plan.spec_file)
     ended = 0
     if restorable:
         n_trials, ended = _ray_trial_counts(exp_path)
@@ -312,6 +325,9 @@ def _run_stages(plan: SweepPlan, parent: tracking.RunLogger, state: dict, exp_pa
             kdp_tune.set_driver_hooks(None)
     if results is not None:
         rows += _result_rows(results)
+        full = [r for r in rows if "No space left on device" in (r.get("reason") or "")]
+        if full:  # not a failure of the trial: the sweep stops FAILED, to be resumed once there is space
+            raise OSError(errno.ENOSPC, f"{len(full)} trial(s) could not write: {full[0]['reason'][:300]}")
         left = _unfinished_trials(exp_path)
         if left:  # Ctrl-C / SIGTERM: Ray saved the experiment and returned; --resume continues it
             console.print(f"[yellow]{left} trial(s) unfinished.[/]")
@@ -378,6 +394,28 @@ def _unfinished_trials(exp_path: Path) -> int:
         return sum(t.status not in ("TERMINATED", "ERROR") for t in ExperimentAnalysis(str(exp_path)).trials)
     except Exception:  # noqa: BLE001 - no state written: nothing ran
         return 0
+
+
+def _check_restorable(exp_path: Path, spec_file: Path) -> None:
+    """Refuse to restore a Ray experiment whose saved state was cut short (a full disk): Ray would restore
+    it without its trials' configs and run a phantom trial, then report the sweep done."""
+    from ray.tune import ExperimentAnalysis
+
+    why = ""
+    tuner_file = exp_path / "tuner.pkl"
+    if not tuner_file.is_file() or not tuner_file.read_bytes().endswith(b"."):  # a pickle ends with STOP
+        why = f"{tuner_file.name} is missing or truncated"
+    else:
+        try:
+            trials = ExperimentAnalysis(str(exp_path)).trials
+            if not trials or any(not ({"trial", "base"} & set(t.config)) for t in trials):
+                why = "its trial list is empty or lacks the trials' configs"
+        except Exception as e:  # noqa: BLE001 - unreadable JSON state
+            why = f"its experiment state is unreadable ({type(e).__name__}: {str(e)[:200]})"
+    if why:
+        raise SweepError(f"cannot resume: Ray's saved state in {exp_path} is damaged: {why}",
+                         f"start again with: kdplatform sweep {spec_file} --fresh (trials that FINISHED are "
+                         "kept and skipped; the others run again)")
 
 
 def _ray_trial_counts(exp_path: Path) -> tuple[int, int]:
