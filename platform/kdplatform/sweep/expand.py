@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from kdplatform import tracking
 from kdplatform.config import (AXES, ConfigError, ResolvedTrial, SweepSpec, TrialConfig, load_trials, raw_trials,
                                resolve_trial, set_dotted)
+from kdplatform.store_check import check_store
 
 # Fields that change how a sweep runs, not what it computes: left out of the spec hash, so a resumed
 # sweep finds its Ray experiment folder even when run against another store or with other concurrency.
@@ -83,6 +84,8 @@ def plan_sweep(path: str | Path, tracking_uri: str | None = None, query_done: bo
     """
     spec, trials, notes = load_trials(path, overrides)
     uri = tracking.absolute_uri(tracking_uri or spec.tracking_uri or tracking.default_tracking_uri())
+    if query_done:
+        check_store(uri)  # a store that is down, refuses us or is corrupt: exit 2 now, not after the teachers
     plan = SweepPlan(spec=spec, spec_file=Path(path).resolve(), spec_hash=spec_hash(spec), trials=trials,
                      notes=notes, tracking_uri=uri)
     if spec.search is not None:
