@@ -19,9 +19,9 @@ from rich.markup import escape
 
 from kdplatform import runs, tracking
 from kdplatform.config import ResolvedTrial
-from kdplatform.sweep.expand import SweepPlan, plan_sweep
+from kdplatform.sweep.expand import SweepPlan
 from kdplatform.sweep.session import (SweepError, SweepOutcome, close_orphans_of, close_parent, counts_of, hold_spec,
-                                      nothing_new, open_parent, print_results)
+                                      nothing_new, open_parent, print_results, refresh_done)
 
 
 def run_local(plan: SweepPlan, file: str | Path, console: Console | None = None) -> SweepOutcome:
@@ -34,7 +34,7 @@ def run_local(plan: SweepPlan, file: str | Path, console: Console | None = None)
     spec_claim = hold_spec(plan, console, on_wait=waited.append)
     try:
         if waited:  # the other run/sweep of this file may have finished trials meanwhile
-            plan = plan_sweep(file, plan.tracking_uri, force=plan.force)
+            refresh_done(plan)
         close_orphans_of(plan, console)
         if not plan.to_run:
             return nothing_new(plan, file, console)

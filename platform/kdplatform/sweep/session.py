@@ -53,6 +53,12 @@ def hold_spec(plan: SweepPlan, console: Console, on_wait=None) -> runs.Claim:
     return runs.claim(plan.tracking_uri, plan.experiment, f"sweep-{plan.spec_hash}", on_wait=say)
 
 
+def refresh_done(plan: SweepPlan) -> None:
+    """Ask the store again which configs are FINISHED (after waiting for another run/sweep of the file)."""
+    if not plan.force and plan.spec.search is None:
+        plan.done = runs.finished_cfg_hashes(plan.tracking_uri, plan.experiment, {t.cfg_hash for t in plan.trials})
+
+
 def nothing_new(plan: SweepPlan, file: str | Path, console: Console) -> SweepOutcome:
     console.print(f"[green]nothing new to run:[/] all {len(plan.trials)} trial(s) of {escape(str(file))} "
                   f"already have a FINISHED run in experiment '{escape(plan.spec.name)}' "
