@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 from kdplatform.distill import losses as L
 from kdplatform.distill.losses import (
-    EPS_MAP, LOSSES, Features, attention_kl, attention_map_kl, attention_output_mse, attention_score_mse, ce,
-    hidden_mse, logit_kd, needs, pkd, relation_kl, term_loss,
+    EPS_MAP, TERMS, Features, attention_kl, attention_map_kl, attention_output_mse, attention_score_mse, ce,
+    hidden_mse, logit_kd, loss, pkd, relation_kl, term_loss,
 )
 
 torch.set_num_threads(1)
@@ -222,14 +222,21 @@ def close(a, b, tol=1e-5):
 
 
 # ------------------------------------------------------------------------------------------ registry
-def test_registry_holds_every_design_loss_and_needs_covers_them():
-    names = {"logit_kd", "ce", "hidden_mse", "attention_score_mse", "attention_kl", "relation_kl", "pkd",
-             "attention_map_kl", "attention_output_mse"}
-    assert set(LOSSES) == names
-    assert LOSSES["attention_map_kl"] is attention_map_kl
-    for n in names:
-        assert needs(n) <= {"logits", "hidden", "qk", "qkv", "attn_out"}
-    assert needs("relation_kl") == {"qkv"} and needs("attention_output_mse") == {"attn_out"}
+def test_registry_is_exactly_the_menu():
+    from kdplatform.loss_menu import FEATURES, LOSS_MENU
+
+    assert set(TERMS) == set(LOSS_MENU)  # one registered function per menu entry, none beside it
+    assert set(LOSS_MENU) >= {"logit_kd", "ce", "hidden_mse", "attention_score_mse", "attention_kl",
+                              "relation_kl", "pkd", "attention_map_kl", "attention_output_mse"}
+    for info in LOSS_MENU.values():
+        assert info.reads <= set(FEATURES)
+
+
+def test_registering_a_name_outside_the_menu_or_twice_is_refused():
+    with pytest.raises(KeyError, match="not in the menu"):
+        loss("no_such_loss")
+    with pytest.raises(KeyError, match="registered twice"):
+        loss("pkd")(lambda s, t, pairs, x: s.logits.sum())
 
 
 def test_module_doctest_passes():
@@ -585,7 +592,7 @@ def test_relation_kl_term_with_different_widths_uses_the_teachers_head_count():
 
 def test_term_loss_errors():
     s = make_features(47)
-    with pytest.raises(AssertionError, match="teacher"):
+    with pytest.raises(ValueError, match="teacher"):
         term_loss("hidden_mse", s, None, [(1, 1)])
     with pytest.raises(KeyError, match="unknown loss term"):
         term_loss("no_such_loss", s, make_features(48), [(1, 1)])

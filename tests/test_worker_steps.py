@@ -13,8 +13,9 @@ import torch.nn.functional as F
 
 from kdplatform.config import TrialConfig, resolve_trial
 from kdplatform.distill.losses import Features, relation_kl
-from kdplatform.distill.models import FeatureTap, embedding_mixup, forward_features, freeze, load_classifier
-from kdplatform.distill.worker import StageLosses, _ema_update, _step_losses
+from kdplatform.distill.models import freeze, load_classifier
+from kdplatform.distill.objective import StageLosses, ema_update, step_terms
+from kdplatform.distill.taps import FeatureTap, embedding_mixup, forward_features
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification  # noqa: E402
@@ -123,11 +124,11 @@ def test_mixup_changes_the_ild_loss_and_both_models_see_the_mix(teacher_dir, tea
 
     losses = StageLosses(plain, student, teacher, S_LAYERS)
     np.random.seed(0)
-    values_plain, lam_plain = _step_losses(plain, losses, student, teacher, None, batch, 0.5)
+    values_plain, lam_plain = step_terms(plain, losses, student, teacher, None, batch, 0.5)
     losses.close()
     losses = StageLosses(stage, student, teacher, S_LAYERS)
     np.random.seed(0)
-    values_mix, lam = _step_losses(stage, losses, student, teacher, None, batch, 0.5)
+    values_mix, lam = step_terms(stage, losses, student, teacher, None, batch, 0.5)
     losses.close()
 
     assert lam_plain == 1.0 and 0.5 <= lam < 1.0
@@ -156,7 +157,7 @@ def test_lam_is_beta_1_1_folded_to_at_least_half(teacher_dir, teacher, student, 
     np.random.seed(7)
     raw = np.random.beta(1.0, 1.0)
     np.random.seed(7)
-    _, lam = _step_losses(stage, losses, student, teacher, None, batch, 0.0)
+    _, lam = step_terms(stage, losses, student, teacher, None, batch, 0.0)
     losses.close()
     assert lam == pytest.approx(max(raw, 1 - raw))
 
@@ -169,7 +170,7 @@ def test_consistency_term_present_positive_and_ramps_linearly(teacher_dir, teach
     out = {}
     for progress in (0.0, 0.25, 0.5, 1.0):
         np.random.seed(11)  # the same lam at every progress
-        out[progress] = _step_losses(stage, losses, student, teacher, None, batch, progress)
+        out[progress] = step_terms(stage, losses, student, teacher, None, batch, progress)
     losses.close()
     lams = {lam for _, lam in out.values()}
     assert len(lams) == 1
@@ -190,7 +191,7 @@ def test_consistency_value_is_lam_weighted_kl_to_clean_and_reversed_clean(teache
     stage = stage_for(teacher_dir, consistency_weight=1.0)
     losses = StageLosses(stage, student, teacher, S_LAYERS)
     np.random.seed(5)
-    vals, lam = _step_losses(stage, losses, student, teacher, None, batch, 1.0)
+    vals, lam = step_terms(stage, losses, student, teacher, None, batch, 1.0)
     losses.close()
     union = batch["attention_mask"] | batch["attention_mask"].flip(0)
     mix = features(student, batch, [S_LAYERS], union, lam)
@@ -208,7 +209,7 @@ def test_consistency_gradient_reaches_the_student_only_through_the_mixed_pass(te
     stage = stage_for(teacher_dir, consistency_weight=1.0)
     losses = StageLosses(stage, student, teacher, S_LAYERS)
     np.random.seed(2)
-    vals, _ = _step_losses(stage, losses, student, teacher, None, batch, 1.0)
+    vals, _ = step_terms(stage, losses, student, teacher, None, batch, 1.0)
     losses.close()
     vals["consistency"][1].backward()
     q = student.bert.encoder.layer[S_LAYERS - 1].attention.self.query.weight
@@ -223,7 +224,7 @@ def test_other_consistency_distances_fire(teacher_dir, teacher, student, batch, 
     assert stage.consistency.loss == loss
     losses = StageLosses(stage, student, teacher, S_LAYERS)
     np.random.seed(3)
-    vals, _ = _step_losses(stage, losses, student, teacher, None, batch, 1.0)
+    vals, _ = step_terms(stage, losses, student, teacher, None, batch, 1.0)
     losses.close()
     weight, v = vals["consistency"]
     assert weight == 1.0 and fl(v) > 0 and v.requires_grad
@@ -241,7 +242,7 @@ def test_ema_target_variant(teacher_dir, teacher, student, batch):
 
     def run(st, target):
         np.random.seed(13)
-        vals, lam = _step_losses(st, losses, student, teacher, target, batch, 1.0)
+        vals, lam = step_terms(st, losses, student, teacher, target, batch, 1.0)
         return vals["consistency"][1], lam
 
     # a fresh EMA copy equals the student: same value as the no-grad target
@@ -256,7 +257,7 @@ def test_ema_target_variant(teacher_dir, teacher, student, batch):
         g = torch.Generator().manual_seed(4)
         for p in student.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    _ema_update(ema, student, 0.9)
+    ema_update(ema, student, 0.9)
     for b, pe, ps in zip(before, ema.parameters(), student.parameters()):
         torch.testing.assert_close(pe, 0.9 * b + 0.1 * ps)
 
@@ -380,7 +381,7 @@ def test_a_loss_listed_twice_in_a_stage_contributes_twice_or_is_refused(teacher_
     except ConfigError:
         return  # refusing the duplicate at validation is a fine fix too
     losses = StageLosses(stage, student, teacher, S_LAYERS)
-    vals, _ = _step_losses(stage, losses, student, teacher, None, batch, 0.0)
+    vals, _ = step_terms(stage, losses, student, teacher, None, batch, 0.0)
     losses.close()
     total = sum(w * fl(v) for w, v in vals.values())
     s, t = features(student, batch, [], hidden=True), features(teacher, batch, [], hidden=True)

@@ -11,9 +11,9 @@ night: `kdplatform run`, `teacher` and `sweep` call `preflight(trials)` first an
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
+from kdplatform import paths
 from kdplatform.config import ResolvedTrial
 
 
@@ -47,7 +47,7 @@ def preflight(trials: Sequence[ResolvedTrial]) -> None:
                     raise TeacherError(f"teacher.checkpoint: {e}") from None
     seen_split: set[tuple] = set()
     for t in trials:
-        glue = t.data.glue_dir or os.environ.get("KDP_GLUE_DIR")
+        glue = t.data.glue_dir or paths.glue_dir()
         for task, split in data_splits(t):
             key = (task, split, t.data.source, glue)
             if key in seen_split:
