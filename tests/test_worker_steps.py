@@ -89,6 +89,14 @@ def features(model, batch, layers, mask=None, lam=None, hidden=False):
         tap.remove()
 
 
+def consistency_section(names: list[str]) -> dict:
+    """A `consistency:` YAML section choosing the distances D (the schema names them `losses`, a list; earlier
+    `loss`, one name)."""
+    from kdplatform.config import ConsistencyConfig
+
+    return {"losses": names} if "losses" in ConsistencyConfig.model_fields else {"loss": names[0]}
+
+
 def fl(x) -> float:
     return float(x.detach()) if isinstance(x, torch.Tensor) else float(x)
 
@@ -188,7 +196,8 @@ def test_consistency_term_present_positive_and_ramps_linearly(teacher_dir, teach
 
 
 def test_consistency_value_is_lam_weighted_kl_to_clean_and_reversed_clean(teacher_dir, teacher, student, batch):
-    stage = stage_for(teacher_dir, consistency_weight=1.0)
+    stage = stage_for(teacher_dir, consistency_weight=1.0,
+                      train=[{"name": "ild", "consistency": consistency_section(["relation_kl"])}])
     losses = StageLosses(stage, student, teacher, S_LAYERS)
     np.random.seed(5)
     vals, lam = step_terms(stage, losses, student, teacher, None, batch, 1.0)
@@ -220,8 +229,8 @@ def test_consistency_gradient_reaches_the_student_only_through_the_mixed_pass(te
 
 @pytest.mark.parametrize("loss", ["attention_kl", "hidden_mse"])
 def test_other_consistency_distances_fire(teacher_dir, teacher, student, batch, loss):
-    stage = stage_for(teacher_dir, consistency_weight=1.0, train=[{"name": "ild", "consistency": {"loss": loss}}])
-    assert stage.consistency.loss == loss
+    stage = stage_for(teacher_dir, consistency_weight=1.0,
+                      train=[{"name": "ild", "consistency": consistency_section([loss])}])
     losses = StageLosses(stage, student, teacher, S_LAYERS)
     np.random.seed(3)
     vals, _ = step_terms(stage, losses, student, teacher, None, batch, 1.0)

@@ -118,6 +118,7 @@ class LossTermConfig(Strict):
     temperature: float = Field(1.0, gt=0)
     relations: list[Literal["q", "k", "v"]] = ["q", "k", "v"]
     include_embeddings: bool = False
+    projection: bool | None = None  # hidden_mse / pkd: a learned projection of the student's states
 
 
 class ConsistencyConfig(Strict):
@@ -278,6 +279,7 @@ class ResolvedLoss(BaseModel):
     layer_pairs: list[tuple[int, int]] = []
     temperature: float = 1.0
     relations: list[str] = []
+    projection: bool = False
 
 
 class ResolvedConsistency(BaseModel):
@@ -737,7 +739,8 @@ def _resolve_loss(term: LossTermConfig, weight: float, trial_map: Any, s_layers:
         pairs = with_embeddings(pairs)
     label = spec if isinstance(spec, str) else ",".join(map(str, spec))
     return ResolvedLoss(name=term.name, weight=weight, layer_map=label, layer_pairs=pairs,
-                        relations=list(term.relations) if term.name == "relation_kl" else [])
+                        relations=list(term.relations) if term.name == "relation_kl" else [],
+                        projection=bool(term.projection))
 
 
 def _is_grid_key(key: str) -> bool:

@@ -15,7 +15,13 @@ from kdplatform.config import ResolvedTrial
 from kdplatform.distill.tasks import (TASKS, Collator, add_label_noise, downsample, length_grouped_indices,
                                       load_split, tokenize)
 
-DATA_SEED = 0  # downsampling, label noise and the train-eval subset are the same for every run of a task
+DATA_SEED = 0  # fixed subsets: dev downsampling, the train-eval subset, and the train subset when "fixed"
+
+
+def subset_seed(trial: ResolvedTrial, run_seed: int) -> int:
+    """The seed of the train downsample and its label noise. `data.subsample_seed: run` draws them with the
+    run's seed (CR-ILD's 1k setting draws its subset per seed); "fixed" uses DATA_SEED for every run."""
+    return run_seed if getattr(trial.data, "subsample_seed", "fixed") == "run" else DATA_SEED
 
 
 @dataclass
@@ -33,15 +39,17 @@ def _with_labels(encodings: list[dict], labels) -> list[dict]:
     return [{**e, "label": y} for e, y in zip(encodings, labels)]
 
 
-def prepare_data(trial: ResolvedTrial, tokenizer) -> TrialData:
-    """Load, downsample, add label noise and tokenize (cached) the splits a trial needs."""
+def prepare_data(trial: ResolvedTrial, tokenizer, run_seed: int | None = None) -> TrialData:
+    """Load, downsample, add label noise and tokenize (cached) the splits a trial needs. `run_seed`: the seed
+    of the run the data is for (the student's seed, or the teacher's for its fine-tune)."""
     spec = TASKS[trial.task]
     d = trial.data
     kw = {"source": d.source, "glue_dir": d.glue_dir}
-    train = downsample(load_split(trial.task, "train", **kw), d.max_train_examples, DATA_SEED)
+    seed = subset_seed(trial, trial.seed if run_seed is None else run_seed)
+    train = downsample(load_split(trial.task, "train", **kw), d.max_train_examples, seed)
     flipped = 0
     if d.label_noise > 0:
-        train, flipped = add_label_noise(train, d.label_noise, spec.num_labels, DATA_SEED)
+        train, flipped = add_label_noise(train, d.label_noise, spec.num_labels, seed)
     tok = lambda data: _with_labels(tokenize(data, tokenizer, d.max_seq_length), data.labels)  # noqa: E731
     train_feats = tok(train)
     eval_idx = np.random.default_rng(DATA_SEED).permutation(len(train_feats))[:d.train_eval_examples]

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from kdplatform.config import ResolvedStage, TeacherCacheConfig
 from kdplatform.distill import objective
 from kdplatform.distill.data import TrialData, eval_loader, train_loader
-from kdplatform.distill.objective import StageLosses, check_terms, ema_update
+from kdplatform.distill.objective import StageLosses, check_terms, consistency_ramp, ema_update
 from kdplatform.distill.tasks import compute_metrics
 from kdplatform.distill.teacher_cache import TeacherCache, teacher_identity
 
@@ -226,9 +226,11 @@ class StageRun:
         factor = hooks.on_step(state.global_step) if hooks.on_step else 1.0
         device, precision = self.settings.device, self.settings.precision
         batch = to_device(batch, device)
+        cr = self.stage.consistency
+        ramp = consistency_ramp(cr, self.step, self.steps_per_epoch, self.total) if cr is not None else 0.0
         with autocast(device, precision):
             values, _ = objective.step_terms(self.stage, self.losses, self.forward_student, self.teacher,
-                                             self.ema, batch, self.step / self.total, cache=self.train_cache)
+                                             self.ema, batch, ramp, cache=self.train_cache)
         if not self.checked_terms:
             check_terms(values, self.stage)
             self.checked_terms = True

@@ -46,10 +46,11 @@ def _pair_mask(attention_mask: Tensor) -> Tensor:
 def logit_kd(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
     """Soft cross-entropy -sum softmax(z_t/T) log softmax(z_s/T), times T^2, batch mean.
 
-    Regression (one output, STS-B): MSE between the two predictions.
+    Regression (one output, STS-B): MSE(z_s / T, z_t / T), without T^2, as CR-ILD's reference (`DistillKL`);
+    at T = 1 (KD-QAT) it is the plain MSE of the predictions.
     """
     if student_logits.shape[-1] == 1:
-        return F.mse_loss(student_logits.float(), teacher_logits.float())
+        return F.mse_loss(student_logits.float() / temperature, teacher_logits.float() / temperature)
     t = F.softmax(teacher_logits.float() / temperature, dim=-1)
     log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
     return -(t * log_s).sum(-1).mean() * temperature**2
@@ -121,7 +122,8 @@ def relation_kl(student_x: Tensor, teacher_x: Tensor, attention_mask: Tensor, nu
 
 
 def pkd(student_cls: Tensor, teacher_cls: Tensor) -> Tensor:
-    """Patient KD: MSE between L2-normalised [CLS] vectors (B, H)."""
+    """Patient KD: MSE between L2-normalised [CLS] vectors, (B, H) or stacked layers (B, L, H): the mean over
+    every layer, example and unit, i.e. the mean of the per-layer MSEs (CR-ILD's `PKD_Loss`)."""
     return F.mse_loss(F.normalize(student_cls.float(), dim=-1), F.normalize(teacher_cls.float(), dim=-1))
 
 
@@ -157,12 +159,28 @@ class Features:
     k: dict[int, Tensor] = field(default_factory=dict)
     v: dict[int, Tensor] = field(default_factory=dict)
     attn_out: dict[int, Tensor] = field(default_factory=dict)
+    # (scores, probabilities) where a quantized attention computed them itself (from quantized Q and K)
+    maps: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
     def scores(self, layer: int) -> Tensor:
+        """Pre-softmax attention scores Q K^T / sqrt(d_head) (padded keys: only ever read through masks)."""
+        if layer in self.maps:
+            return self.maps[layer][0].float()
         return masked_scores(self.q[layer], self.k[layer], self.num_heads)
 
     def probs(self, layer: int) -> Tensor:
+        """Attention probabilities over valid keys."""
+        if layer in self.maps:
+            return self.maps[layer][1].float()
         return masked_log_softmax(self.scores(layer), self.attention_mask).exp()
+
+    def flipped(self) -> Features:
+        """The same features with the batch reversed (CR-ILD's mixup partner)."""
+        flip = lambda d: {k: v.flip(0) for k, v in d.items()}  # noqa: E731
+        return Features(logits=self.logits.flip(0), attention_mask=self.attention_mask.flip(0),
+                        num_heads=self.num_heads, hidden=tuple(h.flip(0) for h in self.hidden) if self.hidden else None,
+                        q=flip(self.q), k=flip(self.k), v=flip(self.v), attn_out=flip(self.attn_out),
+                        maps={k: (s.flip(0), p.flip(0)) for k, (s, p) in self.maps.items()})
 
 
 @dataclass
@@ -173,7 +191,8 @@ class TermInputs:
     labels: Tensor | None = None
     temperature: float = 1.0
     relations: tuple[str, ...] | list[str] = ("q", "k", "v")
-    project: Callable[[int, Tensor], Tensor] | None = None  # student layer, hidden state -> teacher width
+    # (loss name, student hidden state) -> the term's learned projection of it (or it unchanged)
+    project: Callable[[str, Tensor], Tensor] | None = None
 
 
 Term = Callable[[Features, "Features | None", list[tuple[int, int]], TermInputs], Tensor]
@@ -196,7 +215,7 @@ def loss(name: str) -> Callable[[Term], Term]:
 
 def term_loss(name: str, s: Features, t: Features | None, pairs: list[tuple[int, int]], *,
               temperature: float = 1.0, relations: tuple[str, ...] | list[str] = ("q", "k", "v"),
-              labels: Tensor | None = None, project: Callable[[int, Tensor], Tensor] | None = None,
+              labels: Tensor | None = None, project: Callable[[str, Tensor], Tensor] | None = None,
               mask: Tensor | None = None) -> Tensor:
     """Value of one configured term: its registered function on the mapped layer pairs. `mask` overrides the
     student's attention mask (mixup's union mask)."""
@@ -216,9 +235,9 @@ def _summed(pairs: list[tuple[int, int]], like: Tensor, value: Callable[[int, in
     return total
 
 
-def _student_hidden(s: Features, layer: int, x: TermInputs) -> Tensor:
+def _student_hidden(name: str, s: Features, layer: int, x: TermInputs) -> Tensor:
     h = s.hidden[layer]
-    return x.project(layer, h) if x.project else h
+    return x.project(name, h) if x.project else h
 
 
 # ------------------------------------------------------------------------------------- the terms
@@ -234,13 +253,15 @@ def logit_kd_term(s, t, pairs, x):
 
 @loss("hidden_mse")
 def hidden_mse_term(s, t, pairs, x):
-    return _summed(pairs, s.logits, lambda ls, lt: hidden_mse(_student_hidden(s, ls, x), t.hidden[lt],
-                                                              x.attention_mask))
+    return _summed(pairs, s.logits, lambda ls, lt: hidden_mse(_student_hidden("hidden_mse", s, ls, x),
+                                                              t.hidden[lt], x.attention_mask))
 
 
 @loss("pkd")
 def pkd_term(s, t, pairs, x):
-    return _summed(pairs, s.logits, lambda ls, lt: pkd(s.hidden[ls][:, 0], t.hidden[lt][:, 0]))
+    """Averaged over the mapped layers (the reference stacks them), not summed."""
+    student = torch.stack([_student_hidden("pkd", s, ls, x)[:, 0] for ls, _ in pairs], dim=1)
+    return pkd(student, torch.stack([t.hidden[lt][:, 0] for _, lt in pairs], dim=1))
 
 
 @loss("attention_score_mse")

@@ -7,6 +7,8 @@ embedding mixup and consistency regularization.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -15,15 +17,34 @@ from kdplatform.config import ResolvedStage
 from kdplatform.distill.losses import Features, term_loss
 from kdplatform.distill.taps import FeatureTap, embedding_mixup, feature_names, forward_features, layers_of
 from kdplatform.distill.teacher_cache import TeacherCache
+from kdplatform.loss_menu import LOSS_MENU
 
 
 class TrialSetupError(RuntimeError):
     """A configuration that passed validation but cannot run (e.g. a loss term that never contributes)."""
 
 
-def consistency_features(loss_name: str, n_student: int) -> set[str]:
-    """Student features a consistency distance reads on the student's last layer."""
-    return {f"hidden.{n_student}"} if loss_name == "hidden_mse" else {f"q.{n_student}", f"k.{n_student}"}
+def consistency_losses(cr) -> list[str]:
+    """The distances D sums (default: attention KL + hidden MSE on the student's last layer, as CR-ILD)."""
+    return list(getattr(cr, "losses", None) or [cr.loss])
+
+
+def consistency_features(cr, n_student: int) -> set[str]:
+    """Student features the consistency distances read on the student's last layer."""
+    names = set()
+    for loss_name in consistency_losses(cr):
+        names |= {f"hidden.{n_student}"} if loss_name == "hidden_mse" else {f"q.{n_student}", f"k.{n_student}"}
+    return names
+
+
+def consistency_ramp(cr, step: int, steps_per_epoch: int, total: int) -> float:
+    """The ramp factor of the consistency weight at a stage step. "epoch" (CR-ILD): epoch / E with the epoch
+    counted from 0, as the reference's `args.epoch` (so the first epoch has no consistency term); "step":
+    step / total steps."""
+    if getattr(cr, "ramp", "step") == "epoch":
+        epochs = math.ceil(total / steps_per_epoch)
+        return (step // steps_per_epoch) / epochs
+    return step / total
 
 
 class StageLosses:
@@ -35,7 +56,7 @@ class StageLosses:
         self.needs_teacher = any(t.name != "ce" for t in stage.losses)
         s_names = feature_names(stage.losses, "student")
         if stage.consistency is not None:  # consistency compares the student's last layer, mixed vs clean
-            s_names |= consistency_features(stage.consistency.loss, n_student)
+            s_names |= consistency_features(stage.consistency, n_student)
         self.t_features = sorted(feature_names(stage.losses, "teacher"))  # what the teacher output cache keeps
         self.s_hidden = bool(layers_of(s_names, "hidden"))
         self.t_hidden = bool(layers_of(self.t_features, "hidden"))
@@ -47,21 +68,24 @@ class StageLosses:
         self.projections = self._projections(student, teacher)
 
     def _projections(self, student: nn.Module, teacher: nn.Module | None) -> nn.ModuleDict:
-        """Learned W for hidden_mse when student and teacher widths differ (TinyBERT)."""
+        """One learned W per projected term, shared by its mapped layers (TinyBERT's `fit_dense`): when the
+        term asks for it (`projection`, the TinyBERT/PKD presets) or, for hidden_mse, when the widths differ.
+        Initialised as the reference's: normal(0, initializer_range) weights, zero bias."""
         proj = nn.ModuleDict()
         if teacher is None:
             return proj
         ds, dt = student.config.hidden_size, teacher.config.hidden_size
-        if ds != dt:
-            for term in self.stage.losses:
-                if term.name == "hidden_mse":
-                    for ls, _ in term.layer_pairs:
-                        proj[str(ls)] = nn.Linear(ds, dt)
+        for term in self.stage.losses:
+            wanted = bool(getattr(term, "projection", False)) and "projection" in LOSS_MENU[term.name].options
+            if wanted or (term.name == "hidden_mse" and ds != dt):
+                linear = nn.Linear(ds, dt)
+                nn.init.normal_(linear.weight, mean=0.0, std=student.config.initializer_range)
+                nn.init.zeros_(linear.bias)
+                proj[term.name] = linear
         return proj
 
-    def project(self, layer: int, h: Tensor) -> Tensor:
-        key = str(layer)
-        return self.projections[key](h) if key in self.projections else h
+    def project(self, name: str, h: Tensor) -> Tensor:
+        return self.projections[name](h) if name in self.projections else h
 
     def student(self, model: nn.Module, batch: dict, mask: Tensor | None = None) -> Features:
         return forward_features(model, batch, self.s_tap, self.s_hidden, mask)
@@ -96,16 +120,12 @@ class StageLosses:
         return sum(weights[k] * v for k, v in values.items() if k in weights)
 
     def consistency(self, s_mix: Features, s_clean: Features, lam: float, mask: Tensor) -> Tensor:
-        """CR-ILD: lam * D(S_mix, S_clean) + (1 - lam) * D(S_mix, S_clean_rev) on the student's last layer."""
-        cr = self.stage.consistency
+        """CR-ILD: lam * D(S_mix, S_clean) + (1 - lam) * D(S_mix, S_clean_rev) on the student's last layer,
+        D the sum of the configured distances."""
         pairs = [(self.n_student, self.n_student)]
-        flip = lambda d: {k: v.flip(0) for k, v in d.items()}  # noqa: E731
-        rev = Features(logits=s_clean.logits.flip(0), attention_mask=s_clean.attention_mask.flip(0),
-                       num_heads=s_clean.num_heads,
-                       hidden=tuple(h.flip(0) for h in s_clean.hidden) if s_clean.hidden else None,
-                       q=flip(s_clean.q), k=flip(s_clean.k), v=flip(s_clean.v))
-        d = lambda target: term_loss(cr.loss, s_mix, target, pairs, mask=mask)  # noqa: E731
-        return lam * d(s_clean) + (1 - lam) * d(rev)
+        names = consistency_losses(self.stage.consistency)
+        d = lambda target: sum(term_loss(n, s_mix, target, pairs, mask=mask) for n in names)  # noqa: E731
+        return lam * d(s_clean) + (1 - lam) * d(s_clean.flipped())
 
     def close(self) -> None:
         self.s_tap.remove()
@@ -116,7 +136,8 @@ class StageLosses:
 def step_terms(stage: ResolvedStage, losses: StageLosses, student: nn.Module, teacher: nn.Module | None,
                ema: nn.Module | None, batch: dict, progress: float, cache: TeacherCache | None = None
                ) -> tuple[dict[str, tuple[float, Tensor]], float]:
-    """The weighted terms of one training step, {name: (weight, value)}, and the mixup lambda (1 without)."""
+    """The weighted terms of one training step, {name: (weight, value)}, and the mixup lambda (1 without).
+    `progress`: the consistency ramp factor (`consistency_ramp`)."""
     weights = {term.name: term.weight for term in stage.losses}
     if not stage.mixup:
         t = losses.teacher(teacher, batch, cache=cache)
@@ -134,7 +155,7 @@ def step_terms(stage: ResolvedStage, losses: StageLosses, student: nn.Module, te
     cr = stage.consistency
     if cr is not None:
         clean = clean_student_features(losses, student, ema, batch)
-        # linear ramp w * (progress through the stage), CR-ILD's w * epoch / E at step granularity
+        # w * ramp: CR-ILD's w * epoch / E (see consistency_ramp)
         out["consistency"] = (cr.weight * progress, losses.consistency(s, clean, lam, union))
     return out, lam
 
@@ -147,9 +168,9 @@ def clean_student_features(losses: StageLosses, student: nn.Module, ema: nn.Modu
     was_training = target.training
     target.eval()
     if ema is not None:
-        hidden = losses.stage.consistency.loss == "hidden_mse"
-        tap = FeatureTap(ema, set() if hidden else {losses.n_student})
-        clean = forward_features(ema, batch, tap, hidden)
+        names = consistency_losses(losses.stage.consistency)
+        tap = FeatureTap(ema, {losses.n_student} if set(names) - {"hidden_mse"} else set())
+        clean = forward_features(ema, batch, tap, "hidden_mse" in names)
         tap.remove()
     else:
         clean = losses.student(student, batch)

@@ -18,7 +18,7 @@ from kdplatform.config import ResolvedTrial
 
 
 def data_splits(trial: ResolvedTrial) -> list[tuple[str, str]]:
-    """The (task, split) pairs `worker.prepare_data` loads for this trial."""
+    """The (task, split) pairs `data.prepare_data` loads for this trial."""
     from kdplatform.distill.tasks import TASKS
 
     splits = [(trial.task, "train"), *((trial.task, s) for s in TASKS[trial.task].dev_splits)]

@@ -46,6 +46,11 @@ def layers_of(names: Iterable[str], *kinds: str) -> set[int]:
 class FeatureTap:
     """Forward hooks that record Q, K, V and attention outputs of chosen layers (1-based).
 
+    In a layer whose attention quantizes its activations (`quant.quantize_bert_` with act_bits < 32), the
+    attention scores and probabilities are also taken from where the quantized attention computes them
+    (`maps`): Q and K as the hooks see them are not yet quantized, so a map recomputed from them would not be
+    the map the student uses.
+
     >>> tap = FeatureTap(model, qkv_layers={2}, attn_out_layers=set())   # doctest: +SKIP
     """
 
@@ -56,9 +61,13 @@ class FeatureTap:
         self.v: dict[int, Tensor] = {}
         self.attn_out: dict[int, Tensor] = {}
         self._handles = []
+        self._capturing: dict[int, nn.Module] = {}  # layer -> quantized attention module keeping its maps
         layers = encoder_layers(model)
         for layer in qkv_layers:
             att = layers[layer - 1].attention.self
+            if getattr(att, "kdp_act_bits", 32) < 32:
+                att.kdp_capture = True
+                self._capturing[layer] = att
             for name in ("q", "k", "v"):
                 mod = getattr(att, {"q": "query", "k": "key", "v": "value"}[name])
                 self._handles.append(mod.register_forward_hook(self._store(getattr(self, name), layer)))
@@ -72,10 +81,17 @@ class FeatureTap:
             dest[layer] = output[0] if isinstance(output, tuple) else output
         return hook
 
+    def maps(self) -> dict[int, tuple[Tensor, Tensor]]:
+        """(scores, probabilities) of the quantized attention layers, from the last forward pass."""
+        return {layer: att.kdp_maps for layer, att in self._capturing.items() if getattr(att, "kdp_maps", None)}
+
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for att in self._capturing.values():
+            att.kdp_capture, att.kdp_maps = False, None
+        self._capturing.clear()
 
 
 @contextmanager
@@ -104,4 +120,5 @@ def forward_features(model: nn.Module, batch: dict[str, Tensor], tap: FeatureTap
                      hidden=out.hidden_states if need_hidden else None)
     if tap is not None:
         feats.q, feats.k, feats.v, feats.attn_out = dict(tap.q), dict(tap.k), dict(tap.v), dict(tap.attn_out)
+        feats.maps = tap.maps()
     return feats

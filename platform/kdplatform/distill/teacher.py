@@ -154,7 +154,7 @@ def finetune_teacher(trial: ResolvedTrial, tracking_uri: str, folder: Path,
     started = time.time()
     set_seed(trial.teacher.seed)
     tokenizer = load_tokenizer(trial.teacher.model)
-    data = prepare_data(trial, tokenizer)
+    data = prepare_data(trial, tokenizer, run_seed=trial.teacher.seed)
     model = load_classifier(trial.teacher.model, data.num_labels)
     logger = _teacher_run(trial, tracking_uri, parent_run_id, len(data.train))
     state = LoopState()
