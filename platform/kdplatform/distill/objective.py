@@ -8,6 +8,7 @@ embedding mixup and consistency regularization.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -119,12 +120,17 @@ class StageLosses:
         weights = {t.name: t.weight for t in self.stage.losses}
         return sum(weights[k] * v for k, v in values.items() if k in weights)
 
-    def consistency(self, s_mix: Features, s_clean: Features, lam: float, mask: Tensor) -> Tensor:
+    def consistency(self, s_mix: Features, s_clean: Features, lam: float) -> Tensor:
         """CR-ILD: lam * D(S_mix, S_clean) + (1 - lam) * D(S_mix, S_clean_rev) on the student's last layer,
-        D the sum of the configured distances."""
+        D the sum of the configured distances. As in the reference, each comparison is made on the target
+        example's own tokens: both attention distributions over its valid keys, rows and tokens its valid ones."""
         pairs = [(self.n_student, self.n_student)]
         names = consistency_losses(self.stage.consistency)
-        d = lambda target: sum(term_loss(n, s_mix, target, pairs, mask=mask) for n in names)  # noqa: E731
+
+        def d(target: Features) -> Tensor:
+            mixed = replace(s_mix, attention_mask=target.attention_mask)
+            return sum(term_loss(n, mixed, target, pairs) for n in names)
+
         return lam * d(s_clean) + (1 - lam) * d(s_clean.flipped())
 
     def close(self) -> None:
@@ -156,7 +162,7 @@ def step_terms(stage: ResolvedStage, losses: StageLosses, student: nn.Module, te
     if cr is not None:
         clean = clean_student_features(losses, student, ema, batch)
         # w * ramp: CR-ILD's w * epoch / E (see consistency_ramp)
-        out["consistency"] = (cr.weight * progress, losses.consistency(s, clean, lam, union))
+        out["consistency"] = (cr.weight * progress, losses.consistency(s, clean, lam))
     return out, lam
 
 
