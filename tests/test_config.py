@@ -1,4 +1,4 @@
-"""The YAML schema (config.py): expansion of grids into trials, run names, collapse of unused axes, hashes,
+"""The config layer (kdplatform.config): expansion of grids into trials, run names, collapse of unused axes, hashes,
 and every rejection naming the file and the YAML path of the bad value. Plus the CLI's exit code 2."""
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def test_quickstart_like_file_expands_grid_times_seeds_with_collapse(tmp_path):
     assert names == sorted(
         [f"sst2/{m}/b32/s{s}" for m in ("kd", "ild_last") for s in (42, 43)]
         + [f"sst2/tinybert/uniform/b32/s{s}" for s in (42, 43)]
-        + [f"sst2/cr_ild/last/w{w}/b32/s{s}" for w in ("0.1", "0.5") for s in (42, 43)])
+        + [f"sst2/cr_ild/w{w}/b32/s{s}" for w in ("0.1", "0.5") for s in (42, 43)])
     assert len({t.cfg_hash for t in trials}) == 10
     text = " | ".join(notes)
     for m in ("kd", "tinybert", "ild_last"):
@@ -77,13 +77,14 @@ def test_quickstart_like_file_expands_grid_times_seeds_with_collapse(tmp_path):
 def test_resolved_trial_contents(tmp_path):
     _, trials, _ = load_trials(write(tmp_path, QUICKSTART_LIKE))
     by = {t.run_name: t for t in trials}
-    cr = by["sst2/cr_ild/last/w0.1/b32/s42"]
+    cr = by["sst2/cr_ild/w0.1/b32/s42"]
     assert (cr.student_layers, cr.teacher_layers, cr.consistency_weight) == (2, 6, 0.1)
     ild, pred = cr.train
     assert (ild.name, ild.mixup, ild.epochs, ild.lr, ild.eval_every) == ("ild", True, 2, 1e-4, 25)
     assert [(l.name, l.layer_pairs, l.relations) for l in ild.losses] == [("relation_kl", [(2, 6)], ["q", "k", "v"])]
     assert ild.consistency is not None and ild.consistency.weight == 0.1
-    assert (ild.consistency.loss, ild.consistency.target) == ("relation_kl", "no_grad")
+    assert (ild.consistency.losses, ild.consistency.ramp, ild.consistency.target) == (
+        ["attention_kl", "hidden_mse"], "epoch", "no_grad")  # the paper's D and ramp
     assert [(l.name, l.temperature) for l in pred.losses] == [("logit_kd", 2.0)]  # CR-ILD stage 2: T=2, no CE
     tb = by["sst2/tinybert/uniform/b32/s42"]
     hid, att = tb.train[0].losses

@@ -58,10 +58,15 @@ def test_dry_run_prints_plan_and_starts_nothing(tmp_path, monkeypatch):
     res = CliRunner().invoke(app, ["sweep", str(spec), "--dry-run", "--tracking-uri", uri])
     assert res.exit_code == 0, res.output
     out = " ".join(res.output.split())
-    # kd: 1 x 2 seeds; pkd: 2 maps x 2 seeds; cr_ild: 2 maps x 2 weights x 2 seeds -> 14 distinct of 24
-    assert "14 distinct, 0 already done" in out and "14 to run" in out
+    # kd: 1 x 2 seeds; pkd: 2 maps x 2 seeds; cr_ild (last layer whatever the map): 2 weights x 2 seeds
+    # -> 10 distinct of 24
+    assert "10 distinct, 0 already done" in out and "10 to run" in out
     assert "1 needed, 1 to train" in out
-    assert "collapsed: consistency_weight has no effect on method kd" in out
+    assert "collapsed: layer_map has no effect on method kd" in out
+    assert "consistency_weight has no effect on method kd" in out
+    assert "layer_map has no effect on method cr_ild" in out
+    # what each trial computes: cr_ild distils the last layers (2 of the student, 4 of the teacher)
+    assert "relation_kl x1 on (2,4) [q,k,v]" in out and "pkd x1 on (1,2) (2,4) projected" in out
     assert "dry run: nothing was started" in out
     assert not (tmp_path / "mlflow.db").exists(), "a dry run must not create the store"
     assert not (tmp_path / "ray_results").exists()
@@ -136,7 +141,7 @@ def _search_spec(tmp_path: Path, extra: str, name: str = "search.yaml") -> Path:
 
 def test_study_sweep_files_expand():
     spec, trials, notes = load_trials(REPO / "sweeps" / "glue_all.yaml")
-    assert len(trials) == 768 and len({t.teacher_hash for t in trials}) == 8
+    assert len(trials) == 576 and len({t.teacher_hash for t in trials}) == 8
     assert {t.task for t in trials} == {"cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte"}
     assert {t.bits for t in trials} == {2, 32} and spec.resources.gpu == 0.5
     assert any("consistency_weight has no effect on method kd" in n for n in notes)

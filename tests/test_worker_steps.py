@@ -91,11 +91,8 @@ def features(model, batch, layers, mask=None, lam=None, hidden=False):
 
 
 def consistency_section(names: list[str]) -> dict:
-    """A `consistency:` YAML section choosing the distances D (the schema names them `losses`, a list; earlier
-    `loss`, one name)."""
-    from kdplatform.config import ConsistencyConfig
-
-    return {"losses": names} if "losses" in ConsistencyConfig.model_fields else {"loss": names[0]}
+    """A `consistency:` YAML section choosing the distances D."""
+    return {"losses": names}
 
 
 def fl(x) -> float:
@@ -244,7 +241,8 @@ def test_other_consistency_distances_fire(teacher_dir, teacher, student, batch, 
 # ---------------------------------------------------------------------------------------------- (c)
 def test_ema_target_variant(teacher_dir, teacher, student, batch):
     stage = stage_for(teacher_dir, consistency_weight=1.0,
-                      train=[{"name": "ild", "consistency": {"target": "ema", "ema_decay": 0.9}}])
+                      train=[{"name": "ild", "consistency": {"target": "ema", "ema_decay": 0.9,
+                                                             **consistency_section(["relation_kl"])}}])
     assert (stage.consistency.target, stage.consistency.ema_decay) == ("ema", 0.9)
     no_grad_stage = stage.model_copy(update={"consistency": stage.consistency.model_copy(
         update={"target": "no_grad"})})
@@ -428,11 +426,8 @@ def _ref_hidden_mse(hs, ht, mask):
 def test_default_consistency_is_last_layer_attention_kl_plus_hidden_mse(teacher_dir, teacher, student, batch):
     """CR-ILD (paper + the reference's dead branch): D = attention KL on the student's last layer + its hidden
     MSE, both to the clean pass and, weighted 1 - lam, to the reversed clean pass."""
-    from kdplatform.config import ConsistencyConfig
-
-    if "losses" not in ConsistencyConfig.model_fields:
-        pytest.skip("the config has no consistency.losses yet (default D still Q/K/V relation KL)")
     stage = stage_for(teacher_dir, consistency_weight=1.0)
+    assert stage.consistency.losses == ["attention_kl", "hidden_mse"] and stage.consistency.ramp == "epoch"
     losses = StageLosses(stage, student, teacher, S_LAYERS)
     np.random.seed(5)
     vals, lam = step_terms(stage, losses, student, teacher, None, batch, 1.0)

@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from kdplatform import tracking
-from kdplatform.config import ConfigError, ResolvedTrial, load_trials
+from kdplatform.config import ConfigError, ResolvedTrial, describe_trials, load_trials
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Sweeps of knowledge distillation and quantization-aware training for BERT-like encoders.")
@@ -94,6 +94,8 @@ def run(file: Path = typer.Argument(..., help="trial or sweep YAML"), tracking_u
         console.print(f"[yellow]note:[/] {n}")
     console.print(trial_table(trials, title=f"{len(trials)} trial(s) from {file}"))
     if dry_run:
+        for line in describe_trials(trials):  # per stage: each loss term, its layer pairs and weight
+            console.print(escape(line))
         return
     _preflight(file, trials)
     from kdplatform.distill.worker import DivergedError, run_trial
@@ -185,7 +187,7 @@ def sweep(file: Path = typer.Argument(..., help="sweep YAML"),
 @app.command()
 def methods() -> None:
     """List KD method presets and their loss terms per stage."""
-    from kdplatform.distill.methods import PRESETS
+    from kdplatform.config import PRESETS
 
     table = Table(title="methods")
     for col in ("name", "stages (loss terms)", "axes", "description"):

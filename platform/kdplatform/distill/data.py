@@ -21,7 +21,7 @@ DATA_SEED = 0  # fixed subsets: dev downsampling, the train-eval subset, and the
 def subset_seed(trial: ResolvedTrial, run_seed: int) -> int:
     """The seed of the train downsample and its label noise. `data.subsample_seed: run` draws them with the
     run's seed (CR-ILD's 1k setting draws its subset per seed); "fixed" uses DATA_SEED for every run."""
-    return run_seed if getattr(trial.data, "subsample_seed", "fixed") == "run" else DATA_SEED
+    return run_seed if trial.data.subsample_seed == "run" else DATA_SEED
 
 
 @dataclass

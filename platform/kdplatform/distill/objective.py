@@ -27,7 +27,7 @@ class TrialSetupError(RuntimeError):
 
 def consistency_losses(cr) -> list[str]:
     """The distances D sums (default: attention KL + hidden MSE on the student's last layer, as CR-ILD)."""
-    return list(getattr(cr, "losses", None) or [cr.loss])
+    return list(cr.losses)
 
 
 def consistency_features(cr, n_student: int) -> set[str]:
@@ -42,7 +42,7 @@ def consistency_ramp(cr, step: int, steps_per_epoch: int, total: int) -> float:
     """The ramp factor of the consistency weight at a stage step. "epoch" (CR-ILD): epoch / E with the epoch
     counted from 0, as the reference's `args.epoch` (so the first epoch has no consistency term); "step":
     step / total steps."""
-    if getattr(cr, "ramp", "step") == "epoch":
+    if cr.ramp == "epoch":
         epochs = math.ceil(total / steps_per_epoch)
         return (step // steps_per_epoch) / epochs
     return step / total
@@ -77,7 +77,7 @@ class StageLosses:
             return proj
         ds, dt = student.config.hidden_size, teacher.config.hidden_size
         for term in self.stage.losses:
-            wanted = bool(getattr(term, "projection", False)) and "projection" in LOSS_MENU[term.name].options
+            wanted = term.projection and "projection" in LOSS_MENU[term.name].options
             if wanted or (term.name == "hidden_mse" and ds != dt):
                 linear = nn.Linear(ds, dt)
                 nn.init.normal_(linear.weight, mean=0.0, std=student.config.initializer_range)

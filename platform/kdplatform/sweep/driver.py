@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from kdplatform import tracking
+from kdplatform.config import describe_trials
 from kdplatform.distill.preflight import preflight
 from kdplatform.sweep.expand import SweepPlan, plan_sweep
 from kdplatform.sweep.progress import SweepMonitor, failures_table, plan_tables, summary_table
@@ -82,6 +83,8 @@ def run_sweep(file: str | Path, *, tracking_uri: str | None = None, dry_run: boo
     if dry_run:
         for r in plan_tables(plan, outcomes, uri):
             console.print(r)
+        for line in describe_trials(plan.trials):  # what each trial computes: loss terms, layer pairs, weights
+            console.print(escape(line))
         if state is not None:
             console.print(f"Ray experiment folder exists: {escape(str(exp_path))}")
         console.print("[bold]dry run:[/] nothing was started.")

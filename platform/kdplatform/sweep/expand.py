@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import itertools
 import json
 import re
 from dataclasses import dataclass, field
@@ -24,8 +23,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from kdplatform import tracking
-from kdplatform.config import (AXES, ConfigError, ResolvedTrial, SweepSpec, TrialConfig, _set_dotted,
-                               load_trials, resolve_trial)
+from kdplatform.config import (AXES, ConfigError, ResolvedTrial, SweepSpec, TrialConfig, load_trials, raw_trials,
+                               resolve_trial, set_dotted)
 
 # Fields that change how a sweep runs, not what it computes: left out of the spec hash, so a resumed
 # sweep finds its Ray experiment folder even when run against another store or with other concurrency.
@@ -85,40 +84,18 @@ def plan_sweep(path: str | Path, tracking_uri: str | None = None, query_done: bo
     plan = SweepPlan(spec=spec, spec_file=Path(path).resolve(), spec_hash=spec_hash(spec), trials=trials,
                      notes=notes, tracking_uri=uri)
     if spec.search is not None:
-        plan.bases = _raw_trials(spec, {t.cfg_hash for t in trials})
+        plan.bases = raw_trials(spec, {t.cfg_hash for t in trials})  # the same grid walk as load_trials
         check_search_space(plan)
     if query_done and not spec.search:
         plan.done = finished_cfg_hashes(uri, spec.name, {t.cfg_hash for t in trials})
     return plan
 
 
-def _raw_trials(spec: SweepSpec, wanted: set[str]) -> dict[str, dict[str, Any]]:
-    """cfg_hash -> the raw TrialConfig dict it was resolved from (the same walk as `config.expand`).
-
-    A search sample applies its drawn values to this raw dict and resolves it again in the trial.
-    """
-    base = spec.model_dump(mode="json", exclude={"seeds", "grid", "max_trials", "search", "scheduler",
-                                                 "resources", "max_concurrent_trials", "max_failures",
-                                                 "source_file"}, exclude_unset=True)
-    axes = list(spec.grid.items())
-    out: dict[str, dict[str, Any]] = {}
-    for combo in itertools.product(*[vals for _, vals in axes]):
-        raw = copy.deepcopy(base)
-        for (key, _), value in zip(axes, combo):
-            _set_dotted(raw, key, value)
-        for seed in spec.seeds:
-            raw["seed"] = seed
-            h = resolve_trial(TrialConfig.model_validate(raw), file=spec.source_file).cfg_hash
-            if h in wanted and h not in out:
-                out[h] = copy.deepcopy(raw)
-    return out
-
-
 def apply_sample(raw: dict[str, Any], values: dict[str, Any], file: str | None = None) -> ResolvedTrial:
     """A search sample: the base trial's raw config with the drawn values set, validated and resolved."""
     raw = copy.deepcopy(raw)
     for key, value in values.items():
-        _set_dotted(raw, key, value)
+        set_dotted(raw, key, value)
     try:
         cfg = TrialConfig.model_validate(raw)
     except ValidationError as e:

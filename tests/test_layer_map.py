@@ -1,4 +1,4 @@
-"""Layer mappings as data (distill/mapping.py): uniform, last, explicit lists, 's:t' pairs, and errors that
+"""Layer mappings as data (config/layer_map.py): uniform, last, explicit lists, 's:t' pairs, and errors that
 say which side (student or teacher) is out of range."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import doctest
 
 import pytest
 
-from kdplatform.distill import mapping
-from kdplatform.distill.mapping import LayerMapError, layer_map_label, resolve_layer_map, with_embeddings
+from kdplatform.config import layer_map as mapping
+from kdplatform.config.layer_map import LayerMapError, layer_map_label, resolve_layer_map, with_embeddings
 
 
 def test_module_doctest_passes():
