@@ -198,8 +198,9 @@ def quant_eager_attention(module: nn.Module, query: Tensor, key: Tensor, value: 
                           attention_mask: Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                           **kwargs) -> tuple[Tensor, Tensor]:
     """transformers' eager attention with Q, K, V and the softmax probabilities quantized to
-    `module.kdp_act_bits` bits (set by `quantize_bert_`). Returns the quantized probabilities as the
-    attention weights: they are what the model attends with (and what `output_attentions` shows).
+    `module.kdp_act_bits` bits (set by `quantize_bert_`). Returns the quantized (in training: dropped-out,
+    then quantized, as the reference) probabilities as the attention weights: they are what the model attends
+    with (and what `output_attentions` shows).
 
     When a feature tap set `module.kdp_capture`, the maps the losses supervise are kept on the module as
     `module.kdp_maps = (scores, probs)`, as KD-QAT's reference returns them: the scores from the QUANTIZED
@@ -215,9 +216,9 @@ def quant_eager_attention(module: nn.Module, query: Tensor, key: Tensor, value: 
     softmax = nn.functional.softmax(scores, dim=-1)
     if getattr(module, "kdp_capture", False):
         module.kdp_maps = (scores, softmax)
-    probs = quantize_activation(softmax, bits, clip)
-    attn = nn.functional.dropout(probs, p=dropout, training=module.training)
-    out = torch.matmul(attn, value).transpose(1, 2).contiguous()
+    # as the reference: dropout first, then the 8-bit quantization of what multiplies V
+    probs = quantize_activation(nn.functional.dropout(softmax, p=dropout, training=module.training), bits, clip)
+    out = torch.matmul(probs, value).transpose(1, 2).contiguous()
     return out, probs
 
 
