@@ -222,8 +222,10 @@ TRIAL = dict(name="cache", task="sst2", method="custom",
 
 
 def _trial(glue_dir, teacher_dir, **kw):
+    # one subset for every seed (subsample_seed: fixed), so trials of other seeds share the cached examples
     raw = {**TRIAL, "data": dict(source="glue_dir", glue_dir=str(glue_dir), max_train_examples=48,
-                                 max_dev_examples=32, train_eval_examples=16, max_seq_length=32)}
+                                 max_dev_examples=32, train_eval_examples=16, max_seq_length=32,
+                                 subsample_seed="fixed")}
     raw["teacher"] = {**raw["teacher"], "model": str(teacher_dir)}
     raw["train"] = [dict(name="distill", epochs=2, batch_size=16, eval_every=0, lr=1e-3,
                          losses=[dict(name="logit_kd"), dict(name="hidden_mse", layer_map="last"),
