@@ -252,7 +252,8 @@ def build_test_store(root: str | os.PathLike) -> dict:
     for r in runs:
         info["run_ids"][r.run_name] = log_run(client, exp, r)
     # noise the report must ignore: a teacher run, a failed student, and an older duplicate of a trial
-    t = client.create_run(exp, run_name="teacher/rte", tags={"kdp.role": "teacher", "kdp.task": "rte"})
+    t = client.create_run(exp, run_name="teacher/rte", tags={"kdp.role": "teacher", "kdp.task": "rte",
+                                                             "kdp.teacher_hash": "t-rte"})
     client.log_batch(t.info.run_id, metrics=[Metric("dev/score", 0.99, 0, 50)])
     client.set_terminated(t.info.run_id)
     log_run(client, exp, SynthRun("rte", "kd", 45, 0.99, status="FAILED", sweep_id=sweep))

@@ -1,8 +1,9 @@
 """The bad-input corpus (tests/bad_inputs/): every file a user could get wrong is refused in seconds.
 
 Each `tests/bad_inputs/*.yaml` names, in `# expect:` header lines, the fragments its error message must hold
-(the YAML path or the TSV file and line, and what is wrong) and, in `# file:`, the file the message must point
-at when that is not the YAML itself (a GLUE TSV file, a teacher checkpoint). For every case `kdplatform run`
+(the YAML path or the TSV file and line, and what is wrong), in `# file:`, the file the message must point
+at when that is not the YAML itself (a GLUE TSV file, a teacher checkpoint), and in `# args:`, command-line
+overrides given after the file (`kdplatform run FILE key=value ...`). For every case `kdplatform run`
 must exit 2 with those fragments and the file names on stderr, print no Python traceback, and leave the
 MLflow store uncreated: nothing started, nothing written.
 
@@ -64,6 +65,12 @@ def assert_untouched(tmp_path: Path, work: Path) -> None:
     assert not (tmp_path / "cache" / "teachers").exists(), "a teacher was started"
 
 
+def args(name: str) -> list[str]:
+    """Command-line overrides of a case (`# args: key=value ...`)."""
+    text = (CORPUS / name).read_bytes().decode("latin-1")
+    return [a for line in re.findall(r"^# args: (.+?)\s*$", text, re.M) for a in line.split()]
+
+
 def check_message(name: str, stderr: str) -> None:
     expect, files = header(name)
     for fragment in expect:
@@ -79,7 +86,7 @@ def check_message(name: str, stderr: str) -> None:
 def test_bad_input_exits_2_with_a_clear_message(name, corpus_copy, tmp_path):
     from kdplatform.cli import app
 
-    result = CliRunner().invoke(app, ["run", name], catch_exceptions=True)
+    result = CliRunner().invoke(app, ["run", name, *args(name)], catch_exceptions=True)
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         tb = "".join(traceback.format_exception(result.exception))
         pytest.fail(f"{name}: crashed instead of a user error:\n{tb}")
@@ -91,7 +98,8 @@ def test_bad_input_exits_2_with_a_clear_message(name, corpus_copy, tmp_path):
 
 # A few through the real console entry point: exit status and stderr of a separate process.
 SUBPROCESS_CASES = ["syntax_unclosed_flow.yaml", "grid_unknown_key.yaml", "layer_map_beyond_teacher.yaml",
-                    "tsv_bad_label.yaml", "ckpt_masked_lm.yaml"]
+                    "tsv_bad_label.yaml", "ckpt_masked_lm.yaml", "alias_bomb.yaml", "name_rich_markup.yaml",
+                    "override_bad_value.yaml"]
 
 
 @pytest.mark.parametrize("name", SUBPROCESS_CASES)
@@ -101,7 +109,7 @@ def test_bad_input_through_the_console_script(name, tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}", "HF_HUB_OFFLINE": "1",
            "KDP_CACHE_DIR": str(tmp_path / "cache")}
     env.pop("KDP_GLUE_DIR", None)
-    proc = subprocess.run([sys.executable, "-m", "kdplatform.cli", "run", name], cwd=work, env=env,
+    proc = subprocess.run([sys.executable, "-m", "kdplatform.cli", "run", name, *args(name)], cwd=work, env=env,
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     check_message(name, proc.stderr)
@@ -130,11 +138,11 @@ def _sweep(name: str, monkeypatch):
         raise RuntimeError("ray.init called: the sweep started before its inputs were checked")
 
     monkeypatch.setattr(ray, "init", no_ray)
-    return CliRunner().invoke(app, ["sweep", name], catch_exceptions=True)
+    return CliRunner().invoke(app, ["sweep", name, *args(name)], catch_exceptions=True)
 
 
 @pytest.mark.parametrize("name", ["grid_unknown_key.yaml", "layer_map_beyond_student.yaml", "ckpt_masked_lm.yaml",
-                                  "ckpt_wrong_num_labels.yaml"])
+                                  "ckpt_wrong_num_labels.yaml", "override_bad_value.yaml", "alias_bomb.yaml"])
 def test_sweep_refuses_bad_files_before_writing(name, corpus_copy, tmp_path, monkeypatch):
     result = _sweep(name, monkeypatch)
     assert result.exit_code == 2, f"{result.output}\n{result.exception!r}"

@@ -31,7 +31,6 @@ BASE: dict[str, Any] = {
     "layer_map": "last",
     "bits": 32,
     "act_bits": 32,
-    "seed": 42,
     "data": {"source": "glue_dir", "glue_dir": "/nonexistent/glue", "max_train_examples": 100,
              "max_seq_length": 64, "label_noise": 0.0, "supplementary_tasks": []},
     "teacher": {"model": "minilm-l6", "finetune": {"epochs": 1, "lr": 1.0e-4, "batch_size": 16}, "seed": 42},

@@ -82,6 +82,31 @@ def test_requests_without_or_with_wrong_credentials_are_refused(server, research
     assert not list(server.workdir.glob("*.db"))
 
 
+@pytest.mark.parametrize("credentials", ["none", "wrong password"])
+def test_refused_credentials_exit_2_before_any_work(server, researcher, credentials, tmp_path, glue_dir,
+                                                    tiny_bert_dir):
+    """The store check: a 401 from the team server is one message naming the fix, in seconds, nothing run."""
+    import time
+
+    user, password = researcher
+    cfg = write_yaml(tmp_path / "sweep.yaml", SWEEP.format(glue=glue_dir, teacher=tiny_bert_dir))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING_", "PG"))}
+    env["KDP_CACHE_DIR"] = str(tmp_path / "cache")
+    if credentials == "wrong password":
+        env.update(MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD=password + "-wrong")
+    for command in ("run", "sweep"):
+        start = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "kdplatform.cli", command, str(cfg), "--tracking-uri",
+                               server.url], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        seconds = time.monotonic() - start
+        print(f"{command} with {credentials} credentials: exit {proc.returncode} after {seconds:.1f}s")
+        assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert seconds < 30
+        assert "refused the credentials" in proc.stderr and "MLFLOW_TRACKING_PASSWORD" in proc.stderr
+        assert "Traceback" not in proc.stderr and password not in proc.stdout + proc.stderr
+    assert not (tmp_path / "cache" / "teachers").exists() and not (tmp_path / "ray_results").exists()
+
+
 def _files(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file()] if root.is_dir() else []
 

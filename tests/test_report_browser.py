@@ -49,7 +49,7 @@ def browser(tmp_path_factory):
     assert render.report_command(rf.MAIN, None, None, str(out), "html", store["uri"]) == 0
     page = out / "index.html"
     shot = root / "report.png"
-    res = chromium(page.as_uri(), root, "--dump-dom", f"--screenshot={shot}", "--window-size=1400,3000")
+    res = chromium(page.as_uri(), root, "--dump-dom", f"--screenshot={shot}", "--window-size=1400,5000")
     return {"page": page.read_text(), "dom": res.stdout, "stderr": res.stderr, "shot": shot}
 
 
@@ -70,7 +70,7 @@ def test_screenshot_is_not_blank(browser):
 
     assert browser["shot"].exists(), browser["stderr"][-3000:]
     pixels = np.asarray(Image.open(browser["shot"]).convert("RGB")).astype(int)
-    assert pixels.shape == (3000, 1400, 3)
+    assert pixels.shape == (5000, 1400, 3)
     colours = len(np.unique((pixels[..., 0] << 16) | (pixels[..., 1] << 8) | pixels[..., 2]))
     saturated = int(((pixels.max(axis=2) - pixels.min(axis=2)) > 60).sum())  # plot lines/bands, not text
     assert colours > 2000, colours

@@ -39,7 +39,9 @@ def test_report_writes_page_tables_and_runs(store, tmp_path, capsys):
     names = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert names == [".kdplatform-report", "index.html", "runs.csv", "tables/paper_table-accuracy.csv",
                      "tables/paper_table-accuracy.html", "tables/paper_table-accuracy.md",
-                     "tables/paper_table-accuracy.tex"]
+                     "tables/paper_table-accuracy.tex", "tables/paper_table-final.csv",
+                     "tables/paper_table-final.html", "tables/paper_table-final.md",
+                     "tables/paper_table-final.tex"]
     page = (out / "index.html").read_text()
     # self-contained: plotly.js inline exactly once, nothing loaded from elsewhere
     assert page.count("plotly.js v") == 1
@@ -48,7 +50,9 @@ def test_report_writes_page_tables_and_runs(store, tmp_path, capsys):
     assert not re.search(r"<(script|link|img)[^>]*(src|href)=\"(https?:)?//", rest)
     assert "<link" not in head and "src=" not in head
     n_figs = page.count("Plotly.newPlot(")
-    assert n_figs == 14  # 2 tasks x (curves, loss, bits, size, heatmap, parallel) + 2 gap bar charts
+    # 2 tasks x (ILD loss, pred score, pred KD loss, whole-run score, bits, size, heatmap, parallel)
+    # + 3 stage-gap charts + the final-gap chart
+    assert n_figs == 20
     assert page.count('class="figure"') == n_figs
     for anchor in ("paper_table", "overfitting", "quantization", "sweep_overview", "runs"):
         assert f'href="#{anchor}"' in page and f'id="{anchor}"' in page

@@ -67,7 +67,7 @@ def test_histories_hold_every_eval_point(data):
 
 def test_sql_reads_the_same_as_the_mlflow_api(store, data):
     """The direct SQL path (database stores) and the API path (search_runs + get_metric_history, as for a
-    server without the bulk endpoint) give identical frames."""
+    server) give identical frames."""
     api = collect_runs(store["uri"], experiment=rf.MAIN, sql=False)
     a = data.runs.sort_values("run_id").reset_index(drop=True)
     b = api.runs.sort_values("run_id").reset_index(drop=True)
@@ -162,24 +162,46 @@ def test_ties_at_the_shown_precision_are_all_bold():
 def test_table_text_formats(data):
     table = accuracy_table(data)
     md = table.to_markdown()
-    assert "**68.0 ± 2.0**" in md and "**87.0 ± 1.0**" in md and "**77.0**" in md
-    assert "| 62.0 ± 2.0" in md and "2–3" in md  # kd on RTE; pkd has 2 seeds on MRPC, 3 on RTE
+    assert "**68.0 ± 2.0 (3)**" in md and "**87.0 ± 1.0 (3)**" in md and "**77.0 (3)**" in md
+    assert "| 62.0 ± 2.0 (3)" in md and "84.0 ± 1.4 (2)" in md  # kd on RTE; pkd has 2 seeds on MRPC
+    assert "How to read" in md and "Difference to kd" in md
     tex = table.to_latex()
     for rule in (r"\toprule", r"\midrule", r"\bottomrule"):
         assert tex.count(rule) == 1
-    assert r"\textbf{68.0 $\pm$ 2.0}" in tex and r"\textbf{77.0}" in tex and r"cr\_ild" in tex
+    assert r"\textbf{68.0 $\pm$ 2.0 (3)}" in tex and r"\textbf{77.0 (3)}" in tex and r"cr\_ild" in tex
     assert tex.count(r"\textbf") == 3
+    header = [line for line in tex.splitlines() if line.startswith("Method")]
+    assert header == [r"Method & Layer map & CR weight & W bits & MRPC & RTE & Avg \\"]  # one header row
+    assert "Method & &" not in tex
     html = table.to_html()
-    assert html.count("font-weight: bold") == 1 and html.count("_col") >= 3
+    assert html.count("font-weight: bold") == 1
     style = html.split("</style>")[0]
     assert style.count("#T_") == 3  # the three bold cells are the only styled ones
-    assert "68.0 ± 2.0" in html and "Seeds" in html
+    assert "68.0 ± 2.0 (3)" in html and "How to read" in html
     csv = pd.read_csv(io.StringIO(table.to_csv()), dtype={"bits": str, "consistency_weight": str})
-    assert list(csv.columns) == ["method", "layer_map", "consistency_weight", "bits", "task", "mean", "std",
-                                 "n", "bold", "n_configs"]
+    assert list(csv.columns)[:11] == ["method", "layer_map", "consistency_weight", "bits", "task", "mean", "std",
+                                      "n", "bold", "flag", "n_configs"]
     row = csv[(csv.method == "kd") & (csv.task == "rte")].iloc[0]
     assert (row["mean"], row["std"], row["n"]) == (pytest.approx(62.0), pytest.approx(2.0), 3)
     assert csv.bold.sum() == 3
+
+
+def test_single_seed_cells_show_no_std_and_runs_at_the_majority_level_are_flagged_not_bold():
+    runs = pd.DataFrame({"run_id": ["a", "b", "c"], "task": ["rte"] * 3, "seed": [42, 42, 43],
+                         "method": ["kd", "pkd", "pkd"], "best_score": [0.50, 0.52, 0.55]})
+    for col in C.CONFIG_AXES[1:]:
+        runs[col] = ""
+    data = ReportData(runs, pd.DataFrame(columns=["run_id", "key", "step", "value"]), "sqlite://", {},
+                      majority={"rte": 0.5270758})
+    table = accuracy_table(data)
+    s = table.stats.set_index("method")
+    assert bool(s.loc["kd", "flag"]) and not s.loc["kd", "bold"]  # 50.0 <= 52.7
+    assert not s.loc["pkd", "flag"] and s.loc["pkd", "bold"]  # 53.5 > 52.7
+    md = table.to_markdown()
+    assert "| 50.0 (1) †" in md and "53.5 ± 2.1 (2)" in md and "52.7 (1)" in md  # majority row
+    # kd ran only seed 42, pkd seeds 42 and 43: not paired, and no interval below 2 seeds a side
+    d = table.diffs.set_index("method").loc["pkd"]
+    assert not d.paired and pd.isna(d.low) and d["diff"] == pytest.approx(3.5)
 
 
 def test_rows_by_method_show_the_best_config(data):

@@ -112,17 +112,19 @@ def test_ray_token_auth_is_never_turned_off():
 
 
 def test_ui_binds_localhost_unless_told_otherwise(monkeypatch, tmp_path):
-    from kdplatform import cli
+    """The default host; the real server listening on 127.0.0.1 only is in test_ui_process.py."""
+    from kdplatform import cli, ui_server
 
     help_text = CliRunner().invoke(cli.app, ["ui", "--help"], terminal_width=200).output
     assert "127.0.0.1" in help_text
     calls = []
-    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, *a, **k: calls.append(cmd) or 0)
+    monkeypatch.setattr(ui_server, "serve", lambda uri, host, port: calls.append(host) or 0)
     uri = f"sqlite:///{tmp_path / 'm.db'}"
-    assert CliRunner().invoke(cli.app, ["ui", "--tracking-uri", uri]).exit_code == 0
-    assert CliRunner().invoke(cli.app, ["ui", "--tracking-uri", uri, "--host", "0.0.0.0"]).exit_code == 0
-    assert calls[0][calls[0].index("--host") + 1] == "127.0.0.1"
-    assert calls[1][calls[1].index("--host") + 1] == "0.0.0.0"
+    tracking_client = __import__("mlflow.tracking", fromlist=["MlflowClient"]).MlflowClient(uri)
+    tracking_client.search_experiments()  # the store exists: `ui` refuses a missing one
+    assert CliRunner().invoke(cli.app, ["ui", "--tracking-uri", uri, "--port", "0"]).exit_code == 0
+    assert CliRunner().invoke(cli.app, ["ui", "--tracking-uri", uri, "--port", "0", "--host", "0.0.0.0"]).exit_code == 0
+    assert calls == ["127.0.0.1", "0.0.0.0"]
 
 
 def test_redact_hides_passwords_in_uris():

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -27,6 +25,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 console = Console()
 err = Console(stderr=True)
 
+OverridesArg = typer.Argument(None, metavar="KEY=VALUE", show_default=False,
+                              help="settings over the file's, e.g. train.pred.lr=1e-4 seeds=[1] (values are YAML)")
 TrackingOpt = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
                            "else sqlite:///./mlflow.db)")
 
@@ -39,13 +39,14 @@ def _fail(message: str, code: int = 2) -> None:
 def _user_errors():
     from kdplatform.distill.tasks import DataError
     from kdplatform.distill.teacher import TeacherError
+    from kdplatform.store_check import StoreUnusable
 
-    return (ConfigError, DataError, TeacherError, tracking.CredentialsInUri)
+    return (ConfigError, DataError, TeacherError, tracking.CredentialsInUri, StoreUnusable)
 
 
-def _load(file: Path) -> tuple:
+def _load(file: Path, overrides: list[str] | None = None) -> tuple:
     try:
-        return load_trials(file)
+        return load_trials(file, overrides or [])
     except ConfigError as e:
         _fail(str(e).replace("[", r"\["))
 
@@ -60,13 +61,23 @@ def _preflight(file: Path, trials: list[ResolvedTrial]) -> None:
         _fail(f"{file}: {e}".replace("[", r"\["))
 
 
-def _uri(tracking_uri: str | None, trials: list[ResolvedTrial] | None = None) -> str:
+def _check_store(uri: str, file: Path) -> None:
+    """The tracking store answers and can be written (exit 2 in seconds otherwise), before any work."""
+    from kdplatform.store_check import StoreUnusable, check_store
+
+    try:
+        check_store(uri)
+    except StoreUnusable as e:
+        _fail(f"{file}: {e}".replace("[", r"\["))
+
+
+def _uri(tracking_uri: str | None, trials: list[ResolvedTrial] | None = None, file: Path | None = None) -> str:
     uri = tracking_uri or (trials[0].tracking_uri if trials and trials[0].tracking_uri else None) \
         or tracking.default_tracking_uri()
     try:
         return tracking.absolute_uri(uri)
     except tracking.CredentialsInUri as e:
-        _fail(str(e))
+        _fail(f"{file}: {e}".replace("[", r"\[") if file else str(e))
 
 
 def trial_table(trials: list[ResolvedTrial], done: set[str] | None = None, title: str = "trials") -> Table:
@@ -85,11 +96,12 @@ def _interrupt(signum, _frame) -> None:
 
 
 @app.command()
-def run(file: Path = typer.Argument(..., help="trial or sweep YAML"), tracking_uri: Optional[str] = TrackingOpt,
+def run(file: Path = typer.Argument(..., help="trial or sweep YAML"), overrides: Optional[list[str]] = OverridesArg,
+        tracking_uri: Optional[str] = TrackingOpt,
         dry_run: bool = typer.Option(False, "--dry-run", help="validate and list the trials; run nothing")) -> None:
     """Run the file's trials in this process, one after the other (no Ray)."""
-    spec, trials, notes = _load(file)
-    uri = _uri(tracking_uri, trials)
+    spec, trials, notes = _load(file, overrides)
+    uri = _uri(tracking_uri, trials, file)
     for n in notes:
         console.print(f"[yellow]note:[/] {n}")
     console.print(trial_table(trials, title=f"{len(trials)} trial(s) from {file}"))
@@ -97,6 +109,7 @@ def run(file: Path = typer.Argument(..., help="trial or sweep YAML"), tracking_u
         for line in describe_trials(trials):  # per stage: each loss term, its layer pairs and weight
             console.print(escape(line))
         return
+    _check_store(uri, file)
     _preflight(file, trials)
     from kdplatform.distill.worker import DivergedError, run_trial
 
@@ -133,7 +146,8 @@ def teacher(file: Path = typer.Argument(..., help="trial or sweep YAML"),
             tracking_uri: Optional[str] = TrackingOpt) -> None:
     """Fine-tune (or find) every distinct teacher the file needs, once each."""
     _, trials, _ = _load(file)
-    uri = _uri(tracking_uri, trials)
+    uri = _uri(tracking_uri, trials, file)
+    _check_store(uri, file)
     _preflight(file, trials)
     from kdplatform.distill.teacher import ensure_teacher
 
@@ -149,7 +163,7 @@ def teacher(file: Path = typer.Argument(..., help="trial or sweep YAML"),
 
 
 @app.command()
-def sweep(file: Path = typer.Argument(..., help="sweep YAML"),
+def sweep(file: Path = typer.Argument(..., help="sweep YAML"), overrides: Optional[list[str]] = OverridesArg,
           dry_run: bool = typer.Option(False, "--dry-run", help="print the trial table (count, teachers to train, "
                                        "trials already done) and run nothing"),
           resume: bool = typer.Option(False, "--resume", help="continue an interrupted run of this sweep file"),
@@ -173,7 +187,7 @@ def sweep(file: Path = typer.Argument(..., help="sweep YAML"),
     try:
         outcome = run_sweep(file, tracking_uri=tracking_uri, dry_run=dry_run, resume=resume, fresh=fresh,
                             address=address, max_concurrent=max_concurrent, storage=storage, num_cpus=num_cpus,
-                            num_gpus=num_gpus, console=console)
+                            num_gpus=num_gpus, console=console, overrides=overrides or [])
     except ConfigError as e:
         _fail(str(e).replace("[", r"\["))
     except SweepError as e:
@@ -243,10 +257,16 @@ def ui(tracking_uri: Optional[str] = TrackingOpt,
        host: str = typer.Option("127.0.0.1", help="bind address (127.0.0.1: this machine only)"),
        port: int = typer.Option(5000)) -> None:
     """Start the MLflow UI on the store (bound to 127.0.0.1 unless told otherwise)."""
+    from kdplatform import ui_server
+
     uri = _uri(tracking_uri)
+    try:
+        ui_server.check_ui_store(uri)
+        ui_server.check_port_free(host, port)
+    except ui_server.UiError as e:
+        _fail(str(e).replace("[", r"\["))
     console.print(f"MLflow UI on http://{host}:{port} for {tracking.redact(uri)}")
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
-    raise typer.Exit(subprocess.call(cmd))
+    raise typer.Exit(ui_server.serve(uri, host, port))
 
 
 def main() -> None:  # pragma: no cover

@@ -18,6 +18,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# One retry layer: kdplatform's `retry` below. MLflow's own HTTP retries (default 7, with backoff, per request)
+# would multiply with it (8 x 7 attempts: a closed port took 37 minutes to give up), so they are off unless the
+# user sets them; a request that hangs gives up after 30 s instead of MLflow's 120 s. Set here, at import, so the
+# CLI process and every Ray trial (which imports this module, and inherits the environment) use the same bound.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 log = logging.getLogger("kdplatform")
 T = TypeVar("T")
@@ -38,13 +44,20 @@ class CredentialsInUri(ValueError):
     """A tracking URI with a password in it (`http://user:pass@host`): refused before anything runs."""
 
 
+# The userinfo of a URI (`scheme://user:password@host`): everything up to the LAST `@` of the authority, so a
+# password holding `@` (`alice:p@ss@host`), an empty user (`://:pw@host`) and percent-encoding are covered. A
+# bare `user:pass@host` (no scheme) counts too when it starts a word.
+_USERINFO = re.compile(r"(?P<lead>://|(?<![^\s\"'(=<,;]))(?P<user>[^\s/@:?#\"']*):(?P<pw>[^\s/?#\"']*)@"
+                       r"(?=[^\s/@?#\"']+)")
+
+
 def absolute_uri(uri: str) -> str:
     """Make a relative `sqlite:///x.db` or plain path absolute: trials run in temporary working dirs.
 
     A URI carrying a password is refused: MLflow prints run links with the tracking URI and Ray passes
     environment variables through its logs, so the password would end up in output and logs.
     """
-    if re.search(r"://[^/@\s]*:[^/@\s]*@", uri):
+    if any(m.group("pw") for m in _USERINFO.finditer(uri)):
         raise CredentialsInUri(
             f"the tracking URI {redact(uri)} holds a password; it would be printed in run links and logs.\n"
             "  fix: drop `user:password@` from the URI and export MLFLOW_TRACKING_USERNAME and "
@@ -57,8 +70,8 @@ def absolute_uri(uri: str) -> str:
 
 
 def redact(text: str) -> str:
-    """Hide credentials in a URI (`scheme://user:pass@host` -> `scheme://user:***@host`)."""
-    return re.sub(r"(://[^/:@\s]+):[^@/\s]+@", r"\1:***@", text)
+    """Hide the password of every URI in `text` (`scheme://user:pass@host` -> `scheme://user:***@host`)."""
+    return _USERINFO.sub(lambda m: f"{m.group('lead')}{m.group('user')}:***@", text)
 
 
 _CREDENTIAL_ENV = re.compile(r"PASSWORD|TOKEN|SECRET|^MLFLOW_TRACKING_USERNAME$")
@@ -85,7 +98,8 @@ def git_commit() -> str:
 
 
 # Retry budget of every MLflow call (env-tunable): attempts, first delay, longest delay. The defaults ride out
-# about a minute of server downtime or SQLite locking (plus MLflow's own HTTP retries for a server).
+# about a minute of server downtime or SQLite locking: 7 waits of 0.5, 1, 2, 4, 8, 16, 30 s (61.5 s) between
+# 8 attempts, each bounded by MLFLOW_HTTP_REQUEST_TIMEOUT (MLflow's own retries are off, see the top).
 RETRY_ATTEMPTS = int(os.environ.get("KDP_MLFLOW_RETRIES", "8"))
 RETRY_DELAY = float(os.environ.get("KDP_MLFLOW_RETRY_DELAY", "0.5"))
 RETRY_MAX_DELAY = 30.0

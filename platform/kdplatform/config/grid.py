@@ -13,11 +13,12 @@ import itertools
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from pydantic import ValidationError
 
 from kdplatform.config.errors import ConfigError
+from kdplatform.config.overrides import apply_overrides, blame_override, refuse_shadowed
 from kdplatform.config.resolve import resolve_with_notes
 from kdplatform.config.schema import AXES, REGRESSION_TASKS, SweepSpec, TrialConfig, is_setting_key
 from kdplatform.config.trial import ResolvedTrial
@@ -27,6 +28,9 @@ from kdplatform.config.yaml_io import errors_to_config_error, parse_spec, read_y
 SWEEP_ONLY = {"seeds", "grid", "max_trials", "search", "scheduler", "resources", "max_concurrent_trials",
               "max_failures", "overrides", "source_file"}
 _LABEL_NOISE_DROP = "label noise has no classes to flip on regression task stsb (dropped, not run)"
+# Settings of the whole file, not of a trial: one experiment in one store per file.
+_PER_FILE = {"name": "every trial of a file goes to one MLflow experiment",
+             "tracking_uri": "every trial of a file logs to one tracking store"}
 
 
 @dataclass
@@ -36,6 +40,7 @@ class GridPoint:
     raw: dict[str, Any]
     relabel: dict[str, tuple[str, int | None]] = field(default_factory=dict)
     dotted: list[str] = field(default_factory=list)  # 'train.pred.lr=0.0001': the run-name suffix
+    dotted_keys: list[str] = field(default_factory=list)  # the axis of each `dotted` entry
     overrides: list[int] = field(default_factory=list)  # indices of the `overrides:` entries it matched
 
 
@@ -78,6 +83,10 @@ def grid_axes(spec: SweepSpec, file: str | None, lines: dict) -> list[tuple[str,
         if key in ("seed", "seeds"):
             raise ConfigError(file, f"grid.{key}", "seeds are not a grid axis", "use the top-level seeds: [...]",
                               line=lines.get(("grid", key)))
+        if key in _PER_FILE:
+            raise ConfigError(file, f"grid.{key}", f"not a grid axis: {_PER_FILE[key]}",
+                              f"write one file per {key} (or pass {key}=... on the command line)",
+                              line=lines.get(("grid", key)))
         if not is_setting_key(key):
             raise ConfigError(file, f"grid.{key}[0]", f"unknown key '{key}': not an axis or a dotted key path",
                               f"axes are {', '.join(AXES)}; any other field is a dotted path such as "
@@ -89,6 +98,10 @@ def grid_axes(spec: SweepSpec, file: str | None, lines: dict) -> list[tuple[str,
         axes.append((key, values))
     for i, ov in enumerate(spec.overrides):
         for key in ov.set:
+            if key in _PER_FILE:
+                raise ConfigError(file, f"overrides[{i}].set.{key}", f"cannot differ between trials: "
+                                  f"{_PER_FILE[key]}", f"set {key} once at the top of the file",
+                                  line=lines.get(("overrides", i, "set", key)))
             if key in spec.grid:
                 raise ConfigError(file, f"overrides[{i}].set.{key}", "this key is also a grid axis, so the "
                                   "grid value would be overwritten", "grid it or override it, not both",
@@ -120,8 +133,10 @@ def walk_grid(spec: SweepSpec, lines: dict | None = None) -> Iterator[GridPoint]
                 point.relabel[f"train[{idx}]." + ".".join(parts[2:])] = target
             if "." in key:
                 point.dotted.append(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}")
+                point.dotted_keys.append(key)
         for seed in spec.seeds:
-            yield GridPoint({**copy.deepcopy(point.raw), "seed": seed}, dict(point.relabel), list(point.dotted))
+            yield GridPoint({**copy.deepcopy(point.raw), "seed": seed}, dict(point.relabel), list(point.dotted),
+                            dotted_keys=list(point.dotted_keys))
 
 
 def validate_point(spec: SweepSpec, point: GridPoint, lines: dict | None = None) -> TrialConfig:
@@ -156,9 +171,45 @@ def resolved_points(spec: SweepSpec, lines: dict | None = None
             trial, notes = resolve_with_notes(cfg, file=spec.source_file)
         except ConfigError as e:
             raise relabel_error(e, point.relabel) from None
-        if point.dotted:
-            trial = trial.model_copy(update={"run_suffix": ",".join(point.dotted)})
+        unused = [key for key in point.dotted_keys if not axis_in_effect(key, trial, notes)]
+        notes += [_unused_note(key, trial) for key in unused if not _noted(key, notes)]
+        labels = [label for key, label in zip(point.dotted_keys, point.dotted) if key not in unused]
+        if labels:
+            trial = trial.model_copy(update={"run_suffix": ",".join(labels)})
         yield point, trial, notes
+
+
+def axis_in_effect(key: str, trial: ResolvedTrial, notes: list[str]) -> bool:
+    """Whether a dotted grid axis acts in the resolved trial: no note says it was reset as a no-op, and the
+    stage (or optional section, e.g. a stage's consistency) it addresses is part of the trial."""
+    if _noted(key, notes):
+        return False
+    parts = key.split(".")
+    node: Any = trial
+    if parts[0] == "train" and len(parts) >= 3:
+        node = next((st for st in trial.train if st.name == parts[1]), None)
+        parts = parts[2:]
+    for part in parts[:-1]:
+        if node is None or not hasattr(node, part):
+            break
+        node = getattr(node, part)
+    return node is not None
+
+
+def _noted(key: str, notes: list[str]) -> bool:
+    """Whether a note says the setting (or its section) has no effect: 'student.two_bit has no effect ...',
+    'teacher.finetune has no effect ...'."""
+    parts = key.split(".")
+    heads = tuple(f"{'.'.join(parts[:i])} has no effect" for i in range(1, len(parts) + 1))
+    return any(n.startswith(heads) for n in notes)
+
+
+def _unused_note(key: str, trial: ResolvedTrial) -> str:
+    parts = key.split(".")
+    if parts[0] == "train" and len(parts) >= 3 and all(st.name != parts[1] for st in trial.train):
+        stages = ", ".join(st.name for st in trial.train)
+        return f"grid axis {key} has no effect on method {trial.method} (no stage '{parts[1]}'; it trains {stages})"
+    return f"grid axis {key} has no effect in these trials (not part of their run names)"
 
 
 def expand(spec: SweepSpec, lines: dict | None = None) -> tuple[list[ResolvedTrial], list[str]]:
@@ -200,9 +251,19 @@ def raw_trials(spec: SweepSpec, wanted: set[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def load_trials(path: str | os.PathLike) -> tuple[SweepSpec, list[ResolvedTrial], list[str]]:
-    """Read, validate and expand a YAML file: everything a command needs before it runs anything."""
+def load_trials(path: str | os.PathLike, overrides: Sequence[str] = ()
+                ) -> tuple[SweepSpec, list[ResolvedTrial], list[str]]:
+    """Read, validate and expand a YAML file: everything a command needs before it runs anything.
+
+    `overrides` are command-line `key.path=value` settings (see `config.overrides`), set on the file's raw
+    YAML before validation; an error in a value one of them set names that override.
+    """
     raw, lines = read_yaml(path)
-    spec = parse_spec(raw, source=str(path), lines=lines)
-    trials, notes = expand(spec, lines)
+    applied = apply_overrides(raw, overrides, path)
+    try:
+        spec = parse_spec(raw, source=str(path), lines=lines)
+        refuse_shadowed(applied, spec.grid, path)
+        trials, notes = expand(spec, lines)
+    except ConfigError as e:
+        raise blame_override(e, applied) from None
     return spec, trials, notes

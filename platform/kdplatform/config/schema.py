@@ -6,10 +6,12 @@ depths, options a loss does not read, settings that have no effect) are checked 
 
 from __future__ import annotations
 
+import re
 import typing
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator,
+                      model_validator)
 
 from kdplatform.config.presets import METHOD_NAMES
 from kdplatform.loss_menu import LOSS_NAMES
@@ -19,16 +21,54 @@ REGRESSION_TASKS = ("stsb",)
 WEIGHT_BITS = (2, 4, 8, 32)
 AXES = ("task", "method", "layer_map", "consistency_weight", "bits", "act_bits", "map_coeff", "output_coeff")
 DEFAULT_MAX_TRIALS = 5000
+MAX_TRIALS_LIMIT = 20_000  # expanding and resolving takes about 1 ms per trial: a bound of ~20 s
+# numpy, torch and Python's random all take seeds in [0, 2^32)
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
+# Experiment names are printed (rich), used in MLflow filter strings and stored in a 256-character column.
+MAX_NAME_LENGTH = 250
+
+
+def _usable_path(v: str) -> str:
+    """A name or path the file system can look up (Linux: 4096 bytes, 255 per folder name); longer ones made
+    every later lookup raise."""
+    if len(v.encode()) > 4096 or any(len(part.encode()) > 255 for part in v.split("/")):
+        raise ValueError("too long for a path (at most 4096 bytes, 255 per folder or file name)")
+    if "\0" in v:
+        raise ValueError("a path cannot hold a NUL character")
+    return v
+
+
+PathText = Annotated[str, AfterValidator(_usable_path)]  # a model name, hub id or local folder
+NAME_PATTERN = re.compile(r"[\w][\w .,:;+=@()/#%-]*")
 CONSISTENCY_LOSSES = ("attention_kl", "hidden_mse", "relation_kl")
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # inf and nan pass `gt=0` checks and only crash training later
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, v: Any, info: ValidationInfo) -> Any:
+        """YAML reads true/false/yes/no/on/off as booleans, and pydantic would take them as 1/0."""
+        values = v if isinstance(v, list) else [v]
+        if any(isinstance(x, bool) for x in values) and not _takes_bool(cls.model_fields[info.field_name].annotation):
+            raise ValueError("YAML reads true/false/yes/no/on/off as a boolean, which this setting does not take")
+        return v
+
+
+def _takes_bool(annotation: Any) -> bool:
+    """Whether a field's type admits a boolean anywhere (bool, Any, or a union / list holding one)."""
+    if annotation is bool or annotation is Any:
+        return True
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return True  # a section: its own fields check their values
+    return any(_takes_bool(a) for a in typing.get_args(annotation) if not isinstance(a, (int, str, float)))
 
 
 class DataConfig(Strict):
     source: Literal["auto", "hub", "glue_dir"] = "auto"
-    glue_dir: str | None = None  # or env KDP_GLUE_DIR; `auto` uses it when set, else the hub
+    glue_dir: PathText | None = None  # or env KDP_GLUE_DIR; `auto` uses it when set, else the hub
     max_train_examples: int | None = Field(None, gt=0)  # deterministic downsample (CR-ILD 1k setting)
     max_dev_examples: int | None = Field(None, gt=0)
     train_eval_examples: int = Field(512, gt=0)  # fixed train subset scored at every eval (overfitting view)
@@ -54,14 +94,14 @@ class FinetuneConfig(Strict):
 
 
 class TeacherConfig(Strict):
-    model: str = "bert-base-uncased"
-    checkpoint: str | None = None  # a ready fine-tuned checkpoint folder: skips fine-tuning
+    model: PathText = "bert-base-uncased"
+    checkpoint: PathText | None = None  # a ready fine-tuned checkpoint folder: skips fine-tuning
     finetune: FinetuneConfig = FinetuneConfig()
-    seed: int = 42
+    seed: Seed = 42
 
 
 class StudentConfig(Strict):
-    init: str = "truncate"  # truncate | teacher_copy | a model name or path
+    init: PathText = "truncate"  # truncate | teacher_copy | a model name or path
     layers: int | None = Field(None, gt=0)  # truncate: bottom N layers; None = the teacher's depth
     quantize_embeddings: bool = False  # KD-QAT: word embeddings ternarised per row
     two_bit: Literal["ternary", "uniform"] = "ternary"  # bits: 2 = TWN ternary (KD-QAT) or 4-level uniform
@@ -72,7 +112,7 @@ class StudentConfig(Strict):
 class LossTermConfig(Strict):
     name: Literal[LOSS_NAMES]  # type: ignore[valid-type]
     weight: float = Field(1.0, gt=0)  # zero would be a term that never contributes: rejected
-    layer_map: str | list[int] | None = None  # None: the trial's layer_map axis
+    layer_map: str | list[StrictInt] | None = None  # None: the trial's layer_map axis
     temperature: float = Field(1.0, gt=0)
     relations: list[Literal["q", "k", "v"]] = ["q", "k", "v"]
     include_embeddings: bool = False
@@ -136,22 +176,30 @@ class SpeedConfig(Strict):
 
 
 class TrialConfig(Strict):
-    name: str = Field("kdplatform", min_length=1)  # the MLflow experiment
+    name: str = Field("kdplatform", min_length=1, max_length=MAX_NAME_LENGTH)  # the MLflow experiment
     tracking_uri: str | None = None
     task: Literal[TASK_NAMES] = "sst2"  # type: ignore[valid-type]
     method: Literal[METHOD_NAMES] = "kd"  # type: ignore[valid-type]
-    layer_map: str | list[int] | None = None  # None: the method's default
+    layer_map: str | list[StrictInt] | None = None  # None: the method's default
     consistency_weight: float | None = Field(None, ge=0)
     bits: Literal[WEIGHT_BITS] = 32  # type: ignore[valid-type]
     act_bits: int = 32
     map_coeff: float | None = Field(None, ge=0)
     output_coeff: float | None = Field(None, ge=0)
-    seed: int = 42
+    seed: Seed = 42
     data: DataConfig = DataConfig()
     teacher: TeacherConfig = TeacherConfig()
     student: StudentConfig = StudentConfig()
     train: list[StageConfig] = []
     speed: SpeedConfig = SpeedConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _printable_name(cls, v: str) -> str:
+        if not NAME_PATTERN.fullmatch(v):
+            raise ValueError("an experiment name takes letters, digits, spaces and . , : ; + = @ ( ) / # % _ -, "
+                             "starting with a letter or digit (no brackets, quotes or control characters)")
+        return v
 
     @field_validator("act_bits")
     @classmethod
@@ -193,7 +241,7 @@ class SearchConfig(Strict):
     num_samples: int = Field(..., gt=0)
     metric: str = "dev/best_score"  # a key the worker reports at each eval
     mode: Literal["max", "min"] = "max"
-    seed: int | None = None  # the sampler's seed (reproducible proposals)
+    seed: Seed | None = None  # the sampler's seed (reproducible proposals)
     space: dict[str, SearchDimension] = Field(..., min_length=1)  # axis or dotted key -> distribution
 
 
@@ -260,14 +308,23 @@ def is_setting_key(key: str) -> bool:
 
 
 class SweepSpec(TrialConfig):
-    seeds: list[int] = Field(default_factory=lambda: [42], min_length=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [42], min_length=1)
     grid: dict[str, list[Any]] = {}
-    max_trials: int = Field(DEFAULT_MAX_TRIALS, gt=0)  # refuse grids larger than this (a typo guard)
+    max_trials: int = Field(DEFAULT_MAX_TRIALS, gt=0, le=MAX_TRIALS_LIMIT)  # refuse larger grids (a typo guard)
     search: SearchConfig | None = None  # Optuna sampling (used by `kdplatform sweep`)
     scheduler: SchedulerConfig | None = None  # ASHA early stopping (used by `kdplatform sweep`)
     resources: ResourcesConfig = ResourcesConfig()  # per-trial Ray resources
     max_concurrent_trials: int | None = Field(None, gt=0)
     max_failures: int = Field(1, ge=0)
     # settings that depend on others: [{when: {task: cola}, set: {data.max_seq_length: 64}}]
-    overrides: list[ConditionalOverride] = []
+    # (each is checked against every trial: the bound keeps that to seconds at MAX_TRIALS_LIMIT trials)
+    overrides: list[ConditionalOverride] = Field([], max_length=200)
     source_file: str | None = Field(None, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _seed_or_seeds(cls, data: Any) -> Any:
+        """Trials take their seeds from `seeds`: a lone `seed:` becomes that list (yaml_io refuses both at once)."""
+        if isinstance(data, dict) and "seed" in data and "seeds" not in data:
+            data = {**data, "seeds": [data["seed"]]}
+        return data

@@ -1,8 +1,14 @@
-"""Read student runs and their metric histories from MLflow into pandas (no torch here).
+"""Read student runs, their teachers and metric histories from MLflow into pandas (no torch here).
 
-One `search_runs` query (paged) gives the runs with their params and tags; metric histories are then
-fetched in bulk: straight from the `metrics` table through the store's SQLAlchemy engine for a database
-store (SQLite, PostgreSQL, MySQL), or with a thread pool of `get_metric_history` calls for an HTTP server.
+Two ways to read, giving the same frames (a test holds them equal):
+
+- the public API (any store, any MLflow version): `MlflowClient.search_runs` (paged) for runs with their
+  params, tags and latest metrics, and `get_metric_history` per (run, key) on a thread pool;
+- a fast path for database stores (SQLite, PostgreSQL, MySQL): the same rows read straight from the store's
+  `runs`, `tags`, `params`, `latest_metrics` and `metrics` tables through its SQLAlchemy engine, about 10x
+  faster for thousands of runs. Those tables are MLflow's internal schema, so the fast path is used only for
+  the MLflow versions it was checked against (`SQL_FAST_PATH_MLFLOW`); any other version, a non-database
+  store, or a SQL error falls back to the public API.
 
 >>> data = collect_runs("sqlite:////abs/mlflow.db", experiment="quickstart")    # doctest: +SKIP
 >>> data.runs[["task", "method", "seed", "best_score"]].head()             # doctest: +SKIP
@@ -19,6 +25,8 @@ from urllib.parse import unquote, urlparse
 
 import pandas as pd
 
+from kdplatform.report.reference import majority_levels
+
 TASK_ORDER = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")
 TASK_LABELS = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "stsb": "STS-B", "qqp": "QQP",
                "mnli": "MNLI", "qnli": "QNLI", "rte": "RTE", "wnli": "WNLI"}
@@ -33,6 +41,9 @@ AXIS_LABELS = {"method": "Method", "layer_map": "Layer map", "consistency_weight
 # What the default dashboards draw; dashboards may ask for more keys (e.g. `dev/accuracy`).
 DEFAULT_HISTORY_KEYS = ("dev/score", "train/score", "gap/score", "train/distill_loss", "dev/distill_loss",
                         "gap/distill_loss")
+# Tags and metric keys production writes and the report reads (tracking.py / the worker own them).
+ROLE_TAG, TEACHER_HASH_TAG, SWEEP_TAG = "kdp.role", "kdp.teacher_hash", "kdp.sweep"
+STAGE_KEY = "stage"  # the stage index (0, 1, ...) logged at every evaluation
 KEPT_STATUSES = ("FINISHED", "RUNNING")  # FAILED/KILLED runs stop early: their best score would mislead
 
 
@@ -69,14 +80,20 @@ def run_url(ui_base: str | None, experiment_id: str, run_id: str) -> str | None:
     return f"{ui_base}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
+TEACHER_COLUMNS = ["run_id", "run_name", "task", "teacher_hash", "best_score", "final_score"]
+
+
 @dataclass
 class ReportData:
     """Student runs (one row each) and their metric histories (long format), ready for tables and figures.
 
     `runs` columns: run_id, run_name, experiment_id, experiment, status, start_time, sweep_id, task, seed,
-    the CONFIG_AXES (strings as logged, '' = not applicable), best_score (max of dev/score), best_step,
-    `params.<name>` for every param and `metrics.<key>` for each metric's last value.
-    `history` columns: run_id, key, step, value (sorted by run, key, step).
+    teacher_hash, n_stages, the CONFIG_AXES (strings as logged, '' = not applicable), best_score (max of
+    dev/score), best_step, final_score (the last dev/score), `params.<name>` for every param and
+    `metrics.<key>` for each metric's last value.
+    `history` columns: run_id, key, step, value (sorted by run, key, step); always holds `stage`.
+    `teachers`: the teacher runs of these students (run_id, run_name, task, teacher_hash, best_score,
+    final_score). `majority`: task -> the dev score of always predicting the majority class (x1).
     """
 
     runs: pd.DataFrame
@@ -85,6 +102,8 @@ class ReportData:
     experiments: dict[str, str]
     search_axes: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    teachers: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=TEACHER_COLUMNS))
+    majority: dict[str, float] = field(default_factory=dict)
     cache: dict = field(default_factory=dict, repr=False, compare=False)  # derived values of these runs
 
     @property
@@ -107,7 +126,8 @@ class ReportData:
     def subset(self, mask: pd.Series) -> ReportData:
         runs = self.runs[mask].reset_index(drop=True)
         return ReportData(runs, self.history[self.history.run_id.isin(runs.run_id)], self.tracking_uri,
-                          self.experiments, list(self.search_axes), list(self.notes))
+                          self.experiments, list(self.search_axes), list(self.notes),
+                          self.teachers[self.teachers.teacher_hash.isin(runs.teacher_hash)], dict(self.majority))
 
 
 # ---------------------------------------------------------------------------------------------- store
@@ -129,8 +149,29 @@ def _client(tracking_uri: str):
     return MlflowClient(tracking_uri=tracking_uri)
 
 
+# MLflow versions whose tracking-store tables the fast path reads (checked on 3.10 - 3.17); pyproject pins the
+# same range. Outside it the report uses the public API only.
+SQL_FAST_PATH_MLFLOW = ">=3.10,<3.18"
+
+
+def sql_fast_path_supported(mlflow_version: str) -> bool:
+    """Whether the SQL fast path may read this MLflow version's tables (see SQL_FAST_PATH_MLFLOW)."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(mlflow_version) in SpecifierSet(SQL_FAST_PATH_MLFLOW)
+    except InvalidVersion:
+        return False
+
+
 def _sql_engine(client):
-    """The SQLAlchemy engine behind a database-backed tracking store, or None (HTTP server, file store)."""
+    """The SQLAlchemy engine behind a database-backed tracking store when the fast path applies, else None
+    (HTTP server, file store, or an MLflow version whose tables were not checked)."""
+    import mlflow
+
+    if not sql_fast_path_supported(mlflow.__version__):
+        return None
     store = getattr(getattr(client, "_tracking_client", None), "store", None)
     return getattr(store, "engine", None)
 
@@ -172,7 +213,7 @@ def fetch_histories(client, run_ids: list[str], keys: list[str], max_workers: in
         df = pd.concat(frames, ignore_index=True)
         df.loc[df.is_nan.astype(bool), "value"] = float("nan")
     else:
-        df = _histories_over_http(client, run_ids, keys, max_workers)
+        df = _histories_over_api(client, run_ids, keys, max_workers)
     df = df.sort_values(["run_id", "key", "step", "timestamp"], kind="stable")
     df = df.drop_duplicates(["run_id", "key", "step"], keep="last")
     df["step"] = df["step"].astype("int64")
@@ -180,54 +221,15 @@ def fetch_histories(client, run_ids: list[str], keys: list[str], max_workers: in
     return df[cols].reset_index(drop=True)
 
 
-BULK_RUNS, BULK_MAX_POINTS = 100, 2500  # limits of the server's get-history-bulk-interval endpoint
-
-
-def _bulk_interval(client, run_ids: list[str], key: str) -> list[tuple] | None:
-    """One request for a metric of up to 100 runs through the tracking server's bulk endpoint (the one the
-    MLflow UI charts use); None when the store is not a server or the endpoint is unavailable."""
-    store = getattr(getattr(client, "_tracking_client", None), "store", None)
-    creds = getattr(store, "get_host_creds", None)
-    if creds is None:
-        return None
-    try:
-        from mlflow.utils.rest_utils import http_request
-
-        resp = http_request(creds(), "/ajax-api/2.0/mlflow/metrics/get-history-bulk-interval", "GET",
-                            params={"run_ids": run_ids, "metric_key": key, "max_results": BULK_MAX_POINTS},
-                            max_retries=2, raise_on_status=False)
-        if resp.status_code != 200:
-            return None
-        return [(m["run_id"], key, int(m.get("step", 0)), float(m.get("value", "nan")), int(m.get("timestamp", 0)))
-                for m in resp.json().get("metrics", [])]
-    except Exception:  # noqa: BLE001 - an older server or a proxy: fall back to one call per history
-        return None
-
-
-def _histories_over_http(client, run_ids: list[str], keys: list[str], max_workers: int) -> pd.DataFrame:
-    """Bulk requests of 100 runs per key on a thread pool; `get_metric_history` per (run, key) where the
-    bulk endpoint is missing or a run has so many points that the endpoint would sample them."""
-    def bulk(job):
-        chunk, key = job
-        return job, _bulk_interval(client, chunk, key)
-
+def _histories_over_api(client, run_ids: list[str], keys: list[str], max_workers: int) -> pd.DataFrame:
+    """One public `get_metric_history` call per (run, key) on a thread pool (any store, any version)."""
     def one(job):
         run_id, key = job
         return [(run_id, key, m.step, m.value, m.timestamp) for m in client.get_metric_history(run_id, key)]
 
     rows: list[tuple] = []
-    singles: list[tuple[str, str]] = []
-    jobs = [(run_ids[i:i + BULK_RUNS], k) for k in keys for i in range(0, len(run_ids), BULK_RUNS)]
     with ThreadPoolExecutor(max_workers=max_workers) as pool:
-        for (chunk, key), got in pool.map(bulk, jobs):
-            if got is None:
-                singles += [(r, key) for r in chunk]
-                continue
-            counts = pd.Series([g[0] for g in got], dtype=object).value_counts()
-            sampled = set(counts[counts >= BULK_MAX_POINTS].index)
-            rows += [g for g in got if g[0] not in sampled]
-            singles += [(r, key) for r in sampled]
-        for chunk in pool.map(one, singles):
+        for chunk in pool.map(one, [(r, k) for r in run_ids for k in keys]):
             rows += chunk
     return pd.DataFrame(rows, columns=["run_id", "key", "step", "value", "timestamp"])
 
@@ -300,6 +302,9 @@ def _finish_runs_frame(df: pd.DataFrame, names: dict[str, str]) -> pd.DataFrame:
     df["task"] = col("params.task", "tags.kdp.task")
     df["seed"] = pd.to_numeric(col("params.seed", "tags.kdp.seed"), errors="coerce").fillna(-1).astype("int64")
     df["method"] = col("params.method", "tags.kdp.method")
+    df["teacher_hash"] = col("tags." + TEACHER_HASH_TAG, "params.teacher_hash")
+    stage_names = [c for c in df.columns if re.fullmatch(r"params\.train\.[^.]+\.lr", c)]
+    df["n_stages"] = df[stage_names].notna().sum(axis=1).clip(lower=1).astype("int64") if stage_names else 1
     for axis in CONFIG_AXES[1:]:
         df[axis] = col(f"params.{axis}")
     df = df.drop(columns=[c for c in df.columns if c.startswith("tags.")])
@@ -352,33 +357,22 @@ def _runs_from_sql(engine, experiment_ids: list[str], sweep: str | None, names: 
     return _finish_runs_frame(df, names)
 
 
-def collect_runs(tracking_uri: str, experiment: str | None = None, sweep: str | None = None,
-                 history_keys: list[str] | tuple[str, ...] = DEFAULT_HISTORY_KEYS,
-                 sql: bool | None = None) -> ReportData:
-    """Student runs of one experiment (or one sweep) with their histories. Raises ReportError on missing
-    data: unknown experiment/sweep, no student runs, or no run with a dev evaluation.
-
-    `sql`: read a database store's tables directly (default when the store has a SQLAlchemy engine);
-    False uses the MLflow API calls only, as for an HTTP server.
-    """
-    _check_store(tracking_uri)
-    client = _client(tracking_uri)
-    ids, student_filter, sweep_runs = _resolve_scope(client, experiment, sweep, tracking_uri)
-    names = {i: client.get_experiment(i).name for i in ids}
+def _read_runs(client, ids: list[str], sweep: str | None, student_filter: str, names: dict[str, str],
+               sql: bool | None, notes: list[str]) -> tuple[pd.DataFrame, bool]:
+    """(student runs frame, whether the SQL fast path was used); a SQL error falls back to the API."""
     engine = _sql_engine(client) if sql is not False else None
     if engine is not None:
-        df = _runs_from_sql(engine, ids, sweep, names)
-    else:
-        df = _runs_from_api(search_all_runs(client, ids, student_filter), names)
-    where = f"sweep {sweep}" if sweep else f"experiment {experiment!r}" if experiment else redact(tracking_uri)
-    if df.empty:
-        raise ReportError(f"no student runs (tag kdp.role = student) in {where}: has the sweep run yet?")
-    if not experiment and not sweep and df.experiment_id.nunique() > 1:
-        counts = df.groupby("experiment").size().sort_index()
-        listing = ", ".join(f"{n} ({c} runs)" for n, c in counts.items())
-        raise ReportError(f"student runs of several experiments in {redact(tracking_uri)}: {listing}; "
-                          f"choose one with --experiment NAME (or --sweep RUN_ID)")
-    notes: list[str] = []
+        import sqlalchemy as sa
+
+        try:
+            return _runs_from_sql(engine, ids, sweep, names), True
+        except sa.exc.SQLAlchemyError as e:  # a schema this version check did not foresee
+            notes.append(f"store tables not readable directly ({type(e).__name__}); read through the MLflow API")
+    return _runs_from_api(search_all_runs(client, ids, student_filter), names), False
+
+
+def _usable_runs(df: pd.DataFrame, where: str, notes: list[str]) -> pd.DataFrame:
+    """Finished or running runs, the latest of each repeated trial."""
     dropped = df[~df.status.isin(KEPT_STATUSES)]
     if len(dropped):
         notes.append(f"{len(dropped)} failed or killed run(s) left out "
@@ -390,13 +384,76 @@ def collect_runs(tracking_uri: str, experiment: str | None = None, sweep: str | 
         notes.append(f"{before - len(df)} older run(s) of a repeated trial left out (latest kept)")
     if df.empty:
         raise ReportError(f"no finished or running student runs in {where} (all failed or were killed)")
+    return df
 
-    keys = list(dict.fromkeys(["dev/score", *history_keys]))
-    history = fetch_histories(client, df.run_id.tolist(), keys, sql=engine is not None)
+
+def dev_scores(history: pd.DataFrame) -> pd.DataFrame:
+    """Per run: best_score (max dev/score), best_step (its step) and final_score (the last dev/score)."""
     dev = history[(history.key == "dev/score") & history.value.notna()]
     best = dev.loc[dev.groupby("run_id").value.idxmax(), ["run_id", "value", "step"]]
-    best = best.rename(columns={"value": "best_score", "step": "best_step"})
-    df = df.merge(best, on="run_id", how="left")
+    best = best.rename(columns={"value": "best_score", "step": "best_step"}).set_index("run_id")
+    best["final_score"] = dev.sort_values("step").groupby("run_id").value.last()
+    return best.reset_index()
+
+
+def _teacher_runs(client, hashes: set[str]) -> pd.DataFrame:
+    """The teacher runs (tag kdp.role = teacher) of these teacher hashes, in any experiment, with their dev
+    scores. A teacher fine-tuned twice keeps its latest finished run."""
+    if not hashes:
+        return pd.DataFrame(columns=TEACHER_COLUMNS)
+    ids = [e.experiment_id for e in _all_experiments(client)]
+    runs = [r for r in search_all_runs(client, ids, f"tags.`{ROLE_TAG}` = 'teacher' and "
+                                       f"attributes.status = 'FINISHED'")
+            if r.data.tags.get(TEACHER_HASH_TAG) in hashes]
+    runs.sort(key=lambda r: r.info.start_time or 0)
+    rows = {}
+    for r in runs:
+        rows[r.data.tags[TEACHER_HASH_TAG]] = (r.info.run_id, r.info.run_name,
+                                               r.data.params.get("task", r.data.tags.get("kdp.task", "")))
+    frame = pd.DataFrame([(rid, name, task, h) for h, (rid, name, task) in rows.items()],
+                         columns=TEACHER_COLUMNS[:4])
+    history = fetch_histories(client, frame.run_id.tolist(), ["dev/score"], sql=False)
+    scores = dev_scores(history) if len(history) else pd.DataFrame(columns=["run_id", "best_score", "final_score"])
+    return frame.merge(scores[["run_id", "best_score", "final_score"]], on="run_id", how="inner")
+
+
+def _search_axes(sweep_runs: list) -> list[str]:
+    out: list[str] = []
+    for s in sweep_runs:
+        if s.data.tags.get("kdp.search") == "optuna":
+            for name in s.data.tags.get("kdp.search_axes", "").split(","):
+                if name.strip() and name.strip() not in out:
+                    out.append(name.strip())
+    return out
+
+
+def collect_runs(tracking_uri: str, experiment: str | None = None, sweep: str | None = None,
+                 history_keys: list[str] | tuple[str, ...] = DEFAULT_HISTORY_KEYS,
+                 sql: bool | None = None) -> ReportData:
+    """Student runs of one experiment (or one sweep) with their histories and teachers. Raises ReportError
+    on missing data: unknown experiment/sweep, no student runs, or no run with a dev evaluation.
+
+    `sql`: None reads a database store's tables directly when the MLflow version allows it (see the module
+    doc), False uses the public MLflow API only (as for an HTTP server).
+    """
+    _check_store(tracking_uri)
+    client = _client(tracking_uri)
+    ids, student_filter, sweep_runs = _resolve_scope(client, experiment, sweep, tracking_uri)
+    names = {i: client.get_experiment(i).name for i in ids}
+    notes: list[str] = []
+    df, used_sql = _read_runs(client, ids, sweep, student_filter, names, sql, notes)
+    where = f"sweep {sweep}" if sweep else f"experiment {experiment!r}" if experiment else redact(tracking_uri)
+    if df.empty:
+        raise ReportError(f"no student runs (tag kdp.role = student) in {where}: has the sweep run yet?")
+    if not experiment and not sweep and df.experiment_id.nunique() > 1:
+        counts = df.groupby("experiment").size().sort_index()
+        listing = ", ".join(f"{n} ({c} runs)" for n, c in counts.items())
+        raise ReportError(f"student runs of several experiments in {redact(tracking_uri)}: {listing}; "
+                          f"choose one with --experiment NAME (or --sweep RUN_ID)")
+    df = _usable_runs(df, where, notes)
+    keys = list(dict.fromkeys(["dev/score", STAGE_KEY, *history_keys]))
+    history = fetch_histories(client, df.run_id.tolist(), keys, sql=used_sql)
+    df = df.merge(dev_scores(history), on="run_id", how="left")
     missing = df.best_score.isna()
     if missing.all():
         raise ReportError(f"{len(df)} student run(s) in {where} but none has dev metrics (dev/score): did "
@@ -408,15 +465,11 @@ def collect_runs(tracking_uri: str, experiment: str | None = None, sweep: str | 
         df = df[~missing]
     df = sort_runs(df).reset_index(drop=True)
     history = history[history.run_id.isin(df.run_id)].reset_index(drop=True)
-
-    search_axes: list[str] = []
-    for s in sweep_runs:
-        if s.data.tags.get("kdp.search") == "optuna":
-            for name in s.data.tags.get("kdp.search_axes", "").split(","):
-                if name.strip() and name.strip() not in search_axes:
-                    search_axes.append(name.strip())
+    teachers = _teacher_runs(client, set(df.teacher_hash) - {""})
+    majority, why = majority_levels(df)
+    notes += why
     return ReportData(df, history, tracking_uri, {i: names.get(i, i) for i in df.experiment_id.unique()},
-                      search_axes, notes)
+                      _search_axes(sweep_runs), notes, teachers, majority)
 
 
 # ------------------------------------------------------------------------------------------ ordering

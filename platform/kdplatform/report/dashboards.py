@@ -46,6 +46,8 @@ class AccuracyTableItem(_Item):
     rows: list[str] | None = None
     metric: str = "score"
     select: Literal["best", "all"] = "best"
+    value: Literal["best", "final"] = "best"  # each run's best dev value, or its last one
+    baseline: str | None = "kd"  # method the difference table compares every row with; null: no such table
 
 
 class ScoreCurvesItem(_Item):
@@ -58,6 +60,19 @@ class ScoreCurvesItem(_Item):
 class DistillLossCurvesItem(_Item):
     """Per task: the distillation loss on train vs dev against the step."""
     kind: Literal["distill_loss_curves"]
+    group_by: list[str] = ["method"]
+
+
+class StageCurvesItem(_Item):
+    """Per task and stage, against the step within the stage: the ILD loss on train vs dev during ILD (a
+    figure of its own), then the score and the KD loss on train vs dev during prediction KD."""
+    kind: Literal["stage_curves"]
+    group_by: list[str] = ["method"]
+
+
+class StageGapBarsItem(_Item):
+    """The train-dev gap of each stage's own objective at the end of that stage, per task and group."""
+    kind: Literal["stage_gap_bars"]
     group_by: list[str] = ["method"]
 
 
@@ -91,10 +106,11 @@ class ParamImportanceItem(_Item):
     kind: Literal["param_importance"]
 
 
-Item = Annotated[Union[AccuracyTableItem, ScoreCurvesItem, DistillLossCurvesItem, GapBarsItem, BitsItem,
-                       HeatmapItem, ParallelCoordinatesItem, ParamImportanceItem], Field(discriminator="kind")]
-ITEM_KINDS = ("accuracy_table", "score_curves", "distill_loss_curves", "gap_bars", "bits", "heatmap",
-              "parallel_coordinates", "param_importance")
+Item = Annotated[Union[AccuracyTableItem, ScoreCurvesItem, DistillLossCurvesItem, StageCurvesItem,
+                       StageGapBarsItem, GapBarsItem, BitsItem, HeatmapItem, ParallelCoordinatesItem,
+                       ParamImportanceItem], Field(discriminator="kind")]
+ITEM_KINDS = ("accuracy_table", "score_curves", "distill_loss_curves", "stage_curves", "stage_gap_bars",
+              "gap_bars", "bits", "heatmap", "parallel_coordinates", "param_importance")
 
 
 class Dashboard(BaseModel):
@@ -125,25 +141,35 @@ BUILTIN_DASHBOARDS = {
     "paper_table": """\
 title: Accuracy comparison
 description: >-
-  Best dev score of each run, mean ± std over seeds (x100), best per column in bold, as in the CR-ILD and
-  KD-QAT papers. Rows hold every axis that varies; for searched params the best config is shown.
+  Best dev score of each run, mean ± std over seeds (x100) with the number of seeds, the teacher and the
+  majority-class level as reference rows, best student per column in bold, as in the CR-ILD and KD-QAT
+  papers; then each method's difference to the baseline (kd) with a 95% confidence interval. Rows hold
+  every axis that varies; for searched params the best config is shown.
 order: 10
 items:
   - kind: accuracy_table
+    baseline: kd
+  - kind: accuracy_table
+    name: final
+    title: Final dev score (last evaluation)
+    value: final
+    baseline: null
 """,
     "overfitting": """\
 title: Overfitting view
 description: >-
-  Train and dev score at every evaluation (dashed = train subset, solid = dev), the distillation loss on
-  train vs dev, and the gap at the end of training. Mean over seeds; bands and bars are one std.
+  Per stage, train vs dev of the stage's own objective against the step within the stage: the ILD loss
+  during intermediate-layer distillation, the score and the KD loss during prediction KD (dashed = train
+  subset, solid = dev). Then the whole run with the stage boundary marked, the teacher's dev score and the
+  majority-class level, and the gap at the end of each stage. Mean over seeds; bands and bars are one std
+  (none where a single seed ran).
 order: 20
 items:
+  - kind: stage_curves
   - kind: score_curves
-  - kind: distill_loss_curves
+  - kind: stage_gap_bars
   - kind: gap_bars
     metric: score
-  - kind: gap_bars
-    metric: distill_loss
 """,
     "quantization": """\
 title: Quantization (QAT)

@@ -16,8 +16,9 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from kdplatform.report.collect import (CONFIG_AXES, QAT_METHODS, TASK_LABELS, ReportData, sort_key,
-                                       tasks_in)
+from kdplatform.report.collect import (CONFIG_AXES, QAT_METHODS, STAGE_KEY, TASK_LABELS, ReportData,
+                                       sort_key, tasks_in)
+from kdplatform.report.stages import ILD, PRED, STAGE_LABELS, boundaries, staged_history
 from kdplatform.report.tables import axis_label, config_columns, select_best_configs
 
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
@@ -98,46 +99,95 @@ def _mean_band(h: pd.DataFrame) -> pd.DataFrame:
 def _band_trace(x, mean, std, colour: str, group: str) -> go.Scatter:
     std = np.nan_to_num(np.asarray(std, dtype=float))
     upper, lower = np.asarray(mean) + std, np.asarray(mean) - std
-    return go.Scatter(x=list(x) + list(x)[::-1], y=list(upper) + list(lower)[::-1], fill="toself",
+    return go.Scatter(x=list(x) + list(x)[::-1], y=list(upper) + list(lower)[::-1], fill="toself", mode="lines",
                       fillcolor=_rgba(colour, 0.12), line={"width": 0}, hoverinfo="skip", showlegend=False,
                       legendgroup=group, meta={"group": group, "kind": "band"})
 
 
+def error_array(std: pd.Series, n: pd.Series) -> list:
+    """Error bar lengths: the std where at least 2 seeds were averaged, none (null) where n = 1."""
+    return [float(s) if k > 1 and pd.notna(s) else None for s, k in zip(std, n)]
+
+
+def _reference_lines(fig: go.Figure, data: ReportData, task: str, x_range: tuple[float, float]) -> None:
+    """Teacher dev score (best per teacher run) and the majority-class level as horizontal lines (x100)."""
+    t = data.teachers[data.teachers.task == task]
+    for i, r in enumerate(t.itertuples()):
+        name = "teacher (dev)" if len(t) == 1 else f"teacher {r.teacher_hash[:8]} (dev)"
+        fig.add_trace(go.Scatter(x=list(x_range), y=[r.best_score * 100] * 2, mode="lines", name=name,
+                                 line={"color": "#000000", "dash": "dashdot", "width": 2},
+                                 hovertemplate=f"{name}: %{{y:.2f}}<extra></extra>",
+                                 meta={"kind": "teacher", "run_id": r.run_id}))
+    level = data.majority.get(task)
+    if level is not None:
+        fig.add_trace(go.Scatter(x=list(x_range), y=[level * 100] * 2, mode="lines", name="majority class",
+                                 line={"color": "#888888", "dash": "dot", "width": 2},
+                                 hovertemplate="majority class: %{y:.2f}<extra></extra>", meta={"kind": "majority"}))
+
+
+def _stage_lines(fig: go.Figure, steps: list[float]) -> None:
+    for x in steps:
+        fig.add_vline(x=x, line={"color": "#555555", "dash": "dot", "width": 1.5},
+                      annotation_text="ILD | prediction KD", annotation_position="top right",
+                      annotation_font_size=11)
+
+
 def train_dev_curves(data: ReportData, task: str, train_key: str, dev_key: str, group_by: list[str],
-                     scale: float, ytitle: str, name: str, title: str) -> Figure:
+                     scale: float, ytitle: str, name: str, title: str, kind: str | None = None,
+                     references: bool = False) -> Figure:
+    """Train (dashed) and dev (solid) curves per group, mean over seeds with a std band where n > 1.
+    kind=None: against the global step, stage boundaries marked; kind='ild'/'pred': only that stage's
+    points, against the step within the stage. references: add the teacher and majority-class lines."""
     runs = selected_runs(data, task, group_by)
-    fig = go.Figure()
-    drawn = 0
+    if kind is not None:
+        # unique() first: pandas' isin on arrow strings converts every value it is given one by one
+        runs = runs[runs.run_id.isin(staged_history(data, STAGE_KEY, kind).run_id.unique())]
+    traces: list = []  # added at once: plotly re-validates the figure on every add_trace
+    configs = dict(zip(runs.group, runs.config))
+    drawn, xs = 0, []
     for split, key, dash in (("train", train_key, "dash"), ("dev", dev_key, "solid")):
-        stats = _mean_band(_history(data, key, runs))
+        if kind is None:
+            h = _history(data, key, runs)
+        else:
+            h = staged_history(data, key, kind)[["run_id", "stage_step", "value"]].rename(columns={"stage_step": "step"})
+            h = h.merge(runs[["run_id", "group", "group_order", "config"]], on="run_id")
+        stats = _mean_band(h)
         for (order, group), s in stats.groupby(["group_order", "group"], sort=True):
             colour = PALETTE[order % len(PALETTE)]
             mean, std = s["mean"] * scale, s["std"] * scale
             if (s.n > 1).any():
-                fig.add_trace(_band_trace(s.step, mean, std, colour, group))
-            config = runs.loc[runs.group == group, "config"].iloc[0]
-            fig.add_trace(go.Scatter(
+                traces.append(_band_trace(s.step, mean, std, colour, group))
+            config = configs[group]
+            traces.append(go.Scatter(
                 x=s.step, y=mean, mode="lines+markers", name=f"{group} ({split})", legendgroup=group,
                 line={"color": colour, "dash": dash}, marker={"size": 4, "color": colour},
                 customdata=np.stack([std.fillna(0), s.n], axis=-1),
                 hovertemplate=f"{group} {split}{' (' + config + ')' if config else ''}<br>step %{{x}}: "
                               "%{y:.2f} ± %{customdata[0]:.2f} (%{customdata[1]} seeds)<extra></extra>",
                 meta={"group": group, "split": split, "key": key}))
+            xs += [s.step.min(), s.step.max()]
             drawn += 1
     if not drawn:
         raise NoData(f"no {dev_key} / {train_key} history for {task}")
-    _layout(fig, title, "training step", ytitle)
+    fig = go.Figure(data=traces)
+    if references:
+        _reference_lines(fig, data, task, (min(xs), max(xs)))
+    if kind is None:
+        _stage_lines(fig, boundaries(data, runs.run_id))
+    _layout(fig, title, "training step" if kind is None else f"step within the {STAGE_LABELS[kind]}", ytitle)
     return Figure(name, title, fig)
 
 
 def score_curves(data: ReportData, group_by: list[str], metric: str = "score") -> list[Figure]:
-    """Per task: train and dev `metric` against the training step, per group (dashed = train)."""
+    """Per task: train and dev `metric` against the training step, per group (dashed = train), with the
+    teacher and majority-class lines (score only) and the stage boundaries."""
     out = []
     for task in tasks_in(data.runs):
         try:
             out.append(train_dev_curves(
                 data, task, f"train/{metric}", f"dev/{metric}", group_by, 100.0, f"{metric} (x100)",
-                f"curves-{metric}-{task}", f"{TASK_LABELS.get(task, task)}: train vs dev {metric}"))
+                f"curves-{metric}-{task}", f"{TASK_LABELS.get(task, task)}: train vs dev {metric} (whole run)",
+                references=metric == "score"))
         except NoData:
             continue
     if not out:
@@ -146,17 +196,48 @@ def score_curves(data: ReportData, group_by: list[str], metric: str = "score") -
 
 
 def distill_loss_curves(data: ReportData, group_by: list[str]) -> list[Figure]:
-    """Per task: the distillation loss on the train subset and on dev against the step (dashed = train)."""
+    """Per task: the distillation loss on the train subset and on dev against the step (dashed = train).
+    The loss changes meaning at a stage boundary (ILD loss, then KD loss): the boundary is marked."""
     out = []
     for task in tasks_in(data.runs):
         try:
             out.append(train_dev_curves(
                 data, task, "train/distill_loss", "dev/distill_loss", group_by, 1.0, "distillation loss",
-                f"distill-loss-{task}", f"{TASK_LABELS.get(task, task)}: distillation loss, train vs dev"))
+                f"distill-loss-{task}", f"{TASK_LABELS.get(task, task)}: distillation loss, train vs dev "
+                                        f"(whole run)"))
         except NoData:
             continue
     if not out:
         raise NoData("no train/distill_loss and dev/distill_loss histories")
+    return out
+
+
+# What each stage is trained on: (train key, dev key, scale, axis title, file stem, title) per figure.
+STAGE_OBJECTIVES = {
+    ILD: [("train/distill_loss", "dev/distill_loss", 1.0, "ILD loss", "ild-loss",
+           "ILD stage: ILD loss, train vs dev")],
+    PRED: [("train/score", "dev/score", 100.0, "score (x100)", "pred-score",
+            "prediction stage: score, train vs dev"),
+           ("train/distill_loss", "dev/distill_loss", 1.0, "KD loss", "pred-kd-loss",
+            "prediction stage: KD loss, train vs dev")],
+}
+
+
+def stage_curves(data: ReportData, group_by: list[str]) -> list[Figure]:
+    """Per task and stage: the stage's own objective on train vs dev against the step within the stage;
+    the ILD loss during ILD is a figure of its own (the overfitting of intermediate layers)."""
+    out = []
+    for task in tasks_in(data.runs):
+        for kind, figs in STAGE_OBJECTIVES.items():
+            for train_key, dev_key, scale, ytitle, stem, title in figs:
+                try:
+                    out.append(train_dev_curves(
+                        data, task, train_key, dev_key, group_by, scale, ytitle, f"{stem}-{task}",
+                        f"{TASK_LABELS.get(task, task)}, {title}", kind=kind, references=dev_key == "dev/score"))
+                except NoData:
+                    continue
+    if not out:
+        raise NoData("no stage history (metric `stage`) with train and dev values")
     return out
 
 
@@ -178,9 +259,26 @@ def final_gaps(data: ReportData, runs: pd.DataFrame, metric: str) -> pd.DataFram
     return gap.rename("gap").reset_index().rename(columns={"index": "run_id"})
 
 
+def _gap_bar_figure(g: pd.DataFrame, x_col: str, x_order: list[str], title: str, ytitle: str, name: str) -> Figure:
+    """Bars of `g` (run_id, group, group_order, gap, x_col): mean over seeds per x and group, std error
+    bars only where at least 2 seeds were averaged."""
+    stats = g.groupby(["group_order", "group", x_col]).gap.agg(mean="mean", std="std", n="size").reset_index()
+    fig = go.Figure()
+    for (order, group), s in stats.groupby(["group_order", "group"], sort=True):
+        s = s.sort_values(x_col, key=lambda t: t.map(x_order.index))
+        fig.add_trace(go.Bar(x=list(s[x_col]), y=s["mean"], name=group,
+                             error_y={"type": "data", "array": error_array(s["std"], s.n)},
+                             marker_color=PALETTE[order % len(PALETTE)], customdata=s.n,
+                             hovertemplate=f"{group}: %{{y:.2f}} (%{{customdata}} seeds)<extra></extra>",
+                             meta={"group": group, "x": list(s[x_col])}))
+    _layout(fig, title, "", ytitle, barmode="group")
+    fig.update_xaxes(categoryorder="array", categoryarray=x_order)
+    return Figure(name, title, fig)
+
+
 def gap_bars(data: ReportData, group_by: list[str], metric: str = "score") -> list[Figure]:
     """The gap at the end of training per task (x) and group (bars): train - dev score (x100), or
-    dev - train distillation loss; mean over seeds with std error bars."""
+    dev - train distillation loss; mean over seeds with std error bars (none where n = 1)."""
     scale = 100.0 if metric != "distill_loss" else 1.0
     rows = []
     for task in tasks_in(data.runs):
@@ -194,20 +292,45 @@ def gap_bars(data: ReportData, group_by: list[str], metric: str = "score") -> li
         raise NoData(f"no gap/{metric} (or train/dev {metric}) histories")
     g = pd.concat(rows, ignore_index=True)
     g["gap"] *= scale
-    stats = g.groupby(["group_order", "group", "task"]).gap.agg(mean="mean", std="std", n="size").reset_index()
-    fig = go.Figure()
-    for (order, group), s in stats.groupby(["group_order", "group"], sort=True):
-        s = s.sort_values("task", key=lambda t: t.map(sort_key("task")))
-        fig.add_trace(go.Bar(x=[TASK_LABELS.get(t, t) for t in s.task], y=s["mean"], name=group,
-                             error_y={"type": "data", "array": s["std"].fillna(0)},
-                             marker_color=PALETTE[order % len(PALETTE)], customdata=s.n,
-                             hovertemplate=f"{group}: %{{y:.2f}} (%{{customdata}} seeds)<extra></extra>",
-                             meta={"group": group, "tasks": list(s.task)}))
+    g["label"] = g.task.map(lambda t: TASK_LABELS.get(t, t))
+    order = [TASK_LABELS.get(t, t) for t in tasks_in(g)]
     what = "train - dev score (x100)" if metric == "score" else \
         "dev - train distillation loss" if metric == "distill_loss" else f"train - dev {metric} (x100)"
     title = f"Gap at the end of training: {what}"
-    _layout(fig, title, "task", what, barmode="group")
-    return [Figure(f"final-gap-{metric.replace('_', '-')}", title, fig)]
+    return [_gap_bar_figure(g, "label", order, title, what, f"final-gap-{metric.replace('_', '-')}")]
+
+
+# The gap of each stage's own objective: (stage kind, gap key, scale, axis title).
+STAGE_GAPS = ((ILD, "gap/distill_loss", 1.0, "ILD loss: dev - train"),
+              (PRED, "gap/score", 100.0, "score: train - dev (x100)"),
+              (PRED, "gap/distill_loss", 1.0, "KD loss: dev - train"))
+
+
+def stage_gap_bars(data: ReportData, group_by: list[str]) -> list[Figure]:
+    """Per stage objective: the gap at the last evaluation of the stage, per task (x) and group (bars)."""
+    out = []
+    for kind, key, scale, what in STAGE_GAPS:
+        rows = []
+        for task in tasks_in(data.runs):
+            try:
+                runs = selected_runs(data, task, group_by)
+            except NoData:
+                continue
+            h = staged_history(data, key, kind)
+            last = h[h.run_id.isin(runs.run_id)].sort_values("step").groupby("run_id").value.last()
+            g = last.rename("gap").reset_index().merge(runs[["run_id", "group", "group_order", "task"]], on="run_id")
+            rows.append(g)
+        g = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
+        if g.empty:
+            continue
+        g["gap"] *= scale
+        g["label"] = g.task.map(lambda t: TASK_LABELS.get(t, t))
+        order = [TASK_LABELS.get(t, t) for t in tasks_in(g)]
+        title = f"Gap at the end of the {STAGE_LABELS[kind]}: {what}"
+        out.append(_gap_bar_figure(g, "label", order, title, what, f"stage-gap-{kind}-{key.split('/')[1]}"))
+    if not out:
+        raise NoData("no gap history with a stage (metric `stage`)")
+    return out
 
 
 def bits_figures(data: ReportData, x: str = "bits") -> list[Figure]:
@@ -242,7 +365,7 @@ def bits_figures(data: ReportData, x: str = "bits") -> list[Figure]:
             xs = s.bits_n if x == "bits" else s["size"]
             fig.add_trace(go.Scatter(
                 x=xs, y=s["mean"], mode="lines+markers", name=method,
-                error_y={"type": "data", "array": s["std"].fillna(0)},
+                error_y={"type": "data", "array": error_array(s["std"], s.n)},
                 line={"color": PALETTE[i % len(PALETTE)]}, marker={"color": PALETTE[i % len(PALETTE)]},
                 customdata=np.stack([s.bits_n, s.n], axis=-1),
                 hovertemplate=f"{method} W%{{customdata[0]}}: %{{y:.1f}} (%{{customdata[1]}} seeds)<extra></extra>",
@@ -317,7 +440,7 @@ def parallel_coordinates(data: ReportData) -> list[Figure]:
         runs = data.runs[data.runs.task == task]
         dims = []
         for c in axes:
-            values = runs[c].fillna("").astype(str)
+            values = runs[c].fillna("").astype(str).replace("None", "")  # unset params log as "None"
             if values.nunique() < 2:
                 continue
             num = _numeric(values)
@@ -327,16 +450,20 @@ def parallel_coordinates(data: ReportData) -> list[Figure]:
                 cats = sorted(values.unique(), key=sort_key(c))
                 codes = values.map({v: i for i, v in enumerate(cats)})
                 dims.append({"label": axis_label(c), "values": codes.tolist(), "tickvals": list(range(len(cats))),
-                             "ticktext": [v if v else "–" for v in cats]})
+                             "ticktext": [v if v else "n/a" for v in cats]})
         if len(runs) < 2 or not dims:
             continue
         score = runs.best_score * 100
         dims.append({"label": "best dev score (x100)", "values": score.tolist()})
         label = TASK_LABELS.get(task, task)
         title = f"{label}: all axes against the best dev score"
+        # Range labels (each axis' min/max drawn at its ends) overlap the tick labels and, for categorical
+        # axes, show category codes: hidden; the ticks carry the values. Slanted axis titles do not collide.
         fig = go.Figure(go.Parcoords(line={"color": score.tolist(), "colorscale": "Viridis", "showscale": True},
-                                     dimensions=dims))
-        fig.update_layout(title=title, template="plotly_white", width=WIDTH, height=HEIGHT)
+                                     dimensions=dims, labelangle=-20, labelside="top",
+                                     rangefont={"size": 1, "color": "rgba(0,0,0,0)"}, tickfont={"size": 11}))
+        fig.update_layout(title=title, template="plotly_white", width=WIDTH, height=HEIGHT,
+                          margin={"t": 150, "l": 80, "r": 80, "b": 40})
         out.append(Figure(f"parallel-{task}", title, fig))
     if not out:
         raise NoData("no axis varies across runs")

@@ -113,8 +113,10 @@ def _unique(name: str, used: set[str]) -> str:
     return name
 
 
-DEFAULT_TITLES = {"accuracy_table": "Accuracy comparison", "score_curves": "Train vs dev score",
-                  "distill_loss_curves": "Distillation loss, train vs dev", "gap_bars": "Gap at the end of training",
+DEFAULT_TITLES = {"accuracy_table": "Accuracy comparison", "score_curves": "Train vs dev score (whole run)",
+                  "distill_loss_curves": "Distillation loss, train vs dev (whole run)",
+                  "stage_curves": "Per stage: train vs dev of the stage's own objective",
+                  "stage_gap_bars": "Gap at the end of each stage", "gap_bars": "Gap at the end of training",
                   "bits": "Score against weight bits", "heatmap": "Heatmap", "parallel_coordinates":
                   "All axes against the best dev score", "param_importance": "Parameter importance (Optuna)"}
 
@@ -136,13 +138,17 @@ def build_item(item, data: ReportData) -> tuple[str, list[F.Figure] | object]:
     if item.kind == "accuracy_table":
         try:
             return "table", accuracy_table(data, rows=item.rows, metric=item.metric, select=item.select,
-                                           caption=item.title or "")
+                                           caption=item.title or "", value=item.value, baseline=item.baseline)
         except ValueError as e:
             raise F.NoData(str(e)) from e
     if item.kind == "score_curves":
         return "figures", F.score_curves(data, item.group_by, item.metric)
     if item.kind == "distill_loss_curves":
         return "figures", F.distill_loss_curves(data, item.group_by)
+    if item.kind == "stage_curves":
+        return "figures", F.stage_curves(data, item.group_by)
+    if item.kind == "stage_gap_bars":
+        return "figures", F.stage_gap_bars(data, item.group_by)
     if item.kind == "gap_bars":
         return "figures", F.gap_bars(data, item.group_by, item.metric)
     if item.kind == "bits":
@@ -207,8 +213,8 @@ def export_images(figs: list[F.Figure], folder: Path, formats: list[str]) -> lis
 
 
 def _runs_frame(data: ReportData) -> pd.DataFrame:
-    cols = ["run_name", "task", *CONFIG_AXES, "seed", "best_score", "best_step", "status", "run_id",
-            "experiment"]
+    cols = ["run_name", "task", *CONFIG_AXES, "seed", "best_score", "best_step", "final_score", "status",
+            "run_id", "experiment"]
     df = data.runs[cols].copy()
     df["url"] = [run_url(data.ui_base, e, r) or "" for e, r in zip(data.runs.experiment_id, data.runs.run_id)]
     return df
@@ -270,6 +276,7 @@ h2{border-bottom:2px solid #ddd;padding-bottom:.3rem;margin-top:2.5rem}
 .meta{color:#555;font-size:.9rem} .files{font-size:.85rem;color:#555} .files a{margin-right:.6rem}
 .note{color:#8a6d3b;background:#fcf8e3;padding:.4rem .7rem;border-radius:4px;font-size:.9rem}
 nav ul{font-size:.9rem;line-height:1.5}
+.howto{color:#555;font-size:.85rem;max-width:60rem}
 table.kdp-table,table.runs{border-collapse:collapse;font-size:.88rem;margin:.5rem 0}
 table.kdp-table td,table.kdp-table th,table.runs td,table.runs th{border-bottom:1px solid #ddd;padding:.25rem .6rem;
   text-align:center}
@@ -322,9 +329,9 @@ generated {{ generated }}.{% if not ui_base %} Runs are not linked: the store is
 <section id="runs">
 <h2>Runs</h2>
 <details><summary>{{ n_runs }} student runs{% if ui_base %} (linked to the MLflow UI){% endif %}</summary>
-<table class="runs"><thead><tr><th>Run</th><th>Task</th>{% for c in axis_labels %}<th>{{ c }}</th>{% endfor %}<th>Seed</th><th>Best dev score</th><th>at step</th><th>Status</th></tr></thead>
+<table class="runs"><thead><tr><th>Run</th><th>Task</th>{% for c in axis_labels %}<th>{{ c }}</th>{% endfor %}<th>Seed</th><th>Best dev score</th><th>at step</th><th>Final dev score</th><th>Status</th></tr></thead>
 <tbody>
-{% for r in runs %}<tr><td>{% if r.url %}<a href="{{ r.url }}" target="_blank" rel="noopener">{{ r.run_name }}</a>{% else %}{{ r.run_name }} <span class="meta">{{ r.run_id }}</span>{% endif %}</td><td>{{ r.task }}</td>{% for c in axes %}<td>{{ r[c] or "–" }}</td>{% endfor %}<td>{{ r.seed }}</td><td>{{ "%.2f" | format(r.best_score * 100) }}</td><td>{{ r.best_step }}</td><td>{{ r.status }}</td></tr>
+{% for r in runs %}<tr><td>{% if r.url %}<a href="{{ r.url }}" target="_blank" rel="noopener">{{ r.run_name }}</a>{% else %}{{ r.run_name }} <span class="meta">{{ r.run_id }}</span>{% endif %}</td><td>{{ r.task }}</td>{% for c in axes %}<td>{{ r[c] or "–" }}</td>{% endfor %}<td>{{ r.seed }}</td><td>{{ "%.2f" | format(r.best_score * 100) }}</td><td>{{ r.best_step }}</td><td>{{ "%.2f" | format(r.final_score * 100) }}</td><td>{{ r.status }}</td></tr>
 {% endfor %}</tbody></table></details>
 </section>
 </main>

@@ -1,9 +1,12 @@
 """The paper-style accuracy table: rows = methods (x layer map x weight x bits ...), columns = tasks + Avg.
 
-A cell is mean +- std over seeds of each run's best dev score (x100, one decimal, as in the papers); the
-best value of each column is bold (compared at the shown precision, so equal-looking cells are both bold);
-the Seeds column shows how many seeds each row's cells average. When a row still covers several configs
-(an Optuna search, or an axis left out of `rows`), the config with the best mean is shown, as the papers do.
+A cell is mean +- std over seeds of each run's best (or final) dev score (x100, one decimal, as in the papers)
+and the number of seeds n (no std where n = 1); the best student of each column is bold (compared at the
+shown precision, so equal-looking cells are both bold), a cell at or below the majority-class level is
+flagged and never bold. A teacher row and a majority-class row give the reference points. When a row still
+covers several configs (an Optuna search, or an axis left out of `rows`), the config with the best mean is
+shown, as the papers do. A second table gives each row's difference to a baseline method with a 95% interval
+(stats.py).
 
 >>> table = accuracy_table(data)                      # doctest: +SKIP
 >>> print(table.to_markdown())                        # doctest: +SKIP
@@ -11,12 +14,14 @@ the Seeds column shows how many seeds each row's cells average. When a row still
 
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from kdplatform.report.collect import AXIS_LABELS, CONFIG_AXES, TASK_LABELS, ReportData, sort_key, tasks_in
+from kdplatform.report.stats import seed_difference
 
 NA = "–"  # shown for an axis that does not apply (logged as '')
 AVG = "avg"
@@ -73,13 +78,16 @@ def axis_label(col: str) -> str:
     return AXIS_LABELS.get(col, col[len("params."):] if col.startswith("params.") else col)
 
 
-def run_scores(data: ReportData, metric: str = "score") -> pd.DataFrame:
-    """One row per run with `value` = the run's best dev value of `metric` (x1, as logged)."""
+def run_scores(data: ReportData, metric: str = "score", value: str = "best") -> pd.DataFrame:
+    """One row per run with `value` = the run's best (or final: last) dev value of `metric` (x1, as logged)."""
+    if value not in ("best", "final"):
+        raise ValueError(f"value must be 'best' or 'final', not {value!r}")
     runs = data.runs.copy()
     if metric == "score":
-        runs["value"] = runs["best_score"]
+        runs["value"] = runs[f"{value}_score"]
         return runs
-    best = data.key_history(f"dev/{metric}").groupby("run_id").value.max().rename("value")
+    h = data.key_history(f"dev/{metric}").sort_values("step").groupby("run_id").value
+    best = (h.max() if value == "best" else h.last()).rename("value")
     return runs.merge(best, left_on="run_id", right_index=True, how="inner")
 
 
@@ -103,16 +111,51 @@ def _shown(x: float) -> float:
     return float(f"{x:.1f}")
 
 
+TEACHER, MAJORITY = "teacher", "majority class"
+READ_TABLE = ("How to read: best dev score of each run, mean ± std over seeds (x100), (n) = number of seeds, no "
+              "std where n = 1; bold = best student per column; † = at or below the majority-class level "
+              "(the score of always predicting the most frequent dev label); the teacher and majority-class "
+              "rows are references.")
+READ_DIFF = ("How to read: mean per-seed difference to {baseline} (x100) with its 95% confidence interval (t "
+             "distribution, paired by seed where both rows ran the same seeds, Welch otherwise); * = the "
+             "interval excludes 0, so the difference is larger than the seed-to-seed noise; no interval "
+             "below 2 seeds.")
+
+
+def _cell(mean: float, std: float, n: int, pm: str, flag: bool) -> str:
+    text = f"{mean:.1f}" if n < 2 or pd.isna(std) else f"{mean:.1f}{pm}{std:.1f}"
+    return f"{text} ({n}){' †' if flag else ''}"
+
+
+def _diff_cell(r: dict, minus: str) -> str:
+    if pd.isna(r["diff"]):
+        return NA
+    sign = lambda v: f"{v:+.1f}".replace("-", minus)  # noqa: E731
+    if pd.isna(r["low"]):
+        return f"{sign(r['diff'])} ({int(r['pairs'])})"
+    star = "*" if r["significant"] else ""
+    return f"{sign(r['diff'])}{star} [{sign(r['low'])}, {sign(r['high'])}] ({int(r['pairs'])})"
+
+
 @dataclass
 class AccuracyTable:
-    """Numbers of the table (x100). `stats` is long: row keys, task (or 'avg'), mean, std, n, bold, n_configs."""
+    """Numbers of the table (x100). `stats` is long: row keys, task (or 'avg'), mean, std, n, bold, flag
+    (at or below the majority level), n_configs. `references`: label (teacher / majority class), task, mean,
+    std, n. `diffs`: row keys, task, diff, low, high, pairs, paired, significant (vs `baseline`)."""
 
     rows: list[str]
     tasks: list[str]
     stats: pd.DataFrame
     caption: str = ""
+    references: pd.DataFrame | None = None
+    diffs: pd.DataFrame | None = None
+    baseline: str | None = None
 
     # -------------------------------------------------------------------------------- display frames
+    def _keys(self, frame: pd.DataFrame) -> list[tuple]:
+        shown = frame[self.rows].replace("", NA).astype(str)
+        return list(zip(*(shown[c] for c in self.rows)))
+
     def row_index(self) -> pd.MultiIndex:
         keys = self.stats[self.rows].drop_duplicates()
         keys = keys.iloc[sorted(range(len(keys)), key=lambda i: tuple(
@@ -123,78 +166,137 @@ class AccuracyTable:
     def columns(self) -> list[str]:
         return self.tasks + ([AVG] if len(self.tasks) > 1 else [])
 
-    def cells(self) -> dict[tuple, dict]:
-        """{(row as displayed, task or 'avg'): stats record}."""
-        shown = self.stats[self.rows].replace("", NA).astype(str)
-        keys = list(zip(*(shown[c] for c in self.rows)))
-        return {(k, t): rec for k, t, rec in zip(keys, self.stats.task, self.stats.to_dict("records"))}
+    def _labels(self) -> list[str]:
+        return [TASK_LABELS.get(t, t) if t != AVG else "Avg" for t in self.columns()]
 
     def frames(self, pm: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-        """(cell text, bold mask) indexed by row, one column per task + Avg + Seeds; `pm` joins mean and std."""
-        index = self.row_index()
-        cols = self.columns()
-        labels = [TASK_LABELS.get(t, t) if t != AVG else "Avg" for t in cols]
-        cells = self.cells()
+        """(cell text, bold mask): the row axes as columns, then one column per task (+ Avg); the teacher
+        row first and the majority-class row last when known. `pm` joins mean and std."""
+        cells = {(k, t): r for k, t, r in zip(self._keys(self.stats), self.stats.task,
+                                              self.stats.to_dict("records"))}
+        refs = self.references if self.references is not None else pd.DataFrame(columns=["label", "task"])
         text, bold = [], []
-        for row in index:
+
+        def add_reference(label: str) -> None:
+            got = {r["task"]: r for r in refs[refs.label == label].to_dict("records")}
+            if got:
+                head = [label] + [""] * (len(self.rows) - 1)
+                text.append(head + [NA if t not in got else _cell(got[t]["mean"], got[t]["std"], got[t]["n"], pm,
+                                                                    False) for t in self.columns()])
+                bold.append([False] * (len(head) + len(self.columns())))
+
+        add_reference(TEACHER)
+        for row in self.row_index():
             row = row if isinstance(row, tuple) else (row,)
-            trow, brow, ns = [], [], []
-            for t in cols:
+            trow, brow = list(row), [False] * len(row)
+            for t in self.columns():
                 c = cells.get((row, t))
-                if c is None:
-                    trow.append(NA)
-                    brow.append(False)
-                    continue
-                if t == AVG or c["n"] < 2 or pd.isna(c["std"]):
-                    trow.append(f"{c['mean']:.1f}")
-                else:
-                    trow.append(f"{c['mean']:.1f}{pm}{c['std']:.1f}")
-                brow.append(bool(c["bold"]))
-                if t != AVG:
-                    ns.append(int(c["n"]))
-            trow.append(NA if not ns else str(ns[0]) if min(ns) == max(ns) else f"{min(ns)}–{max(ns)}")
-            brow.append(False)
+                trow.append(NA if c is None else _cell(c["mean"], c["std"], int(c["n"]), pm, bool(c["flag"])))
+                brow.append(c is not None and bool(c["bold"]))
             text.append(trow)
             bold.append(brow)
-        columns = [*labels, "Seeds"]
-        return pd.DataFrame(text, index=index, columns=columns), pd.DataFrame(bold, index=index, columns=columns)
+        add_reference(MAJORITY)
+        columns = [axis_label(c) for c in self.rows] + self._labels()
+        return pd.DataFrame(text, columns=columns), pd.DataFrame(bold, columns=columns)
+
+    def diff_frame(self, minus: str = "−") -> pd.DataFrame | None:
+        """The difference of each row to the baseline per task (see READ_DIFF), or None without a baseline."""
+        if self.diffs is None or self.diffs.empty:
+            return None
+        cells = {(k, t): r for k, t, r in zip(self._keys(self.diffs), self.diffs.task, self.diffs.to_dict("records"))}
+        out = []
+        for row in self.row_index():
+            row = row if isinstance(row, tuple) else (row,)
+            if any((row, t) in cells for t in self.tasks):
+                out.append([*row, *[_diff_cell(cells[(row, t)], minus) if (row, t) in cells else NA
+                                    for t in self.tasks]])
+        columns = [axis_label(c) for c in self.rows] + [TASK_LABELS.get(t, t) for t in self.tasks]
+        return pd.DataFrame(out, columns=columns) if out else None
 
     # ------------------------------------------------------------------------------------- formats
     def to_html(self) -> str:
         text, bold = self.frames(" ± ")
-        styler = text.style.apply(lambda _: np.where(bold, "font-weight: bold", ""), axis=None)
-        styler = styler.format(escape="html").format_index(escape="html", axis=0).format_index(escape="html", axis=1)
+        styler = text.style.apply(lambda _: np.where(bold, "font-weight: bold", ""), axis=None).hide(axis="index")
+        styler = styler.format(escape="html").format_index(escape="html", axis=1)
         styler = styler.set_table_attributes('class="kdp-table"')
         if self.caption:
             styler = styler.set_caption(self.caption)
-        return styler.to_html()
+        out = styler.to_html() + f'<p class="howto">{READ_TABLE}</p>'
+        diff = self.diff_frame()
+        if diff is not None:
+            out += (f'<h4>Difference to {html.escape(self.baseline or "")}</h4>'
+                    + diff.style.hide(axis="index").format(escape="html").format_index(escape="html", axis=1)
+                    .set_table_attributes('class="kdp-table kdp-diff"').to_html()
+                    + f'<p class="howto">{html.escape(READ_DIFF.format(baseline=self.baseline))}</p>')
+        return out
 
     def to_latex(self) -> str:
         text, bold = self.frames(r" $\pm$ ")
-        styler = text.style.apply(lambda _: np.where(bold, "textbf:--rwrap;", ""), axis=None)
-        styler = styler.format_index(escape="latex", axis=0).format_index(escape="latex", axis=1)
-        styler.index.names = [n.replace("_", r"\_") for n in styler.index.names]
-        nidx = len(self.rows)
-        column_format = "l" * nidx + "c" * (len(text.columns) - 1) + "r"
-        return styler.to_latex(hrules=True, column_format=column_format, sparse_index=False,
-                               caption=self.caption or None, position_float="centering" if self.caption else None,
-                               environment="table" if self.caption else None)
+        text = text.replace({"†": r"$\dagger$"}, regex=True)
+        styler = text.style.apply(lambda _: np.where(bold, "textbf:--rwrap;", ""), axis=None).hide(axis="index")
+        labels = [axis_label(c) for c in self.rows]
+        styler = styler.format(escape="latex", subset=labels).format_index(escape="latex", axis=1)
+        column_format = "l" * len(self.rows) + "c" * (len(text.columns) - len(self.rows))
+        caption = (self.caption + " " if self.caption else "") + READ_TABLE.replace("±", r"$\pm$").replace(
+            "†", r"$\dagger$")
+        return styler.to_latex(hrules=True, column_format=column_format, caption=caption,
+                               position_float="centering", environment="table")
 
     def to_markdown(self) -> str:
         text, bold = self.frames(" ± ")
         shown = text.mask(bold, "**" + text + "**")
-        return shown.reset_index().to_markdown(index=False)
+        out = shown.to_markdown(index=False) + "\n\n" + READ_TABLE
+        diff = self.diff_frame("-")
+        if diff is not None:
+            out += (f"\n\nDifference to {self.baseline}:\n\n" + diff.to_markdown(index=False) + "\n\n"
+                    + READ_DIFF.format(baseline=self.baseline))
+        return out
 
     def to_csv(self) -> str:
-        s = self.stats
-        return s[[*self.rows, "task", "mean", "std", "n", "bold", "n_configs"]].to_csv(index=False,
-                                                                                     float_format="%.6g")
+        s = self.stats[[*self.rows, "task", "mean", "std", "n", "bold", "flag", "n_configs"]]
+        if self.diffs is not None and not self.diffs.empty:
+            d = self.diffs[[*self.rows, "task", "diff", "low", "high", "pairs", "paired", "significant"]]
+            s = s.merge(d.rename(columns={"diff": f"diff_vs_{self.baseline}"}), on=[*self.rows, "task"], how="left")
+        return s.to_csv(index=False, float_format="%.6g")
+
+
+def _reference_rows(data: ReportData, tasks: list[str]) -> pd.DataFrame:
+    """The teacher (mean of its best dev score over teacher runs) and the majority-class level, x100."""
+    rows = []
+    t = data.teachers[data.teachers.task.isin(tasks)]
+    for task, g in t.groupby("task"):
+        pct = g.best_score * 100
+        rows.append((TEACHER, task, pct.mean(), pct.std(), len(pct)))
+    rows += [(MAJORITY, task, level * 100, np.nan, 1) for task, level in data.majority.items() if task in tasks]
+    return pd.DataFrame(rows, columns=["label", "task", "mean", "std", "n"])
+
+
+def baseline_differences(scores: pd.DataFrame, rows: list[str], baseline: str) -> pd.DataFrame:
+    """Per (row, task): the seed difference of the row's runs to the baseline method's runs (x100). When
+    several rows hold the baseline method, the one with the best mean on that task is the baseline."""
+    out = []
+    for task, runs in scores.groupby("task"):
+        base = runs[runs.method == baseline]
+        if base.empty:
+            continue
+        best_key = base.groupby(rows).pct.mean().idxmax()
+        best_key = best_key if isinstance(best_key, tuple) else (best_key,)
+        base = base[(base[rows] == list(best_key)).all(axis=1)]
+        base_values = dict(zip(base.seed, base.pct))
+        for key, g in runs.groupby(rows):
+            key = key if isinstance(key, tuple) else (key,)
+            if key == best_key:
+                continue
+            d = seed_difference(dict(zip(g.seed, g.pct)), base_values)
+            out.append((*key, task, d.diff, d.low, d.high, d.n, d.paired, d.excludes_zero))
+    return pd.DataFrame(out, columns=[*rows, "task", "diff", "low", "high", "pairs", "paired", "significant"])
 
 
 def accuracy_table(data: ReportData, rows: list[str] | None = None, metric: str = "score",
-                   select: str = "best", caption: str = "") -> AccuracyTable:
-    """Aggregate best dev values over seeds into the paper table (see module doc)."""
-    scores = run_scores(data, metric)
+                   select: str = "best", caption: str = "", value: str = "best",
+                   baseline: str | None = "kd") -> AccuracyTable:
+    """Aggregate best (or final) dev values over seeds into the paper table (see module doc)."""
+    scores = run_scores(data, metric, value)
     if scores.empty:
         raise ValueError(f"no run has dev/{metric}")
     rows = list(rows) if rows else auto_rows(scores, data.search_axes)
@@ -214,18 +316,32 @@ def accuracy_table(data: ReportData, rows: list[str] | None = None, metric: str 
     stats = g.pct.agg(mean="mean", std="std", n="size").reset_index()
     stats = stats.merge(g.n_configs.max().reset_index(), on=[*rows, "task"])
     tasks = tasks_in(scores)
-    if len(tasks) > 1:  # Avg: mean of the row's task means, only for rows that cover every task
-        per_row = stats.groupby(rows, dropna=False)
-        avg = per_row["mean"].mean().reset_index()
-        full = per_row.task.nunique().reset_index(drop=True) == len(tasks)
-        avg = avg[full.to_numpy()]
-        avg["task"], avg["std"], avg["n"] = AVG, np.nan, per_row.n.min().reset_index(drop=True)[full].to_numpy()
-        avg["n_configs"] = 1
-        stats = pd.concat([stats, avg], ignore_index=True)
-    shown = stats["mean"].map(_shown)
-    stats["bold"] = shown == shown.groupby(stats.task).transform("max")
+    stats = _with_average(stats, rows, tasks)
+    majority = {t: v * 100 for t, v in data.majority.items()} if metric == "score" else {}
+    level = stats.task.map(majority)
+    stats["flag"] = (stats["mean"].map(_shown) <= level.map(_shown, na_action="ignore")).fillna(False).astype(bool)
+    shown = stats["mean"].map(_shown).where(~stats.flag)
+    stats["bold"] = (shown == shown.groupby(stats.task).transform("max")) & ~stats.flag
     stats["n"] = stats["n"].astype("int64")
     order = [*tasks, AVG]
     keys = [stats[c].map(sort_key(c)) for c in rows] + [stats.task.map(order.index)]
     stats = stats.iloc[sorted(range(len(stats)), key=lambda i: tuple(k.iloc[i] for k in keys))]
-    return AccuracyTable(rows, tasks, stats.reset_index(drop=True), caption)
+    diffs = None
+    if baseline and "method" in rows and (scores.method == baseline).any():
+        diffs = baseline_differences(scores, rows, baseline)
+    refs = _reference_rows(data, tasks) if metric == "score" and value == "best" else None
+    return AccuracyTable(rows, tasks, stats.reset_index(drop=True), caption, refs, diffs,
+                         baseline if diffs is not None else None)
+
+
+def _with_average(stats: pd.DataFrame, rows: list[str], tasks: list[str]) -> pd.DataFrame:
+    """Add the Avg column: mean of the row's task means, only for rows that cover every task."""
+    if len(tasks) < 2:
+        return stats
+    per_row = stats.groupby(rows, dropna=False)
+    avg = per_row["mean"].mean().reset_index()
+    full = per_row.task.nunique().reset_index(drop=True) == len(tasks)
+    avg = avg[full.to_numpy()]
+    avg["task"], avg["std"], avg["n"] = AVG, np.nan, per_row.n.min().reset_index(drop=True)[full].to_numpy()
+    avg["n_configs"] = 1
+    return pd.concat([stats, avg], ignore_index=True)

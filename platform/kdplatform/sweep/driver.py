@@ -16,13 +16,15 @@ Read `run_sweep` top to bottom:
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from rich.console import Console
 from rich.markup import escape
@@ -35,6 +37,7 @@ from kdplatform.sweep.progress import SweepMonitor, failures_table, plan_tables,
 from kdplatform.sweep.teachers import TeacherOutcome, teacher_status, train_teachers
 
 STATE_FILE = "kdp_sweep.json"
+LOOPBACK = "127.0.0.1"  # a local cluster started by kdplatform listens here only
 OBJECT_STORE_BYTES = 1 << 30  # the sweep ships configs, not tensors: 1 GiB is plenty
 # Environment a trial needs on every node (a local cluster inherits it anyway; --address does not).
 ENV_PREFIXES = ("KDP_", "HF_", "TRANSFORMERS_", "MLFLOW_", "TOKENIZERS_")
@@ -69,10 +72,10 @@ class SweepOutcome:
 def run_sweep(file: str | Path, *, tracking_uri: str | None = None, dry_run: bool = False, resume: bool = False,
               fresh: bool = False, address: str | None = None, max_concurrent: int | None = None,
               storage: str | Path | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
-              console: Console | None = None) -> SweepOutcome:
+              console: Console | None = None, overrides: Sequence[str] = ()) -> SweepOutcome:
     """Run (or with `dry_run` only print) the sweep of `file`. Raises ConfigError / SweepError for user errors."""
     console = console or Console()
-    plan = plan_sweep(file, tracking_uri)
+    plan = plan_sweep(file, tracking_uri, overrides=overrides)
     uri = plan.tracking_uri
     spec = plan.spec
     exp_path = Path(storage or "ray_results").resolve() / plan.experiment_dir_name
@@ -149,29 +152,124 @@ def run_sweep(file: str | Path, *, tracking_uri: str | None = None, dry_run: boo
         console.print("[yellow]warning:[/] trials on other nodes cannot write to a local SQLite file: point "
                       "--tracking-uri at an MLflow server (and --storage at storage every node can reach)")
 
+    outcome = _on_ray(plan, parent, state, exp_path, resume=resume, address=address, max_concurrent=max_concurrent,
+                      num_cpus=num_cpus, num_gpus=num_gpus, console=console)
+    if outcome.exit_code == 130:
+        _close_open_runs(parent, uri, spec.name, "KILLED", {"kdp.interrupted": time.strftime("%Y-%m-%d %H:%M:%S")})
+        console.print(f"[yellow]interrupted:[/] open runs closed KILLED. Continue with: [bold]kdplatform sweep "
+                      f"{escape(str(file))} --resume[/]")
+    return outcome
+
+
+def _on_ray(plan: SweepPlan, parent: tracking.RunLogger, state: dict, exp_path: Path, *, resume: bool,
+            address: str | None, max_concurrent: int | None, num_cpus: int | None, num_gpus: int | None,
+            console: Console) -> SweepOutcome:
+    """Start (or join) Ray, run the stages, stop Ray. An interruption is exit 130; a fault closes the runs
+    FAILED with the reason (a full disk becomes a SweepError saying what to do)."""
+    uri, name = plan.tracking_uri, plan.spec.name
+    if not address:
+        _local_cluster_on_loopback()
     import ray
 
     os.environ.update(DRIVER_ENV)
     if console.is_terminal:  # the live view owns the terminal; failures are in its summary and error files
         logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
     os.environ.update(_worker_env())  # absolute paths: a local cluster's workers inherit this environment
+    _no_secrets_in_tune_runtime_env()
     started_ray = False
+    previous_sigterm = None
     try:
         if address:
             ray.init(address=address, runtime_env={"env_vars": _worker_env()}, log_to_driver=True)
         else:
             ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
-                     object_store_memory=OBJECT_STORE_BYTES, log_to_driver=not console.is_terminal)
+                     object_store_memory=OBJECT_STORE_BYTES, log_to_driver=not console.is_terminal,
+                     _node_ip_address=LOOPBACK)
         started_ray = True
+        # after ray.init, which installs its own SIGTERM handler (exit with a native stack dump): `kill` and
+        # `timeout` stop the sweep as Ctrl-C does (Tune saves its state; runs are closed KILLED below)
+        previous_sigterm = signal.signal(signal.SIGTERM, _sigterm_as_sigint)
         outcome = _run_stages(plan, parent, state, exp_path, resume, max_concurrent, console)
     except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted.[/] Continue with: [bold]kdplatform sweep {escape(str(file))} "
-                      "--resume[/]")
-        return SweepOutcome(130, parent.run_id, exp_path)
+        outcome = SweepOutcome(130, parent.run_id, exp_path)
+    except Exception as e:  # a full disk, Ray's state unreadable, ...: the parent ends FAILED, saying why
+        _close_open_runs(parent, uri, name, "FAILED", {"kdp.failure_reason": f"{type(e).__name__}: {e}"})
+        if _disk_full(e) or _storage_full(exp_path):
+            raise SweepError(f"the disk holding Ray's storage {exp_path.parent} is full ({type(e).__name__}: "
+                             f"{tracking.redact(str(e))[:200]}); the sweep's open runs were closed FAILED", f"free space under {exp_path.parent}, then continue with: kdplatform "
+                             f"sweep {plan.spec_file} --resume") from None
+        raise
     finally:
         if started_ray:
             ray.shutdown()
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
     return outcome
+
+
+def _disk_full(e: BaseException | None) -> bool:
+    while e is not None:
+        if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _storage_full(exp_path: Path) -> bool:
+    """Whether Ray's storage has run out of space (its errors reach the driver wrapped, or as a truncated
+    file read back: an EOFError rather than ENOSPC)."""
+    import shutil
+
+    try:
+        return shutil.disk_usage(exp_path if exp_path.exists() else exp_path.parent).free < (1 << 20)
+    except OSError:
+        return False
+
+
+def _sigterm_as_sigint(_signum, _frame) -> None:
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+def _local_cluster_on_loopback() -> None:
+    """Make the local Ray cluster listen on 127.0.0.1 only.
+
+    Ray's gRPC servers bind 127.0.0.1 only when the node address is 127.0.0.1, and `ray.init` turns a given
+    127.0.0.1 into the machine's address unless this switch (read by Ray at import; its workers inherit it)
+    is off. Not for `--address`: a real cluster's nodes must reach each other.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray._private.ray_constants as ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False  # Ray may have been imported before the variable was set
+
+
+def _no_secrets_in_tune_runtime_env() -> None:
+    """Ray Tune copies AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN from the driver into each
+    trial's runtime_env, which Ray writes to its world-readable session log (runtime_env_agent.log). Only
+    Ray's own switches stay on that list: trials on a local cluster inherit credentials from the driver's
+    environment anyway, and nodes of a real cluster have their own."""
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE.difference_update(
+        [k for k in class_cache.ENV_VARS_TO_PROPAGATE if k.startswith("AWS_") or tracking.is_credential_env(k)])
+
+
+def _close_open_runs(parent: tracking.RunLogger, uri: str, experiment: str, status: str,
+                     tags: dict[str, str]) -> None:
+    """A sweep that stopped before its end: its open trial runs and its parent end `status` (KILLED after an
+    interruption, FAILED after a fault), never FINISHED; `--resume` reopens them."""
+    try:
+        c = tracking.client(uri)
+        for run in tracking.find_runs(uri, experiment, f"tags.`{tracking.PARENT}` = '{parent.run_id}' and "
+                                      "attributes.status = 'RUNNING'"):
+            for k, v in tags.items():
+                tracking.retry(lambda r=run, k=k, v=v: c.set_tag(r.info.run_id, k, v[:5000]), "set tag")
+            tracking.retry(lambda r=run: c.set_terminated(r.info.run_id, status=status), "end run")
+        parent.set_tags({k: v[:5000] for k, v in tags.items()})
+        parent.finish(status)
+    except Exception as e:  # noqa: BLE001 - the store is gone: the runs stay RUNNING, --resume still finds them
+        logging.getLogger("kdplatform").error("could not close the interrupted sweep's runs: %s",
+                                              tracking.redact(str(e))[:300])
 
 
 def _run_stages(plan: SweepPlan, parent: tracking.RunLogger, state: dict, exp_path: Path, resume: bool,
@@ -184,6 +282,8 @@ def _run_stages(plan: SweepPlan, parent: tracking.RunLogger, state: dict, exp_pa
     concurrency = max_concurrent or spec.max_concurrent_trials
     total = spec.search.num_samples if spec.search is not None else len(plan.to_run)
     restorable = resume and ray_tune.Tuner.can_restore(str(exp_path))
+    if restorable:
+        _check_restorable(exp_path, plan.spec_file)
     ended = 0
     if restorable:
         n_trials, ended = _ray_trial_counts(exp_path)
@@ -209,8 +309,13 @@ def _run_stages(plan: SweepPlan, parent: tracking.RunLogger, state: dict, exp_pa
         results = None
         try:
             if restorable:
-                tuner = ray_tune.Tuner.restore(str(exp_path), trainable=trainable, resume_unfinished=True,
-                                               resume_errored=True)
+                try:
+                    tuner = ray_tune.Tuner.restore(str(exp_path), trainable=trainable, resume_unfinished=True,
+                                                   resume_errored=True)
+                except Exception as e:  # noqa: BLE001 - e.g. a state file truncated by a full disk
+                    raise SweepError(f"cannot resume: Ray's saved state in {exp_path} is unreadable "
+                                     f"({type(e).__name__}: {str(e)[:200]})", f"start again with: kdplatform sweep "
+                                     f"{plan.spec_file} --fresh (finished trials are kept and skipped)") from None
                 results = tuner.fit()
             elif run_trials or spec.search is not None:
                 space = kdp_tune.param_space(run_trials if spec.search is None else plan.trials, spec.search)
@@ -223,10 +328,12 @@ def _run_stages(plan: SweepPlan, parent: tracking.RunLogger, state: dict, exp_pa
             kdp_tune.set_driver_hooks(None)
     if results is not None:
         rows += _result_rows(results)
+        full = [r for r in rows if "No space left on device" in (r.get("reason") or "")]
+        if full:  # not a failure of the trial: the sweep stops FAILED, to be resumed once there is space
+            raise OSError(errno.ENOSPC, f"{len(full)} trial(s) could not write: {full[0]['reason'][:300]}")
         left = _unfinished_trials(exp_path)
-        if left:  # Ctrl-C: Ray saved the experiment and returned; the parent stays open for --resume
-            console.print(f"[yellow]interrupted with {left} trial(s) unfinished.[/] Continue with: [bold]"
-                          f"kdplatform sweep {escape(str(plan.spec_file))} --resume[/]")
+        if left:  # Ctrl-C / SIGTERM: Ray saved the experiment and returned; --resume continues it
+            console.print(f"[yellow]{left} trial(s) unfinished.[/]")
             return SweepOutcome(130, parent.run_id, exp_path, {"unfinished": left}, rows)
         kdp_tune.finish_early_stopped(ctx, rows)
 
@@ -292,6 +399,28 @@ def _unfinished_trials(exp_path: Path) -> int:
         return 0
 
 
+def _check_restorable(exp_path: Path, spec_file: Path) -> None:
+    """Refuse to restore a Ray experiment whose saved state was cut short (a full disk): Ray would restore
+    it without its trials' configs and run a phantom trial, then report the sweep done."""
+    from ray.tune import ExperimentAnalysis
+
+    why = ""
+    tuner_file = exp_path / "tuner.pkl"
+    if not tuner_file.is_file() or not tuner_file.read_bytes().endswith(b"."):  # a pickle ends with STOP
+        why = f"{tuner_file.name} is missing or truncated"
+    else:
+        try:
+            trials = ExperimentAnalysis(str(exp_path)).trials
+            if not trials or any(not ({"trial", "base"} & set(t.config)) for t in trials):
+                why = "its trial list is empty or lacks the trials' configs"
+        except Exception as e:  # noqa: BLE001 - unreadable JSON state
+            why = f"its experiment state is unreadable ({type(e).__name__}: {str(e)[:200]})"
+    if why:
+        raise SweepError(f"cannot resume: Ray's saved state in {exp_path} is damaged: {why}",
+                         f"start again with: kdplatform sweep {spec_file} --fresh (trials that FINISHED are "
+                         "kept and skipped; the others run again)")
+
+
 def _ray_trial_counts(exp_path: Path) -> tuple[int, int]:
     """(trials, trials already ended) in Ray's saved experiment state: the progress view's starting point."""
     try:
@@ -304,24 +433,26 @@ def _ray_trial_counts(exp_path: Path) -> tuple[int, int]:
 
 
 def _interrupted(state: dict, uri: str) -> bool:
-    """Whether the previous run of this spec stopped before its end (its parent run is still RUNNING)."""
+    """Whether the previous run of this spec stopped before its end: its parent run is not FINISHED (RUNNING
+    after a crash, KILLED after Ctrl-C/SIGTERM, FAILED after a fault such as a full disk)."""
     parent_id = state.get("parent_run_id")
     try:
         run = tracking.client(uri).get_run(parent_id) if parent_id else None
     except Exception:  # noqa: BLE001 - a parent in another store: nothing to reconcile
         return False
-    return run is not None and run.info.status == "RUNNING"
+    return run is not None and run.info.status != "FINISHED"
 
 
 def _retire_previous(state: dict, exp_path: Path, uri: str) -> None:
     """Archive the Ray folder of a previous run of this spec (with --fresh: close its open runs as KILLED)."""
     c = tracking.client(uri)
     parent_id = state.get("parent_run_id")
-    if _interrupted(state, uri):
+    if _interrupted(state, uri):  # --fresh: whatever is still open ends KILLED
         for run in tracking.find_runs(uri, state["experiment"], f"tags.`{tracking.PARENT}` = '{parent_id}' and "
                                       "attributes.status = 'RUNNING'"):
             tracking.retry(lambda r=run: c.set_terminated(r.info.run_id, status="KILLED"), "end run")
-        tracking.retry(lambda: c.set_terminated(parent_id, status="KILLED"), "end run")
+        if c.get_run(parent_id).info.status == "RUNNING":  # a FAILED or KILLED parent keeps its status
+            tracking.retry(lambda: c.set_terminated(parent_id, status="KILLED"), "end run")
     archive = exp_path.with_name(f"{exp_path.name}.{time.strftime('%Y%m%d-%H%M%S')}")
     os.replace(exp_path, archive)
 

@@ -18,13 +18,14 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from pydantic import ValidationError
 
 from kdplatform import tracking
 from kdplatform.config import (AXES, ConfigError, ResolvedTrial, SweepSpec, TrialConfig, load_trials, raw_trials,
                                resolve_trial, set_dotted)
+from kdplatform.store_check import check_store
 
 # Fields that change how a sweep runs, not what it computes: left out of the spec hash, so a resumed
 # sweep finds its Ray experiment folder even when run against another store or with other concurrency.
@@ -74,13 +75,17 @@ def spec_hash(spec: SweepSpec) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def plan_sweep(path: str | Path, tracking_uri: str | None = None, query_done: bool = True) -> SweepPlan:
-    """Validate and expand `path`; with `query_done`, look up finished runs in the store.
+def plan_sweep(path: str | Path, tracking_uri: str | None = None, query_done: bool = True,
+               overrides: Sequence[str] = ()) -> SweepPlan:
+    """Validate and expand `path` (with command-line `key=value` overrides); with `query_done`, look up
+    finished runs in the store.
 
     The store is `tracking_uri`, else the spec's `tracking_uri`, else the default (`./mlflow.db`).
     """
-    spec, trials, notes = load_trials(path)
+    spec, trials, notes = load_trials(path, overrides)
     uri = tracking.absolute_uri(tracking_uri or spec.tracking_uri or tracking.default_tracking_uri())
+    if query_done:
+        check_store(uri)  # a store that is down, refuses us or is corrupt: exit 2 now, not after the teachers
     plan = SweepPlan(spec=spec, spec_file=Path(path).resolve(), spec_hash=spec_hash(spec), trials=trials,
                      notes=notes, tracking_uri=uri)
     if spec.search is not None:
