@@ -6,6 +6,7 @@ Data flows one way: config below distill below sweep; report apart and torch-fre
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,55 @@ def test_distill_imports_nothing_from_sweep_or_report():
 
 def test_report_never_imports_torch_or_the_worker():
     assert _arrows("kdplatform.report", ("torch", "transformers", "kdplatform.distill")) == []
+
+
+def _reachable(start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo += GRAPH[m]
+    return seen
+
+
+def test_report_reaches_no_torch_through_the_modules_it_uses():
+    """The report imports runs.py (tag names, filters) and tracking.py: neither, nor anything they reach, may
+    pull torch in."""
+    reached = set().union(*(_reachable(m) for m in MODULES if m.startswith("kdplatform.report")))
+    assert "kdplatform.runs" in reached
+    assert [f"{m} -> {i}" for m in sorted(reached) for i in _imports(MODULES[m])
+            if i.split(".")[0] in ("torch", "transformers")] == []
+
+
+# Quoted `kdp.` tag names and MLflow filter strings (`tags.<name> ...` / ``tags.`<name>` ...``) in code.
+TAG_LITERAL = re.compile(r"""["']kdp\.""")
+FILTER_LITERAL = re.compile(r"""\btags\.(`|\S+\s*(=|!=|like|ilike)\s*')""", re.IGNORECASE)
+
+
+def _string_hits(pattern: re.Pattern, path: Path) -> list[str]:
+    """Lines of `path` whose code (not docstrings or comments) matches `pattern`."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
+                  and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    src = path.read_text(encoding="utf-8").splitlines()
+    hits = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Constant, ast.JoinedStr)) and id(node) not in docstrings:
+            line = ast.get_source_segment("\n".join(src), node) or ""
+            if pattern.search(line):
+                hits.append(f"{path.relative_to(ROOT)}:{node.lineno}: {line[:80]}")
+    return sorted(set(hits))
+
+
+def test_tag_names_and_run_filters_live_only_in_runs_py():
+    """runs.py owns every `kdp.*` tag name and every MLflow filter string (issue 15): elsewhere, constants."""
+    hits = [h for m, p in sorted(MODULES.items()) if m != "kdplatform.runs"
+            for h in _string_hits(TAG_LITERAL, p) + _string_hits(FILTER_LITERAL, p)]
+    assert hits == []
+    assert _string_hits(TAG_LITERAL, MODULES["kdplatform.runs"]), "the check must see runs.py's own names"
+    assert _string_hits(FILTER_LITERAL, MODULES["kdplatform.runs"])
 
 
 def test_the_checks_would_catch_a_bad_arrow(tmp_path):

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from conftest import REPO, write_yaml
-from kdplatform import tracking
+from kdplatform import runs, tracking
 from kdplatform.cli import app
 from kdplatform.config import ConfigError, load_trials
 from kdplatform.sweep.expand import apply_sample, plan_sweep, spec_hash
@@ -80,7 +80,7 @@ def test_dedupe_counts_finished_runs_as_done(tmp_path, monkeypatch, store):
     c = MlflowClient(uri)
     exp = c.create_experiment("plantest")
     for t, status in ((trials[0], "FINISHED"), (trials[1], "FAILED"), (trials[2], "RUNNING")):
-        run = c.create_run(exp, tags={tracking.ROLE: "student", tracking.CFG_HASH: t.cfg_hash})
+        run = c.create_run(exp, tags={runs.ROLE: "student", runs.CFG_HASH: t.cfg_hash})
         if status != "RUNNING":
             c.set_terminated(run.info.run_id, status=status)
     plan = plan_sweep(spec, uri)
@@ -185,7 +185,7 @@ def test_ray_wiring_without_a_cluster(tmp_path):
 
 def test_reattached_run_logs_no_duplicate_steps(store):
     mlflow_uri = store
-    first = tracking.RunLogger(mlflow_uri, "dup", "t", {tracking.ROLE: "student"})
+    first = tracking.RunLogger(mlflow_uri, "dup", "t", {runs.ROLE: "student"})
     for step in (1, 2, 3):
         first.add_metrics({"loss/total": float(step), "dev/score": 0.5}, step)
     first.flush()  # ... then the process dies after step 3; the checkpoint was at step 2
@@ -208,12 +208,12 @@ def test_driver_closes_runs_a_worker_left_open(store):
     c = MlflowClient(mlflow_uri)
     exp = c.create_experiment("repair")
     parent = c.create_run(exp).info.run_id
-    tags = {tracking.ROLE: "student", tracking.CFG_HASH: "h1", tracking.PARENT: parent}
+    tags = {runs.ROLE: "student", runs.CFG_HASH: "h1", runs.PARENT: parent}
     stopped = c.create_run(exp, tags={**tags, "kdp.failure_reason": "SystemExit: 0"}).info.run_id
     c.set_terminated(stopped, "KILLED")
-    still_open = c.create_run(exp, tags={**tags, tracking.CFG_HASH: "h4"}).info.run_id
-    crashed = c.create_run(exp, tags={**tags, tracking.CFG_HASH: "h2"}).info.run_id
-    done = c.create_run(exp, tags={**tags, tracking.CFG_HASH: "h3"}).info.run_id
+    still_open = c.create_run(exp, tags={**tags, runs.CFG_HASH: "h4"}).info.run_id
+    crashed = c.create_run(exp, tags={**tags, runs.CFG_HASH: "h2"}).info.run_id
+    done = c.create_run(exp, tags={**tags, runs.CFG_HASH: "h3"}).info.run_id
     c.set_terminated(done, "FINISHED")
     seen = []
     monitor = SimpleNamespace(trial_done=lambda *a: seen.append(a[1]), note=seen.append)

@@ -31,15 +31,17 @@ from typing import Any
 from kdplatform import tracking
 
 # ------------------------------------------------------------------------------------------ tag names
-# (the first five are defined in tracking.py, which RunLogger and distill/ use; everything else lives here)
-ROLE, CFG_HASH, TEACHER_HASH, SWEEP, PARENT = (tracking.ROLE, tracking.CFG_HASH, tracking.TEACHER_HASH,
-                                               tracking.SWEEP, tracking.PARENT)
+# (every `kdp.*` name of the package; tracking.py, the layer below, knows none of them)
+TAG_PREFIX = "kdp."  # every kdplatform tag starts with it (the report reads those, and no others)
+ROLE, CFG_HASH, TEACHER_HASH, SWEEP = "kdp.role", "kdp.cfg_hash", "kdp.teacher_hash", "kdp.sweep"
+PARENT = tracking.PARENT  # MLflow's own nesting tag
 TASK, METHOD, SEED, BITS = "kdp.task", "kdp.method", "kdp.seed", "kdp.bits"
 TEACHER_MODEL, CHECKPOINT, DEV_SCORE, BEST_DEV_SCORE = ("kdp.teacher_model", "kdp.checkpoint", "kdp.dev_score",
                                                         "kdp.best_dev_score")
 FAILURE_REASON, RETRIED_AFTER, ATTEMPTS, RESUMED_FROM_STEP = ("kdp.failure_reason", "kdp.retried_after",
                                                               "kdp.attempts", "kdp.resumed_from_step")
 EARLY_STOPPED, EARLY_STOPPED_STEP = "kdp.early_stopped", "kdp.early_stopped_step"
+INTERRUPTED = "kdp.interrupted"
 SPEC_HASH, SPEC_FILE, RAY_EXPERIMENT, RUNNER = "kdp.spec_hash", "kdp.spec_file", "kdp.ray_experiment", "kdp.runner"
 FAILED_TRIALS, FINISHED_TRIALS = "kdp.failed_trials", "kdp.finished_trials"
 SEARCH, SEARCH_AXES = "kdp.search", "kdp.search_axes"  # an Optuna search: the report's importance page
@@ -145,6 +147,39 @@ def get_run(uri: str, run_id: str):
 
 
 # ------------------------------------------------------------------------------------------ lifecycle
+def open_run(uri: str, experiment: str, run_name: str, tags: dict[str, str], *, run_id: str | None = None,
+             parent_run_id: str | None = None) -> tracking.RunLogger:
+    """Open a run (student, teacher or parent) with the commit tags, or reattach to `run_id`. A run whose
+    metrics cannot be written ends FAILED with the reason under `kdp.failure_reason`."""
+    if run_id is None:
+        tags = {**tags, GIT_COMMIT: tracking.git_commit()}
+    return tracking.RunLogger(uri, experiment, run_name, tags, run_id=run_id, parent_run_id=parent_run_id,
+                              failure_tag=FAILURE_REASON)
+
+
+def student_tags(trial, sweep_id: str | None = None) -> dict[str, str]:
+    """The tags of a student run of a resolved trial (`sweep_id`: the sweep, or the parent run, it belongs to)."""
+    tags = {ROLE: STUDENT, CFG_HASH: trial.cfg_hash, TEACHER_HASH: trial.teacher_hash, TASK: trial.task,
+            METHOD: trial.method, SEED: str(trial.seed), BITS: str(trial.bits)}
+    if sweep_id:
+        tags[SWEEP] = sweep_id
+    return tags
+
+
+def teacher_tags(trial) -> dict[str, str]:
+    """The tags of a teacher fine-tune run."""
+    return {ROLE: TEACHER, TEACHER_HASH: trial.teacher_hash, TASK: trial.task, TEACHER_MODEL: trial.teacher.model}
+
+
+def finished_teacher_tags(checkpoint: str | Path, dev_score: float) -> dict[str, str]:
+    return {CHECKPOINT: str(checkpoint), DEV_SCORE: f"{dev_score:.4f}"}
+
+
+def teacher_checkpoint(run) -> str | None:
+    """The checkpoint folder a teacher run recorded, if any."""
+    return run.data.tags.get(CHECKPOINT) if run is not None else None
+
+
 def create_parent(uri: str, experiment: str, run_name: str, *, spec_hash: str, spec_file: str | Path,
                   runner: str, search_axes: list[str] | None = None,
                   ray_experiment: str | Path | None = None) -> tracking.RunLogger:
@@ -155,12 +190,12 @@ def create_parent(uri: str, experiment: str, run_name: str, *, spec_hash: str, s
         tags[RAY_EXPERIMENT] = str(ray_experiment)
     if search_axes:
         tags[SEARCH], tags[SEARCH_AXES] = "optuna", ",".join(search_axes)
-    return tracking.RunLogger(uri, experiment, run_name, tags)
+    return open_run(uri, experiment, run_name, tags)
 
 
 def reopen(uri: str, experiment: str, run_id: str) -> tracking.RunLogger:
     """Reattach to an existing run (RUNNING again), e.g. a resumed sweep's parent."""
-    return tracking.RunLogger(uri, experiment, "", {}, run_id=run_id)
+    return open_run(uri, experiment, "", {}, run_id=run_id)
 
 
 def close_run(uri: str, run_id: str, status: str, tags: dict[str, Any] | None = None,

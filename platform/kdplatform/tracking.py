@@ -28,8 +28,7 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 log = logging.getLogger("kdplatform")
 T = TypeVar("T")
 
-ROLE, CFG_HASH, TEACHER_HASH, SWEEP = "kdp.role", "kdp.cfg_hash", "kdp.teacher_hash", "kdp.sweep"
-PARENT = "mlflow.parentRunId"
+PARENT = "mlflow.parentRunId"  # MLflow's own nesting tag (kdplatform's tag names live in runs.py)
 
 
 def default_tracking_uri() -> str:
@@ -172,8 +171,11 @@ class RunLogger:
     """One MLflow run: buffered metrics, params in batches, tags, text artifacts, retried writes."""
 
     def __init__(self, tracking_uri: str, experiment: str, run_name: str, tags: dict[str, str],
-                 run_id: str | None = None, parent_run_id: str | None = None):
+                 run_id: str | None = None, parent_run_id: str | None = None, failure_tag: str | None = None):
+        """`failure_tag`: the tag `finish` writes the reason under when metrics cannot be written (runs.py
+        names it; this layer knows no kdplatform tag names)."""
         self.tracking_uri = tracking_uri
+        self.failure_tag = failure_tag
         self.client = client(tracking_uri)
         if run_id is not None:  # reattach (resume): never open a second run for one trial
             self.run_id = run_id
@@ -183,7 +185,7 @@ class RunLogger:
             self._logged_upto = retry(lambda: last_steps(self.client, run_id), "read metric steps")
         else:
             exp_id = retry(lambda: experiment_id(self.client, experiment), "create experiment")
-            all_tags = {**tags, "kdp.git_commit": git_commit(), "mlflow.source.git.commit": git_commit()}
+            all_tags = {**tags, "mlflow.source.git.commit": git_commit()}
             if parent_run_id:
                 all_tags[PARENT] = parent_run_id
             run = retry(lambda: self.client.create_run(exp_id, run_name=run_name, tags=all_tags), "create run")
@@ -232,8 +234,8 @@ class RunLogger:
         except Exception as e:
             reason = f"metrics could not be written: {redact(str(e))[:4000]}"
             try:
-                if status == "FINISHED":
-                    retry(lambda: self.client.set_tag(self.run_id, "kdp.failure_reason", reason), "set tags",
+                if status == "FINISHED" and self.failure_tag:
+                    retry(lambda: self.client.set_tag(self.run_id, self.failure_tag, reason), "set tags",
                           attempts=2)
                 retry(lambda: self.client.set_terminated(self.run_id, status="FAILED"), "end run", attempts=2)
             except Exception:  # noqa: BLE001 - the store is gone too: the run stays RUNNING for resume to see
@@ -246,13 +248,4 @@ def last_steps(c, run_id: str) -> dict[str, int]:
     """The highest step logged so far for each metric key of a run."""
     keys = list(c.get_run(run_id).data.metrics)
     return {k: max((m.step for m in c.get_metric_history(run_id, k)), default=-1) for k in keys}
-
-
-def find_runs(tracking_uri: str, experiment: str, filter_string: str, max_results: int = 1000) -> list:
-    """Runs of an experiment matching a filter (empty when the experiment does not exist yet)."""
-    c = client(tracking_uri)
-    exp = c.get_experiment_by_name(experiment)
-    if exp is None:
-        return []
-    return c.search_runs([exp.experiment_id], filter_string=filter_string, max_results=max_results)
 

@@ -23,7 +23,7 @@ import torch
 import yaml
 from torch import nn
 
-from kdplatform import tracking
+from kdplatform import runs, tracking
 from kdplatform.config import ResolvedTrial
 from kdplatform.distill.data import TrialData, prepare_data
 from kdplatform.distill.engine import (DivergedError, Hooks, LoopState, StageSettings, resolve_device,
@@ -105,11 +105,11 @@ def run_trial(trial: ResolvedTrial, *, tracking_uri: str | None = None, parent_r
     except BaseException as e:
         # a divergence, a crash (retried by the orchestrator) or Ctrl-C: the run stays reattachable
         reason = str(e)[:5000] if isinstance(e, DivergedError) else f"{type(e).__name__}: {str(e)[:4000]}"
-        logger.set_tags({"kdp.failure_reason": reason})
+        logger.set_tags({runs.FAILURE_REASON: reason})
         logger.finish("KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED")
         raise
     best = {f"dev/best_{k}": v for k, v in state.best.items()}
-    logger.set_tags({"kdp.best_dev_score": f"{state.best.get('score', float('nan')):.4f}"})
+    logger.set_tags({runs.BEST_DEV_SCORE: f"{state.best.get('score', float('nan')):.4f}"})
     logger.finish("FINISHED")
     return TrialResult(logger.run_id, "FINISHED", best, state.last, time.time() - started)
 
@@ -133,12 +133,8 @@ def _train(trial: ResolvedTrial, student: nn.Module, teacher: nn.Module, data: T
 # ------------------------------------------------------------------------------------- MLflow and hooks
 def _open_run(trial: ResolvedTrial, uri: str, run_id: str | None, parent_run_id: str | None,
               sweep_id: str | None) -> tracking.RunLogger:
-    tags = {tracking.ROLE: "student", tracking.CFG_HASH: trial.cfg_hash, tracking.TEACHER_HASH: trial.teacher_hash,
-            "kdp.task": trial.task, "kdp.method": trial.method, "kdp.seed": str(trial.seed),
-            "kdp.bits": str(trial.bits)}
-    if sweep_id or parent_run_id:
-        tags[tracking.SWEEP] = sweep_id or parent_run_id
-    return tracking.RunLogger(uri, trial.name, trial.run_name, tags, run_id=run_id, parent_run_id=parent_run_id)
+    return runs.open_run(uri, trial.name, trial.run_name, runs.student_tags(trial, sweep_id or parent_run_id),
+                         run_id=run_id, parent_run_id=parent_run_id)
 
 
 def _log_setup(logger: tracking.RunLogger, trial: ResolvedTrial, data: TrialData, qreport) -> None:

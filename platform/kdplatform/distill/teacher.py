@@ -16,7 +16,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from kdplatform import paths, tracking
+from kdplatform import paths, runs, tracking
 from kdplatform.config import ResolvedLoss, ResolvedStage, ResolvedTrial
 from kdplatform.distill.data import prepare_data
 from kdplatform.distill.engine import Hooks, LoopState, StageSettings, resolve_device, train_stage
@@ -86,20 +86,13 @@ def _lock(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def find_teacher_run(tracking_uri: str, trial: ResolvedTrial):
-    runs = tracking.find_runs(tracking_uri, trial.name, f"tags.`{tracking.ROLE}` = 'teacher' and "
-                              f"tags.`{tracking.TEACHER_HASH}` = '{trial.teacher_hash}' and "
-                              "attributes.status = 'FINISHED'", max_results=5)
-    return runs[0] if runs else None
-
-
 def teacher_from_mlflow(tracking_uri: str, trial: ResolvedTrial) -> Path | None:
     """The folder of a FINISHED teacher run with this hash whose checkpoint still exists (another cache)."""
     try:
-        run = find_teacher_run(tracking_uri, trial)
+        run = runs.finished_teacher_run(tracking_uri, trial.name, trial.teacher_hash)
     except Exception:  # noqa: BLE001 - a store we cannot read simply has no teacher to offer
         return None
-    ckpt = run.data.tags.get("kdp.checkpoint") if run is not None else None
+    ckpt = runs.teacher_checkpoint(run)
     return Path(ckpt) if ckpt and (Path(ckpt) / MARKER).is_file() else None
 
 
@@ -165,25 +158,22 @@ def finetune_teacher(trial: ResolvedTrial, tracking_uri: str, folder: Path,
         train_stage(finetune_stage(trial), 0, finetune_settings(trial), student=model, teacher=None, data=data,
                     state=state, hooks=hooks)
     except BaseException as e:
-        logger.set_tags({"kdp.failure_reason": f"{type(e).__name__}: {str(e)[:4000]}"})
+        logger.set_tags({runs.FAILURE_REASON: f"{type(e).__name__}: {str(e)[:4000]}"})
         logger.finish("FAILED")
         raise
     info = {"teacher_hash": trial.teacher_hash, "run_id": logger.run_id, "task": trial.task,
             "model": trial.teacher.model, "dev": {k: v for k, v in state.last.items() if k.startswith("dev/")},
             "seconds": round(time.time() - started, 1)}
     _publish(model, tokenizer, info, folder)
-    logger.set_tags({"kdp.checkpoint": str(folder),
-                     "kdp.dev_score": f"{state.last.get('dev/score', float('nan')):.4f}"})
+    logger.set_tags(runs.finished_teacher_tags(folder, state.last.get("dev/score", float("nan"))))
     logger.finish("FINISHED")
     return folder
 
 
 def _teacher_run(trial: ResolvedTrial, tracking_uri: str, parent_run_id: str | None,
                  train_examples: int) -> tracking.RunLogger:
-    tags = {tracking.ROLE: "teacher", tracking.TEACHER_HASH: trial.teacher_hash, "kdp.task": trial.task,
-            "kdp.teacher_model": trial.teacher.model}
-    logger = tracking.RunLogger(tracking_uri, trial.name, f"{trial.task}/teacher/{trial.teacher.model}", tags,
-                                parent_run_id=parent_run_id)
+    logger = runs.open_run(tracking_uri, trial.name, f"{trial.task}/teacher/{trial.teacher.model}",
+                           runs.teacher_tags(trial), parent_run_id=parent_run_id)
     params = {"task": trial.task, "teacher.model": trial.teacher.model, "teacher.seed": trial.teacher.seed,
               "teacher_hash": trial.teacher_hash, "data.train_examples": train_examples,
               **{f"teacher.finetune.{k}": v for k, v in trial.teacher.finetune.model_dump().items()},

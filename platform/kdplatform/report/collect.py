@@ -25,6 +25,7 @@ from urllib.parse import unquote, urlparse
 
 import pandas as pd
 
+from kdplatform import runs
 from kdplatform.report.reference import majority_levels
 
 TASK_ORDER = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")
@@ -41,8 +42,7 @@ AXIS_LABELS = {"method": "Method", "layer_map": "Layer map", "consistency_weight
 # What the default dashboards draw; dashboards may ask for more keys (e.g. `dev/accuracy`).
 DEFAULT_HISTORY_KEYS = ("dev/score", "train/score", "gap/score", "train/distill_loss", "dev/distill_loss",
                         "gap/distill_loss")
-# Tags and metric keys production writes and the report reads (tracking.py / the worker own them).
-ROLE_TAG, TEACHER_HASH_TAG, SWEEP_TAG = "kdp.role", "kdp.teacher_hash", "kdp.sweep"
+# Tag names and run filters: runs.py owns them (no torch there).
 STAGE_KEY = "stage"  # the stage index (0, 1, ...) logged at every evaluation
 KEPT_STATUSES = ("FINISHED", "RUNNING")  # FAILED/KILLED runs stop early: their best score would mislead
 
@@ -249,22 +249,22 @@ def _resolve_scope(client, experiment: str | None, sweep: str | None, uri: str):
     """(experiment ids, student filter string, sweep runs) for the requested scope."""
     from mlflow.exceptions import MlflowException
 
-    student = "tags.`kdp.role` = 'student'"
+    student = runs.student_filter()
     if sweep:
         try:
             run = client.get_run(sweep)
         except MlflowException as e:
             raise ReportError(f"sweep run {sweep!r} not found in {redact(uri)}") from e
-        role = run.data.tags.get("kdp.role")
-        if role != "sweep":
+        role = run.data.tags.get(runs.ROLE)
+        if role != runs.SWEEP_ROLE:
             raise ReportError(f"run {sweep!r} is a {role or 'non-kdplatform'} run, not a sweep: pass the "
-                              f"parent sweep run id (tag kdp.role = sweep)")
+                              f"parent sweep run id (tag {runs.ROLE} = {runs.SWEEP_ROLE})")
         exp = run.info.experiment_id
         if experiment:
             e = client.get_experiment_by_name(experiment)
             if e is None or e.experiment_id != exp:
                 raise ReportError(f"sweep {sweep} does not belong to experiment {experiment!r}")
-        return [exp], f"{student} and tags.`kdp.sweep` = '{sweep}'", [run]
+        return [exp], runs.student_filter(sweep=sweep), [run]
     if experiment:
         e = client.get_experiment_by_name(experiment)
         if e is None or e.lifecycle_stage != "active":
@@ -276,7 +276,7 @@ def _resolve_scope(client, experiment: str | None, sweep: str | None, uri: str):
         ids = [e.experiment_id for e in _all_experiments(client)]
     if not ids:
         raise ReportError(f"no experiments in {redact(uri)}: run a sweep first")
-    sweeps = search_all_runs(client, ids, "tags.`kdp.role` = 'sweep'")
+    sweeps = search_all_runs(client, ids, runs.tag_is(runs.ROLE, runs.SWEEP_ROLE))
     return ids, student, sweeps
 
 
@@ -297,12 +297,15 @@ def _finish_runs_frame(df: pd.DataFrame, names: dict[str, str]) -> pd.DataFrame:
     df["experiment_id"] = df["experiment_id"].astype(str)
     df["experiment"] = df["experiment_id"].map(lambda e: names.get(e, e))
     df["start_time"] = pd.to_numeric(df["start_time"], errors="coerce").fillna(0).astype("int64")
-    df["sweep_id"] = col("tags.kdp.sweep")
-    df["cfg_hash"] = col("tags.kdp.cfg_hash").where(col("tags.kdp.cfg_hash") != "", df["run_id"])
-    df["task"] = col("params.task", "tags.kdp.task")
-    df["seed"] = pd.to_numeric(col("params.seed", "tags.kdp.seed"), errors="coerce").fillna(-1).astype("int64")
-    df["method"] = col("params.method", "tags.kdp.method")
-    df["teacher_hash"] = col("tags." + TEACHER_HASH_TAG, "params.teacher_hash")
+    def tag(name: str) -> str:
+        return "tags." + name
+
+    df["sweep_id"] = col(tag(runs.SWEEP))
+    df["cfg_hash"] = col(tag(runs.CFG_HASH)).where(col(tag(runs.CFG_HASH)) != "", df["run_id"])
+    df["task"] = col("params.task", tag(runs.TASK))
+    df["seed"] = pd.to_numeric(col("params.seed", tag(runs.SEED)), errors="coerce").fillna(-1).astype("int64")
+    df["method"] = col("params.method", tag(runs.METHOD))
+    df["teacher_hash"] = col(tag(runs.TEACHER_HASH), "params.teacher_hash")
     stage_names = [c for c in df.columns if re.fullmatch(r"params\.train\.[^.]+\.lr", c)]
     df["n_stages"] = df[stage_names].notna().sum(axis=1).clip(lower=1).astype("int64") if stage_names else 1
     for axis in CONFIG_AXES[1:]:
@@ -311,13 +314,13 @@ def _finish_runs_frame(df: pd.DataFrame, names: dict[str, str]) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
-def _runs_from_api(runs: list, names: dict[str, str]) -> pd.DataFrame:
+def _runs_from_api(found: list, names: dict[str, str]) -> pd.DataFrame:
     rows = []
-    for r in runs:
+    for r in found:
         row = {"run_id": r.info.run_id, "run_name": r.info.run_name, "experiment_id": r.info.experiment_id,
                "status": r.info.status, "start_time": r.info.start_time or 0}
         row.update({f"params.{k}": v for k, v in r.data.params.items()})
-        row.update({f"tags.{k}": v for k, v in r.data.tags.items() if k.startswith("kdp.")})
+        row.update({f"tags.{k}": v for k, v in r.data.tags.items() if k.startswith(runs.TAG_PREFIX)})
         row.update({f"metrics.{k}": v for k, v in r.data.metrics.items()})
         rows.append(row)
     return _finish_runs_frame(pd.DataFrame(rows, columns=None if rows else RUN_COLUMNS), names)
@@ -328,25 +331,27 @@ def _runs_from_sql(engine, experiment_ids: list[str], sweep: str | None, names: 
     faster for thousands of runs (MLflow's search loads every run's entities object by object)."""
     import sqlalchemy as sa
 
-    sweep_join = ("JOIN tags s ON s.run_uuid = r.run_uuid AND s.key = 'kdp.sweep' AND s.value = :sweep "
+    sweep_join = ("JOIN tags s ON s.run_uuid = r.run_uuid AND s.key = :sweep_tag AND s.value = :sweep "
                   if sweep else "")
     runs_q = sa.text(
         "SELECT r.run_uuid AS run_id, r.name AS run_name, r.experiment_id, r.status, r.start_time FROM runs r "
-        "JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = 'kdp.role' AND t.value = 'student' " + sweep_join +
+        "JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = :role_tag AND t.value = :student " + sweep_join +
         "WHERE r.experiment_id IN :exps AND r.lifecycle_stage = 'active'").bindparams(
         sa.bindparam("exps", expanding=True))
-    params: dict = {"exps": [int(e) if str(e).isdigit() else e for e in experiment_ids]}
+    params: dict = {"exps": [int(e) if str(e).isdigit() else e for e in experiment_ids],
+                    "role_tag": runs.ROLE, "student": runs.STUDENT}
     if sweep:
-        params["sweep"] = sweep
+        params.update(sweep=sweep, sweep_tag=runs.SWEEP)
     with engine.connect() as conn:
-        runs = pd.read_sql(runs_q, conn, params=params)
-        ids = runs.run_id.tolist()
-        wide = [runs.set_index("run_id")]
-        for table, prefix, extra in (("params", "params.", ""), ("tags", "tags.", " AND key LIKE 'kdp.%'"),
+        students = pd.read_sql(runs_q, conn, params=params)
+        ids = students.run_id.tolist()
+        wide = [students.set_index("run_id")]
+        for table, prefix, extra in (("params", "params.", ""), ("tags", "tags.", " AND key LIKE :tag_prefix"),
                                      ("latest_metrics", "metrics.", "")):
             q = sa.text(f"SELECT run_uuid AS run_id, key, value FROM {table} WHERE run_uuid IN :runs{extra}"
                         ).bindparams(sa.bindparam("runs", expanding=True))
-            long = pd.concat([pd.read_sql(q, conn, params={"runs": ids[i:i + 500]})
+            long = pd.concat([pd.read_sql(q, conn, params={"runs": ids[i:i + 500],
+                                                           **({"tag_prefix": runs.TAG_PREFIX + "%"} if extra else {})})
                               for i in range(0, len(ids), 500)] or [pd.DataFrame(columns=["run_id", "key", "value"])],
                              ignore_index=True)
             if table == "latest_metrics":
@@ -402,14 +407,14 @@ def _teacher_runs(client, hashes: set[str]) -> pd.DataFrame:
     if not hashes:
         return pd.DataFrame(columns=TEACHER_COLUMNS)
     ids = [e.experiment_id for e in _all_experiments(client)]
-    runs = [r for r in search_all_runs(client, ids, f"tags.`{ROLE_TAG}` = 'teacher' and "
-                                       f"attributes.status = 'FINISHED'")
-            if r.data.tags.get(TEACHER_HASH_TAG) in hashes]
-    runs.sort(key=lambda r: r.info.start_time or 0)
+    teachers = [r for r in search_all_runs(client, ids, runs.where(runs.tag_is(runs.ROLE, runs.TEACHER),
+                                                                   runs.status_is("FINISHED")))
+                if r.data.tags.get(runs.TEACHER_HASH) in hashes]
+    teachers.sort(key=lambda r: r.info.start_time or 0)
     rows = {}
-    for r in runs:
-        rows[r.data.tags[TEACHER_HASH_TAG]] = (r.info.run_id, r.info.run_name,
-                                               r.data.params.get("task", r.data.tags.get("kdp.task", "")))
+    for r in teachers:
+        rows[r.data.tags[runs.TEACHER_HASH]] = (r.info.run_id, r.info.run_name,
+                                                r.data.params.get("task", r.data.tags.get(runs.TASK, "")))
     frame = pd.DataFrame([(rid, name, task, h) for h, (rid, name, task) in rows.items()],
                          columns=TEACHER_COLUMNS[:4])
     history = fetch_histories(client, frame.run_id.tolist(), ["dev/score"], sql=False)
@@ -420,8 +425,8 @@ def _teacher_runs(client, hashes: set[str]) -> pd.DataFrame:
 def _search_axes(sweep_runs: list) -> list[str]:
     out: list[str] = []
     for s in sweep_runs:
-        if s.data.tags.get("kdp.search") == "optuna":
-            for name in s.data.tags.get("kdp.search_axes", "").split(","):
+        if s.data.tags.get(runs.SEARCH) == "optuna":
+            for name in s.data.tags.get(runs.SEARCH_AXES, "").split(","):
                 if name.strip() and name.strip() not in out:
                     out.append(name.strip())
     return out

@@ -130,7 +130,7 @@ def _claimed_sweep(plan: SweepPlan, file: str | Path, exp_path: Path, *, resume:
     outcome = _on_ray(plan, parent, state, exp_path, resume=resume, address=address, max_concurrent=max_concurrent,
                       num_cpus=num_cpus, num_gpus=num_gpus, console=console)
     if outcome.exit_code == 130:
-        _close_open_runs(parent, uri, spec.name, "KILLED", {"kdp.interrupted": time.strftime("%Y-%m-%d %H:%M:%S")})
+        _close_open_runs(parent, uri, spec.name, "KILLED", {runs.INTERRUPTED: time.strftime("%Y-%m-%d %H:%M:%S")})
         console.print(f"[yellow]interrupted:[/] open runs closed KILLED. Continue with: [bold]kdplatform sweep "
                       f"{escape(str(file))} --resume[/]")
     return outcome
@@ -198,7 +198,7 @@ def _on_ray(plan: SweepPlan, parent: tracking.RunLogger, state: dict, exp_path: 
     except KeyboardInterrupt:
         outcome = SweepOutcome(130, parent.run_id, exp_path)
     except Exception as e:  # a full disk, Ray's state unreadable, ...: the parent ends FAILED, saying why
-        _close_open_runs(parent, uri, name, "FAILED", {"kdp.failure_reason": f"{type(e).__name__}: {e}"})
+        _close_open_runs(parent, uri, name, "FAILED", {runs.FAILURE_REASON: f"{type(e).__name__}: {e}"})
         if _disk_full(e) or _storage_full(exp_path):
             raise SweepError(f"the disk holding Ray's storage {exp_path.parent} is full ({type(e).__name__}: "
                              f"{tracking.redact(str(e))[:200]}); the sweep's open runs were closed FAILED", f"free space under {exp_path.parent}, then continue with: kdplatform "

@@ -286,7 +286,7 @@ class DriverHooks:
         reason = ""
         if trial.error_file and os.path.isfile(trial.error_file):
             reason = Path(trial.error_file).read_text()[-2000:]
-        self._close_run(trial, last, "FAILED", {"kdp.failure_reason": reason or "trial errored in Ray"})
+        self._close_run(trial, last, "FAILED", {runs.FAILURE_REASON: reason or "trial errored in Ray"})
         self.monitor.trial_done(trial.trial_id, "FAILED", last)
 
     def step(self, trials) -> None:
