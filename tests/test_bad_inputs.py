@@ -159,3 +159,51 @@ def test_sweep_refuses_bad_data_files_before_writing(name, corpus_copy, tmp_path
     assert result.exit_code == 2, f"{result.output}\n{result.exception!r}"
     check_message(name, result.stderr)
     assert_untouched(tmp_path, corpus_copy)
+
+
+# A teacher checkpoint whose weights file is cut short (an interrupted copy) or is not a weights file: built
+# from the real MiniLM checkpoint in a temporary folder (no weights in the repository).
+def _broken_teacher(work: Path, minilm: Path, kind: str) -> Path:
+    import json
+
+    folder = work / f"ckpt_{kind}"
+    folder.mkdir()
+    for f in ("config.json", "vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(minilm / f, folder / f)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(architectures=["BertForSequenceClassification"], num_labels=2)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with open(minilm / "model.safetensors", "rb") as src, open(folder / "model.safetensors", "wb") as dst:
+        dst.write(src.read(4096) if kind == "truncated" else os.urandom(4096))
+    (work / f"ckpt_{kind}.yaml").write_text(
+        "task: sst2\nmethod: kd\ndata: {source: glue_dir, glue_dir: glue_ok}\n"
+        f"teacher: {{checkpoint: ckpt_{kind}}}\nstudent: {{init: truncate, layers: 1}}\n")
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["truncated", "garbage"])
+def test_a_broken_teacher_weights_file_is_refused_before_any_run(kind, corpus_copy, tmp_path, minilm):
+    _broken_teacher(corpus_copy, Path(minilm), kind)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}", "HF_HUB_OFFLINE": "1",
+           "KDP_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "kdplatform.cli", "run", f"ckpt_{kind}.yaml"], cwd=corpus_copy,
+                          env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines[0].startswith("error: ") and f"ckpt_{kind}/model.safetensors" in lines[0], proc.stderr
+    assert "not a readable safetensors file" in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
+    assert_untouched(tmp_path, corpus_copy)
+
+
+def test_sweep_refuses_a_truncated_teacher_before_writing(corpus_copy, tmp_path, monkeypatch, minilm):
+    import ray
+
+    from kdplatform.cli import app
+
+    _broken_teacher(corpus_copy, Path(minilm), "truncated")
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("the sweep started Ray before its checks"))
+    result = CliRunner().invoke(app, ["sweep", "ckpt_truncated.yaml"], catch_exceptions=True)
+    assert result.exit_code == 2, f"{result.output}\n{result.exception!r}"
+    assert "ckpt_truncated/model.safetensors" in result.stderr and "truncated" in result.stderr, result.stderr
+    assert "Traceback" not in result.output
+    assert_untouched(tmp_path, corpus_copy)

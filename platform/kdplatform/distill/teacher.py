@@ -73,6 +73,36 @@ def check_checkpoint(folder: Path, trial: ResolvedTrial) -> None:
         raise TeacherError(f"{cfg_file}: {got} labels, task {trial.task} has {want}")
     if not any((folder / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")):
         raise TeacherError(f"{folder}: no weights (model.safetensors)")
+    check_weights_header(folder)
+
+
+def check_weights_header(folder: Path) -> None:
+    """Read the weights file's header only (milliseconds, no tensors loaded): a truncated or garbage file
+    (an interrupted copy or download) is refused here, not as a library traceback once a run has started.
+    safetensors checks that its header's tensor offsets cover the file exactly; a `.bin` is a zip archive
+    whose directory sits at the end, so a truncated one cannot be opened."""
+    fix = "copy the checkpoint again (or save it again with save_pretrained)"
+    weights = folder / "model.safetensors"
+    if weights.is_file():
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(weights), framework="numpy") as f:
+                if not list(f.keys()):
+                    raise TeacherError(f"{weights}: holds no tensors; {fix}")
+        except (SafetensorError, OSError) as e:
+            raise TeacherError(f"{weights}: not a readable safetensors file ({e}; {weights.stat().st_size} "
+                               f"bytes): truncated or not a weights file; {fix}") from None
+        return
+    import zipfile
+
+    weights = folder / "pytorch_model.bin"
+    try:
+        with zipfile.ZipFile(weights) as z:
+            z.namelist()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise TeacherError(f"{weights}: not a readable PyTorch checkpoint ({e}): truncated or not a weights "
+                           f"file; {fix}") from None
 
 
 @contextmanager
