@@ -8,6 +8,7 @@ atomically (written aside, then renamed), and a file lock keeps two processes fr
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -33,6 +34,20 @@ BERT_LIKE = frozenset({"bert", "roberta", "xlm-roberta", "electra", "camembert",
 
 class TeacherError(ValueError):
     """A teacher checkpoint that cannot be used (missing, wrong architecture or task)."""
+
+
+class TeacherDiskFull(TeacherError):
+    """The fine-tuned teacher could not be saved: its disk is full (the user frees space: exit 2)."""
+
+
+def disk_full(e: BaseException) -> bool:
+    """Whether an error (or its cause) is a full disk or quota; safetensors reports ENOSPC as text."""
+    while e is not None:
+        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(
+                s in str(e) for s in ("No space left on device", "StorageFull", "Disk quota exceeded")):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def teacher_dir(trial: ResolvedTrial) -> Path:
@@ -194,7 +209,16 @@ def finetune_teacher(trial: ResolvedTrial, tracking_uri: str, folder: Path,
     info = {"teacher_hash": trial.teacher_hash, "run_id": logger.run_id, "task": trial.task,
             "model": trial.teacher.model, "dev": {k: v for k, v in state.last.items() if k.startswith("dev/")},
             "seconds": round(time.time() - started, 1)}
-    _publish(model, tokenizer, info, folder)
+    try:
+        _publish(model, tokenizer, info, folder)
+    except Exception as e:
+        logger.set_tags({runs.FAILURE_REASON: f"saving the checkpoint failed: {type(e).__name__}: {str(e)[:4000]}"})
+        logger.finish("FAILED")
+        if disk_full(e):
+            raise TeacherDiskFull(f"the disk holding the teacher cache {folder.parent} is full: the fine-tuned "
+                                  f"teacher could not be saved (its run {logger.run_id} ended FAILED); free "
+                                  "space there or point KDP_CACHE_DIR at a larger disk, then run again") from None
+        raise
     logger.set_tags(runs.finished_teacher_tags(folder, state.last.get("dev/score", float("nan"))))
     logger.finish("FINISHED")
     return folder
@@ -213,11 +237,16 @@ def _teacher_run(trial: ResolvedTrial, tracking_uri: str, parent_run_id: str | N
 
 
 def _publish(model, tokenizer, info: dict, folder: Path) -> None:
-    """Write the checkpoint aside, then rename it into place: readers see a whole teacher or none."""
+    """Write the checkpoint aside, then rename it into place: readers see a whole teacher or none (a save
+    that fails, e.g. on a full disk, removes what it wrote aside)."""
     tmp = folder.parent / f".{folder.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / MARKER).write_text(json.dumps(info, indent=2))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / MARKER).write_text(json.dumps(info, indent=2))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
