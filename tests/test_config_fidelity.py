@@ -148,8 +148,43 @@ def test_a_changed_definition_enters_only_the_hashes_of_trials_it_affects(tmp_pa
             expected["quantized_attention_maps"] = 2
         if bits == 4:
             expected["weights_4bit"] = 2
+        if act_bits < 32:  # every quantized-activation trial quantizes its attention probabilities
+            expected["attention_probs_after_dropout"] = 2
+        if method == "pkd":  # the pkd preset learns a projection (the reference's fit_dense)
+            expected["hidden_projection"] = 2
         assert versions == expected, (task, method, bits, act_bits)
-    assert {c.name for c in DEFINITION_CHANGES} == {"pkd", "logit_kd", "quantized_attention_maps", "weights_4bit"}
+    assert {c.name for c in DEFINITION_CHANGES} == {"pkd", "logit_kd", "quantized_attention_maps", "weights_4bit",
+                                                    "attention_probs_after_dropout", "embeddings_8bit",
+                                                    "hidden_projection"}
+
+
+def test_embedding_grid_change_enters_only_8_bit_trials_with_quantized_embeddings(tmp_path):
+    _, trials, _ = trials_of(tmp_path, """
+        task: sst2
+        method: kd
+        student: {layers: 2}
+        grid: {bits: [2, 4, 8, 32], student.quantize_embeddings: [true, false]}
+        """)
+    for t in trials:
+        versions = t.hashed_dict().get("definitions", {})
+        assert ("embeddings_8bit" in versions) == (t.bits == 8 and t.student.quantize_embeddings), t.run_name
+
+
+def test_projection_change_enters_only_trials_whose_hidden_mse_projects(tmp_path):
+    """ternarybert's hidden_mse has no projection of its own: it projects only when the widths differ, i.e.
+    for a student of another model with another width (384 for the MiniLM teacher; this one is 128 wide)."""
+    narrow = tmp_path / "narrow"
+    narrow.mkdir()
+    (narrow / "config.json").write_text('{"model_type": "bert", "hidden_size": 128, "num_hidden_layers": 2}')
+    expected = {"truncate": False, "minilm-l6": False, str(narrow): True}
+    for init, projects in expected.items():
+        _, (trial,), _ = trials_of(tmp_path, f"""
+            task: sst2
+            method: ternarybert
+            bits: 2
+            student: {{init: {init}, layers: 2}}
+            """)
+        assert ("hidden_projection" in trial.hashed_dict().get("definitions", {})) == projects, init
 
 
 # ----------------------------------------------------------------------------------------- describe

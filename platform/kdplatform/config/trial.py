@@ -23,6 +23,7 @@ from typing import Any, Callable
 from pydantic import BaseModel, field_serializer
 
 from kdplatform.config.layer_map import layer_map_label
+from kdplatform.config.models import model_width
 from kdplatform.config.schema import REGRESSION_TASKS, DataConfig, SpeedConfig, StudentConfig, TeacherConfig
 
 # What does not change results: left out of the config hash.
@@ -215,7 +216,31 @@ DEFINITION_CHANGES: tuple[DefinitionChange, ...] = (
                      lambda t: t.act_bits < 32 and t.uses_loss("attention_map_kl", "attention_score_mse"),
                      "attention map/score losses read the maps of the quantized Q and K (KD-QAT reference)"),
     DefinitionChange("weights_4bit", 2, lambda t: t.bits == 4, "4-bit weights use the KD-QAT reference quantizer"),
+    DefinitionChange("attention_probs_after_dropout", 2, lambda t: t.act_bits < 32,
+                     "quantized activations: attention probabilities are quantized after dropout (the reference)"),
+    DefinitionChange("embeddings_8bit", 2, lambda t: t.bits == 8 and t.student.quantize_embeddings,
+                     "8-bit quantized word embeddings use the per-row TWN-scaled grid (the reference)"),
+    DefinitionChange("hidden_projection", 2, lambda t: builds_projection(t),
+                     "the hidden-state projection is one linear shared by the mapped layers, normal-initialised"),
 )
+
+
+def widths_may_differ(trial: ResolvedTrial) -> bool:
+    """Whether student and teacher hidden widths may differ: a student of another model whose width is
+    not known to equal the teacher's (truncate / teacher_copy students have the teacher's width)."""
+    if trial.student.init in ("truncate", "teacher_copy"):
+        return False
+    student = model_width(trial.student.init)
+    teacher = model_width(trial.teacher.checkpoint or trial.teacher.model)
+    return student is None or teacher is None or student != teacher
+
+
+def builds_projection(trial: ResolvedTrial) -> bool:
+    """Whether a stage learns a projection of student hidden states: a term that asks for one, or
+    hidden_mse when the widths (may) differ."""
+    terms = [t for s in trial.train for t in s.losses]
+    return any(t.projection for t in terms) or (any(t.name == "hidden_mse" for t in terms)
+                                                and widths_may_differ(trial))
 
 
 def definition_versions(trial: ResolvedTrial) -> dict[str, int]:
