@@ -115,6 +115,8 @@ def test_cr_ild_study_teachers_follow_the_reference_protocol():
     for t in trials:
         ft = t.teacher.finetune
         assert (ft.epochs, ft.batch_size) == ((20 if t.data.max_train_examples == 1000 else 4), 16), t.run_name
+        # the reference's default_params: 64 tokens for CoLA and SST-2 (its teacher fine-tune included)
+        assert t.data.max_seq_length == (64 if t.task in ("cola", "sst2") else 128), t.run_name
         if t.data.max_train_examples:
             assert t.data.subsample_seed == "run"
 
