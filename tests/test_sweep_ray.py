@@ -134,6 +134,10 @@ def test_sweep_retries_a_crash_fails_a_divergence_then_runs_only_what_is_missing
     first = _sweep(spec, mlflow_uri, env)
     assert first.returncode == 1, first.out[-4000:]  # one trial failed; the sweep still went through all
     assert "3 finished, 1 failed" in first.out, first.out[-4000:]
+    # Ray's own lines are in its log file, which the summary names, not in the user's output
+    assert "Checkpoint successfully created" not in first.out, first.out[-4000:]
+    ray_log = first.stdout.split("Ray's log: ", 1)[1].split()[0]
+    assert Path(ray_log).is_file() and Path(ray_log).parent.name.startswith("faults-")
 
     parents = _runs(mlflow_uri, "faults", "sweep")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
