@@ -63,5 +63,10 @@ def test_run_reads_a_local_datasets_folder_and_logs_the_source(tmp_path, glue_di
     ds = inputs[0].dataset
     assert ds.name == "sst2/train" and str(folder) in ds.source and '"num_rows": 300' in ds.profile
     assert [t.value for t in inputs[0].tags if t.key == "mlflow.data.context"] == ["train"]
-    # dev scored on the folder's 100 validation rows, capped at 64 by max_dev_examples
     assert 0.0 <= student.data.metrics["dev/accuracy"] <= 1.0
+
+    # the Python API's report on this small real store (HTML only: no browser needed)
+    from kdplatform import build_report
+
+    summary = build_report(mlflow_uri, tmp_path / "report", experiment="hubdata", formats="html")
+    assert summary["runs"] == 1 and Path(summary["index"]).is_file()
