@@ -15,7 +15,6 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 LINE_EVERY_S = 30.0
-LINE_EVERY_FRACTION = 0.1
 
 
 class StepProgress:
@@ -28,7 +27,7 @@ class StepProgress:
         self.label: str | None = None
         self.task_id = None
         self.last_line_at = 0.0
-        self.last_fraction = 0.0
+        self.last_tenth = 0
 
     def __enter__(self) -> StepProgress:
         if self.console.is_terminal:
@@ -49,12 +48,11 @@ class StepProgress:
         if self.bar is not None:
             self.bar.update(self.task_id, completed=step, total=total)
             return
-        now, fraction = time.monotonic(), step / max(total, 1)
-        if (step >= total or fraction - self.last_fraction >= LINE_EVERY_FRACTION
-                or now - self.last_line_at >= self.line_every_s):
-            self.console.print(f"  {escape(label)}: step {step}/{total} ({fraction:.0%})", highlight=False,
-                               soft_wrap=True)
-            self.last_line_at, self.last_fraction = now, fraction
+        now, tenth = time.monotonic(), step * 10 // max(total, 1)  # whole tenths: no float drift
+        if step >= total or tenth > self.last_tenth or now - self.last_line_at >= self.line_every_s:
+            self.console.print(f"  {escape(label)}: step {step}/{total} ({step / max(total, 1):.0%})",
+                               highlight=False, soft_wrap=True)
+            self.last_line_at, self.last_tenth = now, tenth
 
     def _start(self, label: str, total: int) -> None:
         self.label = label
@@ -62,4 +60,4 @@ class StepProgress:
             self.task_id = self.bar.add_task(escape(label), total=total)
         else:
             self.console.print(f"{escape(label)} ...  ({total} steps)", highlight=False, soft_wrap=True)
-            self.last_line_at, self.last_fraction = time.monotonic(), 0.0
+            self.last_line_at, self.last_tenth = time.monotonic(), 0
