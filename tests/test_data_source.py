@@ -13,8 +13,6 @@ from mlflow.tracking import MlflowClient
 
 from conftest import write_yaml
 
-pytestmark = pytest.mark.slow
-
 TRIAL = """
 name: hubdata
 task: sst2
@@ -39,6 +37,19 @@ def _save_sst2_rows(glue_dir: Path, folder: Path) -> None:
     datasets.DatasetDict({"train": frame("train.tsv", 300), "validation": frame("dev.tsv", 100)}).save_to_disk(folder)
 
 
+def test_hub_dataset_enters_the_config_and_teacher_hashes_only_when_set(tmp_path) -> None:
+    from kdplatform.config import NEUTRAL_VALUES, load_trials
+
+    base = "name: h\ntask: sst2\nmethod: kd\n"
+    plain = load_trials(write_yaml(tmp_path / "a.yaml", base))[1][0]
+    other = load_trials(write_yaml(tmp_path / "b.yaml", base + "data: {hub_dataset: /data/sst2}\n"))[1][0]
+    assert NEUTRAL_VALUES[("data", "hub_dataset")] is None
+    assert "hub_dataset" not in plain.hashed_dict()["data"]  # unset: every earlier hash stays as it was
+    assert other.hashed_dict()["data"]["hub_dataset"] == "/data/sst2"
+    assert other.cfg_hash != plain.cfg_hash and other.teacher_hash != plain.teacher_hash
+
+
+@pytest.mark.slow
 def test_run_reads_a_local_datasets_folder_and_logs_the_source(tmp_path, glue_dir, tiny_bert_dir, mlflow_uri):
     folder = tmp_path / "sst2_rows"
     _save_sst2_rows(glue_dir, folder)
