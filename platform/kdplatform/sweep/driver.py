@@ -197,7 +197,7 @@ def _on_ray(plan: SweepPlan, parent: tracking.RunLogger, state: dict, exp_path: 
         previous_sigterm = signal.signal(signal.SIGTERM, _sigterm_as_sigint)
         outcome = _run_stages(plan, parent, state, exp_path, resume, max_concurrent, console)
         console.print(f"Ray's log: {escape(str(ray_log))}" + (f" (workers: {escape(_ray_session_logs())})"
-                                                               if not address else ""))
+                                                               if not address else ""), soft_wrap=True)
     except KeyboardInterrupt:
         outcome = SweepOutcome(130, parent.run_id, exp_path)
     except Exception as e:  # a full disk, Ray's state unreadable, ...: the parent ends FAILED, saying why
