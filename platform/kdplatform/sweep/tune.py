@@ -33,6 +33,7 @@ from kdplatform.config import ResolvedTrial
 
 STATUS, REASON, RUN_ID = "kdp_status", "kdp_failure_reason", "mlflow_run_id"
 EARLY_STOPPED = "kdp.early_stopped"
+NODE = "kdp.node"
 
 
 @dataclass
@@ -144,9 +145,19 @@ def student_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
             reporter.final("FAILED", {REASON: f"{type(e).__name__}: {e}"[:500]})
             return
         reporter.run_id = result.run_id
+        _tag_node(uri, result.run_id)
         reporter.final("FINISHED", {**result.best, "minutes": result.seconds / 60})
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _tag_node(uri: str, run_id: str) -> None:
+    """`kdp.node`: the Ray node that trained the run (its node id; the IP alone is ambiguous when several
+    nodes share a host), so a multi-node sweep shows where each trial ran."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    tracking.retry(lambda: tracking.client(uri).set_tag(run_id, NODE, node), "set tag")
 
 
 def unfinished_run_id(uri: str, experiment: str, parent_run_id: str, cfg_hash: str) -> str | None:
