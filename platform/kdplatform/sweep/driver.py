@@ -122,7 +122,7 @@ def run_sweep(file: str | Path, *, tracking_uri: str | None = None, dry_run: boo
     for r in plan_tables(plan, outcomes, uri)[:2 + len(plan.notes)]:
         console.print(r)  # the header and notes; the full tables are --dry-run's
     # every data file and ready checkpoint the trials read, checked before the parent run or Ray exist
-    preflight(plan.trials if spec.search is not None else plan.to_run)
+    preflight(plan.trials if spec.search is not None else plan.to_run, runs_here=not address)
 
     # ---- the parent run
     dir_name = plan.experiment_dir_name
