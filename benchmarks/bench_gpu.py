@@ -19,7 +19,8 @@ max length 128, batch 32, bf16 autocast, AdamW. Systems, each on the same exampl
 Each run trains 2 epochs; only the second is timed (the first warms up kernels and fills the teacher cache),
 from the first step to the last, device synchronised at both ends, evaluation excluded. Train samples/s =
 examples / that time; useful FLOP/s = `flops.kd_step_flops` of the timed batches' non-padding tokens / time
-(teacher forward + student forward and backward; formula in benchmarks/flops.py); MFU = useful FLOP/s / the
+(teacher forward + student forward and backward; formula in benchmarks/flops.py; executed_of_peak leaves out
+the teacher forwards the cache served); MFU = useful FLOP/s / the
 device's dense bf16 peak (`flops.DEVICE_PEAK_BF16`; on CPU, `--cpu-peak` from bench_cpu_peak.py or measured
 here); peak memory = torch.cuda.max_memory_allocated per run (CPU: the process's peak RSS so far).
 
@@ -51,7 +52,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no weight-loading reports for the truncated students
 
-from flops import device_peak_bf16, kd_step_flops, matmul_peak  # noqa: E402
+from flops import device_peak_bf16, forward_flops, kd_step_flops, matmul_peak  # noqa: E402
 
 SHAPES = {  # teacher shape and student depth
     "base": {"layers": 12, "hidden": 768, "heads": 12, "intermediate": 3072, "student_layers": 6},
@@ -177,15 +178,21 @@ def run_worker(a, task: str, teacher_dir: str, cache: bool) -> dict:
                 hooks=Hooks(on_step=window))
     order = train_loader(data.train, stage.batch_size, data.collator, seed=trial.seed * 1000 + 0 * 100 + 1)
     batches = [b["attention_mask"].sum(1).tolist() for b in order][:spe - 1]  # the timed steps' batches
-    return result(a, "worker" if cache else "worker_nocache", task, batches, window, peak_mb(device))
+    return result(a, "worker" if cache else "worker_nocache", task, batches, window, peak_mb(device),
+                  teacher_ran=not cache)  # with the cache, epoch 2 reads every teacher output from it
 
 
-def result(a, system: str, task: str, batches: list[list[int]], window: Window, mem_mb: float) -> dict:
+def result(a, system: str, task: str, batches: list[list[int]], window: Window, mem_mb: float,
+           teacher_ran: bool = True) -> dict:
+    """Useful FLOPs count the teacher forward every step (model FLOPs); executed FLOPs leave it out where
+    the teacher output cache served it, so `executed_of_peak` is what the device actually did."""
     seconds = window.t1 - window.t0
     useful = sum(kd_step_flops(b, a.teacher_shape, a.student_shape) for b in batches)
+    executed = useful if teacher_ran else useful - sum(forward_flops(b, **a.teacher_shape) for b in batches)
     samples = sum(len(b) for b in batches)
     return {"system": system, "task": task, "trials": 1, "samples_per_s": samples / seconds,
-            "useful_flops": useful / seconds, "mfu": useful / seconds / a.peak, "peak_mem_mb": mem_mb,
+            "useful_flops": useful / seconds, "mfu": useful / seconds / a.peak,
+            "executed_of_peak": executed / seconds / a.peak, "peak_mem_mb": mem_mb,
             "mean_tokens": sum(map(sum, batches)) / samples, "window": [window.t0_wall, window.t1_wall]}
 
 
@@ -285,6 +292,7 @@ def packed(a, task: str, teacher_dir: str, n: int) -> dict:
     return {"system": f"packed x{n}", "task": task, "trials": n,
             "samples_per_s": sum(r["samples_per_s"] for r in rows),
             "useful_flops": sum(r["useful_flops"] for r in rows), "mfu": sum(r["mfu"] for r in rows),
+            "executed_of_peak": sum(r["executed_of_peak"] for r in rows),
             "peak_mem_mb": max(r["peak_mem_mb"] for r in rows), "mean_tokens": rows[0]["mean_tokens"],
             "window_overlap": overlap}
 

@@ -72,10 +72,12 @@ def test_bench_gpu_runs_on_the_cpu_and_reports_every_system(tmp_path, glue_dir, 
     rows = {r["system"]: r for r in report["rows"]}
     assert set(rows) == {"worker", "worker_nocache", "plain", "ceiling", "packed x2"}
     for name, r in rows.items():
-        for field in ("samples_per_s", "useful_flops", "mfu", "peak_mem_mb", "mean_tokens"):
+        for field in ("samples_per_s", "useful_flops", "mfu", "executed_of_peak", "peak_mem_mb", "mean_tokens"):
             assert r[field] > 0, (name, field, r)
         assert r["mfu"] < 1, (name, r)
     assert rows["packed x2"]["trials"] == 2
+    assert rows["worker"]["executed_of_peak"] < rows["worker"]["mfu"], "cached teacher forwards are not executed"
+    assert rows["plain"]["executed_of_peak"] == rows["plain"]["mfu"]
     assert rows["ceiling"]["mean_tokens"] == 128
     assert rows["worker"]["mean_tokens"] == rows["plain"]["mean_tokens"] < 128, "the same real SST-2 batches"
     for column in ("samples_per_s", "useful_TFLOP/s", "mfu", "peak_mem_mb"):
