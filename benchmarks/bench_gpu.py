@@ -51,6 +51,7 @@ sys.path.append(str(HERE.parent / "platform"))  # kdplatform from this checkout 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no weight-loading reports for the truncated students
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 from flops import device_peak_bf16, forward_flops, kd_step_flops, matmul_peak  # noqa: E402
 
