@@ -13,8 +13,8 @@ max length 128, batch 32, bf16 autocast, AdamW. Systems, each on the same exampl
 - ceiling: the fixed-shape ceiling: 32 x 128 REAL tokens per batch (no padding), SDPA, teacher forward +
   student forward/backward with logit KD + hidden MSE (SDPA returns no attention maps): what this device
   reaches on this model pair when every token is useful.
-- packed xN: N worker trials (separate processes) sharing the device; aggregate samples/s is the sum of
-  their rates over their (overlapping) timed windows.
+- packed xN: N worker trials (separate processes) sharing the device; aggregate samples/s = all their
+  timed samples / the span from the first trial's timed start to the last trial's timed end.
 
 Each run trains 2 epochs; only the second is timed (the first warms up kernels and fills the teacher cache),
 from the first step to the last, device synchronised at both ends, evaluation excluded. Train samples/s =
@@ -194,7 +194,8 @@ def result(a, system: str, task: str, batches: list[list[int]], window: Window, 
     return {"system": system, "task": task, "trials": 1, "samples_per_s": samples / seconds,
             "useful_flops": useful / seconds, "mfu": useful / seconds / a.peak,
             "executed_of_peak": executed / seconds / a.peak, "peak_mem_mb": mem_mb,
-            "mean_tokens": sum(map(sum, batches)) / samples, "window": [window.t0_wall, window.t1_wall]}
+            "mean_tokens": sum(map(sum, batches)) / samples, "window": [window.t0_wall, window.t1_wall],
+            "samples": samples, "seconds": seconds}
 
 
 def tinybert_losses(s_out, t_out, with_attention: bool, n_student: int):
@@ -278,7 +279,9 @@ def padded(batch: dict, device, full_length: bool) -> dict:
 
 # ------------------------------------------------------------------------------------------ driver
 def packed(a, task: str, teacher_dir: str, n: int) -> dict:
-    """n worker trials at once, each its own process on the same device; aggregate = sum of their rates."""
+    """n worker trials at once, each its own process on the same device. Aggregate samples/s = all their timed
+    samples / (last timed step of any - first of any); `window_overlap` says how much the windows overlapped
+    (1: fully, 0: one after the other, when the aggregate is no more than one trial's rate)."""
     outs = [Path(a.work) / f"packed_{task}_{n}_{i}.json" for i in range(n)]
     cmd = [sys.executable, __file__, "--child", task, "--teacher-dir", teacher_dir, *a.passthrough]
     procs = [subprocess.Popen([*cmd, "--json", str(o)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -289,13 +292,14 @@ def packed(a, task: str, teacher_dir: str, n: int) -> dict:
             raise SystemExit(f"a packed trial failed:\n{log[-3000:]}")
     rows = [json.loads(o.read_text())[0] for o in outs]
     starts, ends = [r["window"][0] for r in rows], [r["window"][1] for r in rows]
+    span = max(ends) - min(starts)  # first timed step of any trial to the last of any: never flatters
     overlap = max(0.0, min(ends) - max(starts)) / max(e - s for s, e in zip(starts, ends))
+    useful = sum(r["useful_flops"] * r["seconds"] for r in rows) / span
+    executed = sum(r["executed_of_peak"] * r["seconds"] for r in rows) / span
     return {"system": f"packed x{n}", "task": task, "trials": n,
-            "samples_per_s": sum(r["samples_per_s"] for r in rows),
-            "useful_flops": sum(r["useful_flops"] for r in rows), "mfu": sum(r["mfu"] for r in rows),
-            "executed_of_peak": sum(r["executed_of_peak"] for r in rows),
-            "peak_mem_mb": max(r["peak_mem_mb"] for r in rows), "mean_tokens": rows[0]["mean_tokens"],
-            "window_overlap": overlap}
+            "samples_per_s": sum(r["samples"] for r in rows) / span, "useful_flops": useful,
+            "mfu": useful / a.peak, "executed_of_peak": executed, "peak_mem_mb": max(r["peak_mem_mb"] for r in rows),
+            "mean_tokens": rows[0]["mean_tokens"], "window_overlap": overlap}
 
 
 def device_peak(a) -> tuple[float, str]:
