@@ -54,19 +54,19 @@ def sweep_trials(args, teacher_dir: str, cache: bool):
 def child(args) -> None:
     import torch
 
-    from kdplatform.distill import worker
-    from kdplatform.distill.cache import cache_size, default_root
+    from kdplatform.distill import student, worker
+    from kdplatform.distill.teacher_cache import cache_size, default_root
 
     torch.set_num_threads(args.threads)
     cache = args.child == "on"
     shutil.rmtree(default_root(), ignore_errors=True)
     counter = {"examples": 0}
-    real_freeze = worker.freeze
+    real_freeze = student.freeze
 
     def counted_freeze(model):
         return bench_worker.count_forwards(real_freeze(model), counter) and model
 
-    worker.freeze = counted_freeze
+    student.freeze = counted_freeze
     uri = f"sqlite:///{Path(args.work) / f'mlflow_sweep_{os.getpid()}.db'}"
     trials = sweep_trials(args, args.teacher_dir, cache)
     hits = misses = 0

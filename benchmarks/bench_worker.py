@@ -123,7 +123,7 @@ def batch_order(args, n: int, lengths, epoch: int) -> list[list[int]]:
 
 def load_data(args, tokenizer):
     from kdplatform.distill.tasks import downsample, load_split, tokenize
-    from kdplatform.distill.worker import DATA_SEED
+    from kdplatform.distill.data import DATA_SEED
 
     train = downsample(load_split("sst2", "train", glue_dir=args.glue_dir), args.examples, DATA_SEED)
     dev = load_split("sst2", "dev", glue_dir=args.glue_dir)
@@ -185,16 +185,16 @@ def dev_accuracy(model, dev: dict, batch: int = 128) -> float:
 
 
 def run_kdp(args, teacher_dir: str, precision: str, cache_dtype: str = "float32") -> dict:
-    from kdplatform.distill import worker
-    from kdplatform.distill.cache import default_root
+    from kdplatform.distill import engine, objective, student, worker
+    from kdplatform.distill.teacher_cache import default_root
 
     shutil.rmtree(default_root(), ignore_errors=True)  # a cold teacher-output cache: epoch 1 computes it
     train_clock, eval_clock = Clock(), Clock()
-    real_stage, real_eval, real_step = worker.train_stage, worker.evaluate, worker._step_losses
+    real_stage, real_eval, real_step = student.train_stage, engine.evaluate, objective.step_terms
     started = {}
 
-    def timed_stage(**kw):  # from the first training step to the end of the stage (setup excluded)
-        out = real_stage(**kw)
+    def timed_stage(*a, **kw):  # from the first training step to the end of the stage (setup excluded)
+        out = real_stage(*a, **kw)
         train_clock.wall += time.perf_counter() - started["wall"]
         train_clock.cpu += time.process_time() - started["cpu"]
         return out
@@ -212,13 +212,13 @@ def run_kdp(args, teacher_dir: str, precision: str, cache_dtype: str = "float32"
         return out
 
     counter, eval_forwards = {"examples": 0}, {"examples": 0}
-    real_freeze = worker.freeze  # run_trial freezes exactly one model: the teacher
+    real_freeze = student.freeze  # run_trial freezes exactly one model: the teacher
 
     def counted_freeze(model):
         return count_forwards(real_freeze(model), counter) and model
 
-    worker.train_stage, worker.evaluate, worker.freeze = timed_stage, timed_eval, counted_freeze
-    worker._step_losses = timed_step
+    student.train_stage, engine.evaluate, student.freeze = timed_stage, timed_eval, counted_freeze
+    objective.step_terms = timed_step
     trial = trial_config(args, precision=precision, cache_dtype=cache_dtype)
     result = worker.run_trial(trial, tracking_uri=f"sqlite:///{Path(args.work) / f'mlflow_{os.getpid()}.db'}")
     t = train_clock.minus(eval_clock)

@@ -13,9 +13,11 @@ import pytest
 import torch
 
 from kdplatform.config import ResolvedLoss, ResolvedStage, TrialConfig, resolve_trial
-from kdplatform.distill import cache as cache_mod
+from kdplatform.distill import objective
 from kdplatform.distill import worker
-from kdplatform.distill.cache import TeacherCache, cache_size, evict, teacher_identity
+from kdplatform.distill.objective import StageLosses
+from kdplatform.distill.taps import forward_features
+from kdplatform.distill.teacher_cache import extract, TeacherCache, cache_size, evict, teacher_identity
 from kdplatform.distill.models import freeze, load_classifier
 from kdplatform.distill.tasks import Collator
 
@@ -83,7 +85,7 @@ def _assert_same_features(got, want, mask) -> None:
 
 def test_hit_returns_exactly_a_fresh_forward(models, examples, tmp_path):
     teacher, student = models
-    losses = worker.StageLosses(_stage(), student, teacher, n_student=2)
+    losses = StageLosses(_stage(), student, teacher, n_student=2)
     assert losses.t_features == ["attn_out.3", "hidden.0", "hidden.4", "k.2", "k.4", "logits", "q.2", "q.4",
                                  "v.4"]
     order = list(range(len(examples)))
@@ -101,12 +103,12 @@ def test_hit_returns_exactly_a_fresh_forward(models, examples, tmp_path):
     for b in _batches(examples, rng.permutation(len(examples)).tolist(), bs=5):
         hit = second.lookup(b)
         assert hit is not None
-        fresh = worker.forward_features(teacher, b, losses.t_tap, True)
+        fresh = forward_features(teacher, b, losses.t_tap, True)
         # values at valid positions equal the forward that wrote them; a fresh forward of another padding
         # differs only in float rounding
         for name in losses.t_features:
-            got = cache_mod._extract(name, hit)
-            want = cache_mod._extract(name, fresh)
+            got = extract(name, hit)
+            want = extract(name, fresh)
             m = b["attention_mask"].bool() if got.dim() == 3 else slice(None)
             torch.testing.assert_close(got[m], want[m], rtol=1e-5, atol=1e-5)
         s = losses.student(student, b)
@@ -117,13 +119,13 @@ def test_hit_returns_exactly_a_fresh_forward(models, examples, tmp_path):
     # same batch as the one written: bit for bit
     same = _open(examples, losses, teacher, tmp_path)
     b = _batches(examples, order)[1]
-    _assert_same_features(same.lookup(b), worker.forward_features(teacher, b, losses.t_tap, True),
+    _assert_same_features(same.lookup(b), forward_features(teacher, b, losses.t_tap, True),
                           b["attention_mask"])
 
 
 def test_16bit_storage_is_close_and_half_the_bytes(models, examples, tmp_path):
     teacher, student = models
-    losses = worker.StageLosses(_stage(), student, teacher, n_student=2)
+    losses = StageLosses(_stage(), student, teacher, n_student=2)
     order = list(range(len(examples)))
     c32 = _open(examples, losses, teacher, tmp_path)
     c16 = _open(examples, losses, teacher, tmp_path, dtype="bfloat16")
@@ -137,7 +139,7 @@ def test_16bit_storage_is_close_and_half_the_bytes(models, examples, tmp_path):
     # float16 cannot hold |x| > 65504: such a feature is not cached (the teacher runs), the rest is
     big = _open(examples, losses, teacher, tmp_path / "big", dtype="float16")
     for batch in _batches(examples, order):
-        feats = worker.forward_features(teacher, batch, losses.t_tap, True)
+        feats = forward_features(teacher, batch, losses.t_tap, True)
         feats.hidden = tuple(h * 1e6 if i == 4 else h for i, h in enumerate(feats.hidden))
         big.store(batch, feats)
     assert "hidden.4" in big.skipped and "logits" in big.ready and big.lookup(b) is None
@@ -146,7 +148,7 @@ def test_16bit_storage_is_close_and_half_the_bytes(models, examples, tmp_path):
 
 def test_eviction_keeps_the_bound(models, examples, tmp_path):
     teacher, student = models
-    losses = worker.StageLosses(_stage(ALL_TERMS[:2]), student, teacher, n_student=2)
+    losses = StageLosses(_stage(ALL_TERMS[:2]), student, teacher, n_student=2)
     order = list(range(len(examples)))
     sizes = []
     for n in (6, 8, 10):  # three example sets: three entries
@@ -179,13 +181,13 @@ def test_eviction_keeps_the_bound(models, examples, tmp_path):
 
 def test_damaged_entries_are_ignored_and_rebuilt(models, examples, tmp_path):
     teacher, student = models
-    losses = worker.StageLosses(_stage(ALL_TERMS[:2]), student, teacher, n_student=2)
+    losses = StageLosses(_stage(ALL_TERMS[:2]), student, teacher, n_student=2)
     order = list(range(len(examples)))
     good = _open(examples, losses, teacher, tmp_path)
     _fill(good, losses, teacher, examples, order)
     entry = tmp_path / good.key
     b = _batches(examples, order)[0]
-    want = worker.forward_features(teacher, b, losses.t_tap, True)
+    want = forward_features(teacher, b, losses.t_tap, True)
 
     # a truncated feature file, a garbage one, and a writer's leftover partial (dead pid)
     data = (entry / "hidden.4.npy").read_bytes()
@@ -220,8 +222,10 @@ TRIAL = dict(name="cache", task="sst2", method="custom",
 
 
 def _trial(glue_dir, teacher_dir, **kw):
+    # one subset for every seed (subsample_seed: fixed), so trials of other seeds share the cached examples
     raw = {**TRIAL, "data": dict(source="glue_dir", glue_dir=str(glue_dir), max_train_examples=48,
-                                 max_dev_examples=32, train_eval_examples=16, max_seq_length=32)}
+                                 max_dev_examples=32, train_eval_examples=16, max_seq_length=32,
+                                 subsample_seed="fixed")}
     raw["teacher"] = {**raw["teacher"], "model": str(teacher_dir)}
     raw["train"] = [dict(name="distill", epochs=2, batch_size=16, eval_every=0, lr=1e-3,
                          losses=[dict(name="logit_kd"), dict(name="hidden_mse", layer_map="last"),
@@ -269,13 +273,13 @@ def test_run_trial_same_losses_with_and_without_cache(glue_dir, tiny_bert_dir, m
 def test_mixup_stages_bypass_the_cache(glue_dir, tiny_bert_dir, mlflow_uri, trial_cache_dir, monkeypatch):
     monkeypatch.setenv("KDP_CACHE_DIR", str(trial_cache_dir))
     seen = []
-    real = worker._step_losses
+    real = objective.step_terms
 
     def spy(stage, *args, cache=None, **kw):
         seen.append((stage.name, cache is None))
         return real(stage, *args, cache=cache, **kw)
 
-    monkeypatch.setattr(worker, "_step_losses", spy)
+    monkeypatch.setattr(objective, "step_terms", spy)
     trial = _trial(glue_dir, tiny_bert_dir, method="cr_ild", consistency_weight=0.5,
                    train=[dict(name="ild", max_steps=2, batch_size=16, eval_every=0),
                           dict(name="pred", max_steps=2, batch_size=16, eval_every=0)],

@@ -47,7 +47,7 @@ def test_run_logs_a_complete_student_run(tmp_path, glue_dir, tiny_bert_dir, mlfl
 
     runs = _runs(mlflow_uri, "e2e")
     roles = sorted(r.data.tags["kdp.role"] for r in runs)
-    assert roles == ["student", "teacher"]
+    assert roles == ["student", "sweep", "teacher"]
     student = next(r for r in runs if r.data.tags["kdp.role"] == "student")
     assert student.info.status == "FINISHED"
     assert student.info.run_name == "sst2/cr_ild/last/w0.5/b32/s42"
@@ -89,7 +89,7 @@ def test_teacher_is_trained_once_and_reused(tmp_path, glue_dir, tiny_bert_dir, m
     second = _cli("run", str(cfg), "--tracking-uri", mlflow_uri, cwd=tmp_path)
     assert second.returncode == 0, second.stdout + second.stderr
     runs = _runs(mlflow_uri, "e2e")
-    assert sorted(r.data.tags["kdp.role"] for r in runs) == ["student", "teacher"]
+    assert sorted(r.data.tags["kdp.role"] for r in runs) == ["student", "sweep", "teacher"]
     teacher = next(r for r in runs if r.data.tags["kdp.role"] == "teacher")
     student = next(r for r in runs if r.data.tags["kdp.role"] == "student")
     assert teacher.data.tags["kdp.teacher_hash"] == student.data.tags["kdp.teacher_hash"]
@@ -207,6 +207,6 @@ def test_teacher_found_through_mlflow_is_reused_from_another_cache(tmp_path, glu
                   env={"KDP_CACHE_DIR": str(tmp_path / "cache_b")})
     assert second.returncode == 0, second.stdout + second.stderr
     roles = sorted(r.data.tags["kdp.role"] for r in _runs(mlflow_uri, "e2e"))
-    assert roles == ["student", "teacher"]
+    assert roles == ["student", "sweep", "teacher"]
     linked = next((tmp_path / "cache_b" / "teachers").iterdir())
     assert linked.is_symlink() and linked.resolve().parent == (tmp_path / "cache_a" / "teachers").resolve()

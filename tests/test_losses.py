@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 from kdplatform.distill import losses as L
 from kdplatform.distill.losses import (
-    EPS_MAP, LOSSES, Features, attention_kl, attention_map_kl, attention_output_mse, attention_score_mse, ce,
-    hidden_mse, logit_kd, needs, pkd, relation_kl, term_loss,
+    EPS_MAP, TERMS, Features, attention_kl, attention_map_kl, attention_output_mse, attention_score_mse, ce,
+    hidden_mse, logit_kd, loss, pkd, relation_kl, term_loss,
 )
 
 torch.set_num_threads(1)
@@ -86,8 +86,8 @@ def softmax_np(v: np.ndarray) -> np.ndarray:
 def ref_logit_kd(zs, zt, T):
     zs, zt = np64(zs), np64(zt)
     B, C = zs.shape
-    if C == 1:
-        return sum((zs[b, 0] - zt[b, 0]) ** 2 for b in range(B)) / B
+    if C == 1:  # CR-ILD reference (DistillKL, regression): MSE of z / T, no T^2
+        return sum((zs[b, 0] / T - zt[b, 0] / T) ** 2 for b in range(B)) / B
     total = 0.0
     for b in range(B):
         pt = softmax_np(zt[b] / T)
@@ -222,14 +222,21 @@ def close(a, b, tol=1e-5):
 
 
 # ------------------------------------------------------------------------------------------ registry
-def test_registry_holds_every_design_loss_and_needs_covers_them():
-    names = {"logit_kd", "ce", "hidden_mse", "attention_score_mse", "attention_kl", "relation_kl", "pkd",
-             "attention_map_kl", "attention_output_mse"}
-    assert set(LOSSES) == names
-    assert LOSSES["attention_map_kl"] is attention_map_kl
-    for n in names:
-        assert needs(n) <= {"logits", "hidden", "qk", "qkv", "attn_out"}
-    assert needs("relation_kl") == {"qkv"} and needs("attention_output_mse") == {"attn_out"}
+def test_registry_is_exactly_the_menu():
+    from kdplatform.loss_menu import FEATURES, LOSS_MENU
+
+    assert set(TERMS) == set(LOSS_MENU)  # one registered function per menu entry, none beside it
+    assert set(LOSS_MENU) >= {"logit_kd", "ce", "hidden_mse", "attention_score_mse", "attention_kl",
+                              "relation_kl", "pkd", "attention_map_kl", "attention_output_mse"}
+    for info in LOSS_MENU.values():
+        assert info.reads <= set(FEATURES)
+
+
+def test_registering_a_name_outside_the_menu_or_twice_is_refused():
+    with pytest.raises(KeyError, match="not in the menu"):
+        loss("no_such_loss")
+    with pytest.raises(KeyError, match="registered twice"):
+        loss("pkd")(lambda s, t, pairs, x: s.logits.sum())
 
 
 def test_module_doctest_passes():
@@ -275,10 +282,12 @@ def test_logit_kd_at_student_equal_teacher_is_the_entropy_minimum_with_zero_grad
     assert float(zs.grad.abs().max()) < 1e-6
 
 
-def test_logit_kd_regression_is_mse():
+def test_logit_kd_regression_is_mse_of_logits_over_t_without_t_squared():
     zs, zt = rand(6, 1, seed=8), rand(6, 1, seed=9)
-    for T in (1.0, 2.0):  # temperature does not apply to regression
+    for T in (1.0, 2.0, 4.0):
         assert close(logit_kd(zs, zt, temperature=T), ref_logit_kd(zs, zt, T))
+    plain = float(((zs - zt) ** 2).mean())
+    assert close(logit_kd(zs, zt, temperature=2.0), plain / 4)  # 1/T^2 of the plain MSE, not T^2 of it
     assert float(logit_kd(zt, zt)) == 0.0
 
 
@@ -536,7 +545,6 @@ def test_term_loss_dispatch_sums_the_registered_function_over_pairs():
     pairs = [(1, 2), (2, 4)]
     expected = {
         "hidden_mse": sum(float(hidden_mse(s.hidden[a], t.hidden[b], m)) for a, b in pairs),
-        "pkd": sum(float(pkd(s.hidden[a][:, 0], t.hidden[b][:, 0])) for a, b in pairs),
         "attention_score_mse": sum(float(attention_score_mse(s.scores(a), t.scores(b), m)) for a, b in pairs),
         "attention_kl": sum(float(attention_kl(s.probs(a), t.probs(b), m)) for a, b in pairs),
         "attention_map_kl": sum(float(attention_map_kl(s.probs(a), t.probs(b), m)) for a, b in pairs),
@@ -560,20 +568,42 @@ def test_term_loss_logits_terms_projection_and_mask_override():
     labels = torch.tensor([0, 2, 1])
     assert close(term_loss("ce", s, None, [], labels=labels), ref_ce(s.logits, labels))
     assert close(term_loss("logit_kd", s, t, [], temperature=2.0), ref_logit_kd(s.logits, t.logits, 2.0))
-    # project(layer, h) is applied to the student's hidden state of that layer before the MSE
+    # project(name, h) is applied to the student's hidden state before the MSE
     seen = []
 
-    def project(layer, h):
-        seen.append(layer)
+    def project(name, h):
+        seen.append(name)
         return h * 2.0
 
     assert close(term_loss("hidden_mse", s, t, [(1, 2)], project=project),
                  ref_token_mse(s.hidden[1] * 2.0, t.hidden[2], LENGTHS))
-    assert seen == [1]
+    assert seen == ["hidden_mse"]
     # an explicit mask (the mixup union) replaces the student's
     union = mask_for([6, 6, 6])
     assert close(term_loss("hidden_mse", s, t, [(1, 1)], mask=union),
                  ref_token_mse(s.hidden[1], t.hidden[1], [6, 6, 6]))
+
+
+def ref_pkd_stacked(s_layers, t_layers):
+    """CR-ILD reference PKD_Loss(normalize=True) on [CLS] vectors stacked over the mapped layers: L2-normalise
+    each vector, then one MSE over (batch, layers, units)."""
+    su = np.stack([np64(h[:, 0]) for h in s_layers], axis=1)
+    tu = np.stack([np64(h[:, 0]) for h in t_layers], axis=1)
+    su = su / np.linalg.norm(su, axis=-1, keepdims=True)
+    tu = tu / np.linalg.norm(tu, axis=-1, keepdims=True)
+    return float(((su - tu) ** 2).mean())
+
+
+def test_pkd_term_averages_over_the_mapped_layers_as_the_reference():
+    s, t = make_features(49, layers=3), make_features(50, layers=6)
+    pairs = [(1, 2), (2, 4), (3, 6)]
+    want = ref_pkd_stacked([s.hidden[a] for a, _ in pairs], [t.hidden[b] for _, b in pairs])
+    assert close(term_loss("pkd", s, t, pairs), want)
+    one = ref_pkd_stacked([s.hidden[1]], [t.hidden[2]])
+    assert close(term_loss("pkd", s, t, [(1, 2)]), one)
+    # a projection applies to the student's [CLS] state before the normalisation
+    got = term_loss("pkd", s, t, pairs, project=lambda name, h: h.flip(-1) * 3.0)
+    assert close(got, ref_pkd_stacked([s.hidden[a].flip(-1) for a, _ in pairs], [t.hidden[b] for _, b in pairs]))
 
 
 def test_relation_kl_term_with_different_widths_uses_the_teachers_head_count():
@@ -585,7 +615,7 @@ def test_relation_kl_term_with_different_widths_uses_the_teachers_head_count():
 
 def test_term_loss_errors():
     s = make_features(47)
-    with pytest.raises(AssertionError, match="teacher"):
+    with pytest.raises(ValueError, match="teacher"):
         term_loss("hidden_mse", s, None, [(1, 1)])
     with pytest.raises(KeyError, match="unknown loss term"):
         term_loss("no_such_loss", s, make_features(48), [(1, 1)])

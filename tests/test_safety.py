@@ -172,7 +172,7 @@ def test_no_credential_reaches_params_tags_artifacts_or_output(tmp_path, glue_di
 
     c = MlflowClient(uri)
     runs = c.search_runs([c.get_experiment_by_name("safety").experiment_id])
-    assert sorted(r.data.tags["kdp.role"] for r in runs) == ["student", "teacher"]
+    assert sorted(r.data.tags["kdp.role"] for r in runs) == ["student", "sweep", "teacher"]
     texts = {"console": result.output + captured.out + captured.err}
     for r in runs:
         texts[f"{r.info.run_name} params"] = repr(r.data.params)

@@ -91,8 +91,6 @@ def test_no_import_cycles_outside_the_worker():
     assert [c for c in _cycles() if not all(m.startswith("kdplatform.distill.") for m in c)] == []
 
 
-@pytest.mark.xfail(strict=False, reason="the worker <-> teacher <-> cache cycle is being removed by the "
-                                        "engine/worker split (issue 15, distill side)")
 def test_no_import_cycles_at_all():
     assert _cycles() == []
 

@@ -277,12 +277,12 @@ def test_resume_without_a_previous_run_is_a_clear_error(tmp_path, monkeypatch):
 
 def test_retry_note_moves_the_old_failure_reason(store):
     mlflow_uri = store
-    from kdplatform.sweep.tune import _note_retry
+    from kdplatform.runs import note_retry
 
     c = MlflowClient(mlflow_uri)
     run = c.create_run(c.create_experiment("retry"), tags={"kdp.failure_reason": "InjectedFault: boom"})
     c.set_terminated(run.info.run_id, "FAILED")
-    _note_retry(mlflow_uri, run.info.run_id, 8)
+    note_retry(mlflow_uri, run.info.run_id, 8)
     tags = c.get_run(run.info.run_id).data.tags
     assert "kdp.failure_reason" not in tags and tags["kdp.retried_after"] == "InjectedFault: boom"
     assert tags["kdp.attempts"] == "2" and tags["kdp.resumed_from_step"] == "8"

@@ -5,6 +5,7 @@ forward-hook taps (Q/K/V, attention output) and Features.probs against the model
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -13,8 +14,9 @@ import torch.nn.functional as F
 
 from kdplatform.config import TrialConfig, resolve_trial
 from kdplatform.distill.losses import Features, relation_kl
-from kdplatform.distill.models import FeatureTap, embedding_mixup, forward_features, freeze, load_classifier
-from kdplatform.distill.worker import StageLosses, _ema_update, _step_losses
+from kdplatform.distill.models import freeze, load_classifier
+from kdplatform.distill.objective import StageLosses, ema_update, step_terms
+from kdplatform.distill.taps import FeatureTap, embedding_mixup, forward_features
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification  # noqa: E402
@@ -88,6 +90,11 @@ def features(model, batch, layers, mask=None, lam=None, hidden=False):
         tap.remove()
 
 
+def consistency_section(names: list[str]) -> dict:
+    """A `consistency:` YAML section choosing the distances D."""
+    return {"losses": names}
+
+
 def fl(x) -> float:
     return float(x.detach()) if isinstance(x, torch.Tensor) else float(x)
 
@@ -123,11 +130,11 @@ def test_mixup_changes_the_ild_loss_and_both_models_see_the_mix(teacher_dir, tea
 
     losses = StageLosses(plain, student, teacher, S_LAYERS)
     np.random.seed(0)
-    values_plain, lam_plain = _step_losses(plain, losses, student, teacher, None, batch, 0.5)
+    values_plain, lam_plain = step_terms(plain, losses, student, teacher, None, batch, 0.5)
     losses.close()
     losses = StageLosses(stage, student, teacher, S_LAYERS)
     np.random.seed(0)
-    values_mix, lam = _step_losses(stage, losses, student, teacher, None, batch, 0.5)
+    values_mix, lam = step_terms(stage, losses, student, teacher, None, batch, 0.5)
     losses.close()
 
     assert lam_plain == 1.0 and 0.5 <= lam < 1.0
@@ -156,7 +163,7 @@ def test_lam_is_beta_1_1_folded_to_at_least_half(teacher_dir, teacher, student, 
     np.random.seed(7)
     raw = np.random.beta(1.0, 1.0)
     np.random.seed(7)
-    _, lam = _step_losses(stage, losses, student, teacher, None, batch, 0.0)
+    _, lam = step_terms(stage, losses, student, teacher, None, batch, 0.0)
     losses.close()
     assert lam == pytest.approx(max(raw, 1 - raw))
 
@@ -169,7 +176,7 @@ def test_consistency_term_present_positive_and_ramps_linearly(teacher_dir, teach
     out = {}
     for progress in (0.0, 0.25, 0.5, 1.0):
         np.random.seed(11)  # the same lam at every progress
-        out[progress] = _step_losses(stage, losses, student, teacher, None, batch, progress)
+        out[progress] = step_terms(stage, losses, student, teacher, None, batch, progress)
     losses.close()
     lams = {lam for _, lam in out.values()}
     assert len(lams) == 1
@@ -187,10 +194,11 @@ def test_consistency_term_present_positive_and_ramps_linearly(teacher_dir, teach
 
 
 def test_consistency_value_is_lam_weighted_kl_to_clean_and_reversed_clean(teacher_dir, teacher, student, batch):
-    stage = stage_for(teacher_dir, consistency_weight=1.0)
+    stage = stage_for(teacher_dir, consistency_weight=1.0,
+                      train=[{"name": "ild", "consistency": consistency_section(["relation_kl"])}])
     losses = StageLosses(stage, student, teacher, S_LAYERS)
     np.random.seed(5)
-    vals, lam = _step_losses(stage, losses, student, teacher, None, batch, 1.0)
+    vals, lam = step_terms(stage, losses, student, teacher, None, batch, 1.0)
     losses.close()
     union = batch["attention_mask"] | batch["attention_mask"].flip(0)
     mix = features(student, batch, [S_LAYERS], union, lam)
@@ -199,8 +207,9 @@ def test_consistency_value_is_lam_weighted_kl_to_clean_and_reversed_clean(teache
     rev = Features(logits=clean.logits.flip(0), attention_mask=clean.attention_mask.flip(0), num_heads=HEADS,
                    q={k: v.flip(0) for k, v in clean.q.items()}, k={k: v.flip(0) for k, v in clean.k.items()},
                    v={k: v.flip(0) for k, v in clean.v.items()})
-    want = lam * relation_sum(mix, clean, S_LAYERS, S_LAYERS, union, HEADS) \
-        + (1 - lam) * relation_sum(mix, rev, S_LAYERS, S_LAYERS, union, HEADS)
+    own = batch["attention_mask"]  # each comparison on the target example's own tokens (as the reference)
+    want = lam * relation_sum(mix, clean, S_LAYERS, S_LAYERS, own, HEADS) \
+        + (1 - lam) * relation_sum(mix, rev, S_LAYERS, S_LAYERS, own.flip(0), HEADS)
     torch.testing.assert_close(vals["consistency"][1], want)
 
 
@@ -208,7 +217,7 @@ def test_consistency_gradient_reaches_the_student_only_through_the_mixed_pass(te
     stage = stage_for(teacher_dir, consistency_weight=1.0)
     losses = StageLosses(stage, student, teacher, S_LAYERS)
     np.random.seed(2)
-    vals, _ = _step_losses(stage, losses, student, teacher, None, batch, 1.0)
+    vals, _ = step_terms(stage, losses, student, teacher, None, batch, 1.0)
     losses.close()
     vals["consistency"][1].backward()
     q = student.bert.encoder.layer[S_LAYERS - 1].attention.self.query.weight
@@ -219,11 +228,11 @@ def test_consistency_gradient_reaches_the_student_only_through_the_mixed_pass(te
 
 @pytest.mark.parametrize("loss", ["attention_kl", "hidden_mse"])
 def test_other_consistency_distances_fire(teacher_dir, teacher, student, batch, loss):
-    stage = stage_for(teacher_dir, consistency_weight=1.0, train=[{"name": "ild", "consistency": {"loss": loss}}])
-    assert stage.consistency.loss == loss
+    stage = stage_for(teacher_dir, consistency_weight=1.0,
+                      train=[{"name": "ild", "consistency": consistency_section([loss])}])
     losses = StageLosses(stage, student, teacher, S_LAYERS)
     np.random.seed(3)
-    vals, _ = _step_losses(stage, losses, student, teacher, None, batch, 1.0)
+    vals, _ = step_terms(stage, losses, student, teacher, None, batch, 1.0)
     losses.close()
     weight, v = vals["consistency"]
     assert weight == 1.0 and fl(v) > 0 and v.requires_grad
@@ -232,7 +241,8 @@ def test_other_consistency_distances_fire(teacher_dir, teacher, student, batch, 
 # ---------------------------------------------------------------------------------------------- (c)
 def test_ema_target_variant(teacher_dir, teacher, student, batch):
     stage = stage_for(teacher_dir, consistency_weight=1.0,
-                      train=[{"name": "ild", "consistency": {"target": "ema", "ema_decay": 0.9}}])
+                      train=[{"name": "ild", "consistency": {"target": "ema", "ema_decay": 0.9,
+                                                             **consistency_section(["relation_kl"])}}])
     assert (stage.consistency.target, stage.consistency.ema_decay) == ("ema", 0.9)
     no_grad_stage = stage.model_copy(update={"consistency": stage.consistency.model_copy(
         update={"target": "no_grad"})})
@@ -241,7 +251,7 @@ def test_ema_target_variant(teacher_dir, teacher, student, batch):
 
     def run(st, target):
         np.random.seed(13)
-        vals, lam = _step_losses(st, losses, student, teacher, target, batch, 1.0)
+        vals, lam = step_terms(st, losses, student, teacher, target, batch, 1.0)
         return vals["consistency"][1], lam
 
     # a fresh EMA copy equals the student: same value as the no-grad target
@@ -256,7 +266,7 @@ def test_ema_target_variant(teacher_dir, teacher, student, batch):
         g = torch.Generator().manual_seed(4)
         for p in student.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    _ema_update(ema, student, 0.9)
+    ema_update(ema, student, 0.9)
     for b, pe, ps in zip(before, ema.parameters(), student.parameters()):
         torch.testing.assert_close(pe, 0.9 * b + 0.1 * ps)
 
@@ -271,8 +281,9 @@ def test_ema_target_variant(teacher_dir, teacher, student, batch):
     rev = Features(logits=clean.logits.flip(0), attention_mask=clean.attention_mask.flip(0), num_heads=HEADS,
                    q={k: v.flip(0) for k, v in clean.q.items()}, k={k: v.flip(0) for k, v in clean.k.items()},
                    v={k: v.flip(0) for k, v in clean.v.items()})
-    want = lam * relation_sum(mix, clean, S_LAYERS, S_LAYERS, union, HEADS) \
-        + (1 - lam) * relation_sum(mix, rev, S_LAYERS, S_LAYERS, union, HEADS)
+    own = batch["attention_mask"]  # each comparison on the target example's own tokens (as the reference)
+    want = lam * relation_sum(mix, clean, S_LAYERS, S_LAYERS, own, HEADS) \
+        + (1 - lam) * relation_sum(mix, rev, S_LAYERS, S_LAYERS, own.flip(0), HEADS)
     torch.testing.assert_close(v_ema, want)
     v_ema.backward()
     assert all(p.grad is None for p in ema.parameters())  # the EMA is a target, never trained
@@ -380,7 +391,7 @@ def test_a_loss_listed_twice_in_a_stage_contributes_twice_or_is_refused(teacher_
     except ConfigError:
         return  # refusing the duplicate at validation is a fine fix too
     losses = StageLosses(stage, student, teacher, S_LAYERS)
-    vals, _ = _step_losses(stage, losses, student, teacher, None, batch, 0.0)
+    vals, _ = step_terms(stage, losses, student, teacher, None, batch, 0.0)
     losses.close()
     total = sum(w * fl(v) for w, v in vals.values())
     s, t = features(student, batch, [], hidden=True), features(teacher, batch, [], hidden=True)
@@ -390,3 +401,43 @@ def test_a_loss_listed_twice_in_a_stage_contributes_twice_or_is_refused(teacher_
     assert first > 0 and second > 0
     want = 1.0 * first + 5.0 * second
     assert total == pytest.approx(want, rel=1e-5)
+
+
+def _ref_attention_kl(qs, ks, qt, kt, mask, heads):
+    """KL(target || mixed) of the attention distributions Q K^T / sqrt(d) over valid keys, mean over valid
+    rows and heads (plain torch, from the formula)."""
+    def logp(q, k):
+        b, s, h = q.shape
+        q, k = q.view(b, s, heads, -1).transpose(1, 2), k.view(b, s, heads, -1).transpose(1, 2)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(h // heads)
+        return torch.log_softmax(scores.masked_fill(~mask.bool()[:, None, None, :], float("-inf")), dim=-1)
+    ls, lt = logp(qs, ks), logp(qt, kt)
+    key = mask.bool()[:, None, None, :]
+    kl = torch.where(key, lt.exp() * (lt - ls), torch.zeros_like(ls)).sum(-1)  # (b, heads, s)
+    rows = mask[:, None, :].float().expand_as(kl)
+    return (kl * rows).sum() / rows.sum()
+
+
+def _ref_hidden_mse(hs, ht, mask):
+    m = mask[..., None].float()
+    return (((hs - ht) ** 2) * m).sum() / (m.sum() * hs.shape[-1])
+
+
+def test_default_consistency_is_last_layer_attention_kl_plus_hidden_mse(teacher_dir, teacher, student, batch):
+    """CR-ILD (paper + the reference's dead branch): D = attention KL on the student's last layer + its hidden
+    MSE, both to the clean pass and, weighted 1 - lam, to the reversed clean pass."""
+    stage = stage_for(teacher_dir, consistency_weight=1.0)
+    assert stage.consistency.losses == ["attention_kl", "hidden_mse"] and stage.consistency.ramp == "epoch"
+    losses = StageLosses(stage, student, teacher, S_LAYERS)
+    np.random.seed(5)
+    vals, lam = step_terms(stage, losses, student, teacher, None, batch, 1.0)
+    losses.close()
+    union = batch["attention_mask"] | batch["attention_mask"].flip(0)
+    mix = features(student, batch, [S_LAYERS], union, lam, hidden=True)
+    with torch.no_grad():
+        clean = features(student, batch, [S_LAYERS], hidden=True)
+    L, own = S_LAYERS, batch["attention_mask"]  # each comparison on the target example's own tokens
+    d = lambda f: (_ref_attention_kl(mix.q[L], mix.k[L], f(clean.q[L]), f(clean.k[L]), f(own), HEADS)  # noqa: E731
+                   + _ref_hidden_mse(mix.hidden[L], f(clean.hidden[L]), f(own)))
+    want = lam * d(lambda x: x) + (1 - lam) * d(lambda x: x.flip(0))
+    torch.testing.assert_close(vals["consistency"][1], want, rtol=1e-5, atol=1e-6)

@@ -95,50 +95,41 @@ def _interrupt(signum, _frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+ForceOpt = typer.Option(False, "--force", help="run configs that already have a FINISHED run again (a new run each)")
+
+
 @app.command()
 def run(file: Path = typer.Argument(..., help="trial or sweep YAML"), overrides: Optional[list[str]] = OverridesArg,
         tracking_uri: Optional[str] = TrackingOpt,
-        dry_run: bool = typer.Option(False, "--dry-run", help="validate and list the trials; run nothing")) -> None:
-    """Run the file's trials in this process, one after the other (no Ray)."""
-    spec, trials, notes = _load(file, overrides)
-    uri = _uri(tracking_uri, trials, file)
-    for n in notes:
-        console.print(f"[yellow]note:[/] {n}")
-    console.print(trial_table(trials, title=f"{len(trials)} trial(s) from {file}"))
+        dry_run: bool = typer.Option(False, "--dry-run", help="validate and list the trials; run nothing"),
+        force: bool = ForceOpt) -> None:
+    """Run the file's missing trials in this process, one after the other (the sweep without Ray)."""
+    from kdplatform.sweep.expand import plan_sweep
+    from kdplatform.sweep.local import run_local
+    from kdplatform.sweep.session import SweepError
+
+    try:
+        plan = plan_sweep(file, tracking_uri, force=force, overrides=overrides or [])
+    except _user_errors() as e:
+        _fail(str(e).replace("[", r"\["))
+    for n in plan.notes:
+        console.print(f"[yellow]note:[/] {escape(n)}")
+    console.print(trial_table(plan.trials, set(plan.done), title=f"{len(plan.trials)} trial(s) from {file}"))
     if dry_run:
-        for line in describe_trials(trials):  # per stage: each loss term, its layer pairs and weight
+        for line in describe_trials(plan.trials):  # per stage: each loss term, its layer pairs and weight
             console.print(escape(line))
         return
-    _check_store(uri, file)
-    _preflight(file, trials)
-    from kdplatform.distill.worker import DivergedError, run_trial
-
     signal.signal(signal.SIGTERM, _interrupt)  # `kill`/`timeout`: end the open run as KILLED, not RUNNING
-
-    failed = 0
-    summary = Table(title=f"results ({tracking.redact(uri)}, experiment '{spec.name}')")
-    for col in ("run name", "status", "best dev score", "minutes", "run id"):
-        summary.add_column(col)
-    for i, trial in enumerate(trials, 1):
-        console.rule(f"[{i}/{len(trials)}] {trial.run_name}")
-        try:
-            res = run_trial(trial, tracking_uri=uri)
-            score = res.best.get("dev/best_score")
-            summary.add_row(trial.run_name, "FINISHED", f"{score:.4f}" if score is not None else "-",
-                            f"{res.seconds / 60:.1f}", res.run_id)
-        except _user_errors() as e:
-            _fail(str(e).replace("[", r"\["))
-        except DivergedError as e:
-            failed += 1
-            summary.add_row(trial.run_name, "[red]FAILED[/] (diverged)", "-", "-", str(e)[:60])
-        except KeyboardInterrupt:
-            console.print(summary)
-            err.print(f"interrupted: {trial.run_name} ended KILLED; finished trials are kept")
-            raise typer.Exit(130) from None
-    console.print(summary)
-    console.print(f"Browse: [bold]kdplatform ui --tracking-uri {tracking.redact(uri)}[/]")
-    if failed:
-        raise typer.Exit(1)
+    try:
+        outcome = run_local(plan, file, console=console)
+    except SweepError as e:
+        _fail(str(e).replace("[", r"\["))
+    except _user_errors() as e:
+        _fail(f"{file}: {e}".replace("[", r"\["))
+    except KeyboardInterrupt:
+        err.print("interrupted: the open trial ended KILLED; finished trials are kept (run again to continue)")
+        raise typer.Exit(130) from None
+    raise typer.Exit(outcome.exit_code)
 
 
 @app.command()
@@ -173,6 +164,7 @@ def sweep(file: Path = typer.Argument(..., help="sweep YAML"), overrides: Option
                                                 "a local one)"),
           max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", min=1,
                                                        help="at most N trials at once"),
+          force: bool = ForceOpt,
           tracking_uri: Optional[str] = TrackingOpt,
           storage: Optional[Path] = typer.Option(None, "--storage", help="Ray results folder (default: "
                                                  "./ray_results)"),
@@ -186,8 +178,8 @@ def sweep(file: Path = typer.Argument(..., help="sweep YAML"), overrides: Option
         _fail("--resume and --fresh exclude each other")
     try:
         outcome = run_sweep(file, tracking_uri=tracking_uri, dry_run=dry_run, resume=resume, fresh=fresh,
-                            address=address, max_concurrent=max_concurrent, storage=storage, num_cpus=num_cpus,
-                            num_gpus=num_gpus, console=console, overrides=overrides or [])
+                            force=force, address=address, max_concurrent=max_concurrent, storage=storage,
+                            num_cpus=num_cpus, num_gpus=num_gpus, console=console, overrides=overrides or [])
     except ConfigError as e:
         _fail(str(e).replace("[", r"\["))
     except SweepError as e:
@@ -196,6 +188,29 @@ def sweep(file: Path = typer.Argument(..., help="sweep YAML"), overrides: Option
         _fail(f"{file}: {e}".replace("[", r"\["))
     if outcome.exit_code:
         raise typer.Exit(outcome.exit_code)
+
+
+@app.command(name="ls")
+def list_runs(tracking_uri: Optional[str] = TrackingOpt) -> None:
+    """List the store's sweeps and runs (parent runs) with their trial counts by status."""
+    from kdplatform import runs
+
+    uri = _uri(tracking_uri)
+    if runs.store_missing(uri):
+        console.print(f"no runs yet: no store at {escape(tracking.redact(uri))}")
+        return
+    rows = runs.list_sweeps(uri)
+    table = Table(title=f"sweeps and runs in {escape(tracking.redact(uri))}", box=None, title_justify="left")
+    table.add_column("experiment", overflow="fold", min_width=10)
+    for col in ("kind", "status", "run id"):  # whole, never cut: ids go to `report --sweep`
+        table.add_column(col, no_wrap=True)
+    for col in ("started", "trials by status"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        counts = ", ".join(f"{n} {s}" for s, n in sorted(r.trials.items())) or "none"
+        table.add_row(escape(r.experiment), r.runner, r.status, r.run_id, r.started, counts)
+    out = console if console.is_terminal else Console(width=200)  # piped: one line per row, for grep
+    out.print(table if rows else "no sweeps or runs in this store yet")
 
 
 @app.command()

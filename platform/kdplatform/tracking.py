@@ -256,9 +256,3 @@ def find_runs(tracking_uri: str, experiment: str, filter_string: str, max_result
         return []
     return c.search_runs([exp.experiment_id], filter_string=filter_string, max_results=max_results)
 
-
-def finished_run(tracking_uri: str, experiment: str, cfg_hash: str):
-    """The FINISHED student run of a config, if any (dedupe across invocations)."""
-    runs = find_runs(tracking_uri, experiment,
-                     f"tags.`{CFG_HASH}` = '{cfg_hash}' and attributes.status = 'FINISHED'", max_results=1)
-    return runs[0] if runs else None

@@ -11,14 +11,14 @@ night: `kdplatform run`, `teacher` and `sweep` call `preflight(trials)` first an
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
+from kdplatform import paths
 from kdplatform.config import ResolvedTrial
 
 
 def data_splits(trial: ResolvedTrial) -> list[tuple[str, str]]:
-    """The (task, split) pairs `worker.prepare_data` loads for this trial."""
+    """The (task, split) pairs `data.prepare_data` loads for this trial."""
     from kdplatform.distill.tasks import TASKS
 
     splits = [(trial.task, "train"), *((trial.task, s) for s in TASKS[trial.task].dev_splits)]
@@ -47,7 +47,7 @@ def preflight(trials: Sequence[ResolvedTrial]) -> None:
                     raise TeacherError(f"teacher.checkpoint: {e}") from None
     seen_split: set[tuple] = set()
     for t in trials:
-        glue = t.data.glue_dir or os.environ.get("KDP_GLUE_DIR")
+        glue = t.data.glue_dir or paths.glue_dir()
         for task, split in data_splits(t):
             key = (task, split, t.data.source, glue)
             if key in seen_split:

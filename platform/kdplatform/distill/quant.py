@@ -68,6 +68,29 @@ def _twn(w: Tensor, dim: int | None) -> Tensor:
     return alpha * torch.sign(w) * keep
 
 
+def twn_levels(w: Tensor, bits: int, clip: float = DEFAULT_CLIP, *, per_row: bool = False) -> Tensor:
+    """KD-QAT's 4-bit (and >= 4-bit embedding) weight quantizer, a TWN-scaled uniform grid: W clipped to +-clip,
+    m = mean|W|, alpha = mean of |W| over |W| > m (per matrix, or per row), step = 2 alpha / (2^bits - 1),
+    W_q = step * round(clamp(W, -alpha, alpha) / step). The straight-through gradient is 1 inside +-clip
+    (not only inside +-alpha), as in the reference.
+
+    >>> twn_levels(torch.tensor([0.1, -0.9, 0.5, -0.05]), bits=4).tolist()   # alpha = 0.7, step = 1.4 / 15
+    [0.09333333373069763, -0.746666669845581, 0.46666666865348816, -0.09333333373069763]
+
+    (-0.9 clamps to -alpha = -7.5 steps, which rounds half to even to -8 steps, as torch.round does in the
+    reference too.)
+    """
+    wc = w.clamp(-clip, clip)
+    x = wc.detach()
+    a = x.abs()
+    mean_abs = a.mean(dim=-1, keepdim=True) if per_row else a.mean()
+    keep = (a > mean_abs).to(x.dtype)
+    kept = keep.sum(dim=-1, keepdim=True) if per_row else keep.sum()
+    alpha = ((a * keep).sum(dim=-1, keepdim=True) if per_row else (a * keep).sum()) / kept.clamp(min=1)
+    step = alpha * 2 / (2**bits - 1)
+    return _ste(wc, torch.round(torch.minimum(torch.maximum(x, -alpha), alpha) / step) * step)
+
+
 def uniform_quantize(w: Tensor, bits: int, clip: float | None = None, *, per_row: bool = False) -> Tensor:
     """Symmetric uniform quantization: scale s = max|w| / (2^(bits-1) - 1), W_q = s * round(w / s): at most
     2^bits - 1 levels (8-bit: integers -127..127). With `clip`, w is first clamped to +-clip (zero gradient
@@ -109,13 +132,17 @@ def quantize_activation(x: Tensor, bits: int = 8, clip: float = DEFAULT_CLIP) ->
 
 def quantize_weight(w: Tensor, bits: int, *, two_bit: str = "ternary", clip: float = DEFAULT_CLIP,
                     per_row: bool = False) -> Tensor:
-    """The weight quantizer for a `bits` setting: 32 = identity, 2 = TWN ternary or int2, 4/8 = symmetric."""
+    """The weight quantizer for a `bits` setting, as KD-QAT's reference: 32 = identity; 2 = TWN ternary (or
+    int2 with two_bit="uniform"); 4 = the TWN-scaled 15-step grid (`twn_levels`); 8 = symmetric uniform per
+    matrix. Word embeddings (`per_row`) at 4 and 8 bits use `twn_levels` per row, as the reference does."""
     if bits >= 32:
         return w
     if bits == 2 and two_bit == "ternary":
         return ternarize_rows(w, clip) if per_row else ternarize(w, clip)
     if bits == 2 and two_bit == "uniform" and not per_row:
         return int2_quantize(w, clip)
+    if bits == 4 or (per_row and bits > 2):
+        return twn_levels(w, bits, clip, per_row=per_row)
     return uniform_quantize(w, bits, clip, per_row=per_row)
 
 
@@ -171,8 +198,14 @@ def quant_eager_attention(module: nn.Module, query: Tensor, key: Tensor, value: 
                           attention_mask: Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                           **kwargs) -> tuple[Tensor, Tensor]:
     """transformers' eager attention with Q, K, V and the softmax probabilities quantized to
-    `module.kdp_act_bits` bits (set by `quantize_bert_`). Returns the quantized probabilities as the
-    attention weights: they are what the model attends with (and what `output_attentions` shows)."""
+    `module.kdp_act_bits` bits (set by `quantize_bert_`). Returns the quantized (in training: dropped-out,
+    then quantized, as the reference) probabilities as the attention weights: they are what the model attends
+    with (and what `output_attentions` shows).
+
+    When a feature tap set `module.kdp_capture`, the maps the losses supervise are kept on the module as
+    `module.kdp_maps = (scores, probs)`, as KD-QAT's reference returns them: the scores from the QUANTIZED
+    Q and K (scaled, plus the additive mask) and their softmax before dropout and before the 8-bit
+    quantization of the probabilities; gradients flow through the activation quantizer's STE."""
     bits, clip = getattr(module, "kdp_act_bits", 32), getattr(module, "kdp_act_clip", DEFAULT_CLIP)
     query, key, value = (quantize_activation(t, bits, clip) for t in (query, key, value))
     if scaling is None:
@@ -180,9 +213,12 @@ def quant_eager_attention(module: nn.Module, query: Tensor, key: Tensor, value: 
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
         scores = scores + attention_mask
-    probs = quantize_activation(nn.functional.softmax(scores, dim=-1), bits, clip)
-    attn = nn.functional.dropout(probs, p=dropout, training=module.training)
-    out = torch.matmul(attn, value).transpose(1, 2).contiguous()
+    softmax = nn.functional.softmax(scores, dim=-1)
+    if getattr(module, "kdp_capture", False):
+        module.kdp_maps = (scores, softmax)
+    # as the reference: dropout first, then the 8-bit quantization of what multiplies V
+    probs = quantize_activation(nn.functional.dropout(softmax, p=dropout, training=module.training), bits, clip)
+    out = torch.matmul(probs, value).transpose(1, 2).contiguous()
     return out, probs
 
 
@@ -234,14 +270,16 @@ def quantize_bert_(model: nn.Module, bits: int, act_bits: int = 32, *, two_bit: 
                    act_clip: float = DEFAULT_CLIP) -> QuantReport:
     """Make a transformers BERT-like model quantization-aware, in place, and report what was quantized.
 
-    bits: 2 (ternary TWN, or int2 with two_bit="uniform"), 4, 8 (symmetric uniform) or 32 (weights fp32).
+    bits: 2 (ternary TWN, or int2 with two_bit="uniform"), 4 (TWN-scaled 15-step grid), 8 (symmetric
+    uniform) or 32 (weights fp32).
     act_bits: 32 (off) or 2..16: inputs of the quantized linears, Q, K, V and attention probabilities.
-    quantize_embeddings: word embeddings per row (ternary TWN at bits=2 whatever two_bit says, else symmetric).
+    quantize_embeddings: word embeddings per row (ternary TWN at bits=2 whatever two_bit says, else `twn_levels`).
     clip / act_clip: the +-clip of weights / activations (KD-QAT: 2.5; pretrained models with large Q/K
     activations lose much at 2.5 before any training).
     The linears keep their attribute paths and hooks, so forward hooks on `...attention.self.query` and
     `...attention.output` fire as before; note such a hook sees Q/K/V before their activation quantization,
-    which happens inside the attention function. With bits=32 and act_bits=32 the model is not touched.
+    which happens inside the attention function; the losses read the quantized maps from there (`kdp_maps`).
+    With bits=32 and act_bits=32 the model is not touched.
     """
     if bits not in WEIGHT_BITS:
         raise ValueError(f"bits must be one of {WEIGHT_BITS}, got {bits}")
@@ -259,21 +297,8 @@ def quantize_bert_(model: nn.Module, bits: int, act_bits: int = 32, *, two_bit: 
 
     base = model.base_model
     prefix = f"{model.base_model_prefix}." if base is not model else ""
-    targets = [f"encoder.layer.{i}.{path}" for i in range(len(base.encoder.layer)) for path in LAYER_LINEARS]
-    if getattr(base, "pooler", None) is not None:
-        targets.append("pooler.dense")
-    quant_args = dict(bits=bits, act_bits=act_bits, two_bit=two_bit, clip=clip, act_clip=act_clip)
-    for name in targets:
-        parent_name, _, attr = name.rpartition(".")
-        parent = base.get_submodule(parent_name)
-        linear = getattr(parent, attr)
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"{prefix}{name} is a {type(linear).__name__}, expected nn.Linear")
-        setattr(parent, attr, QuantLinear.from_linear(linear, **quant_args))
-        report.quantized_modules.append(prefix + name)
-        if bits < 32:
-            report.quantized_params += linear.weight.numel()
-
+    _replace_linears(base, prefix, report, bits=bits, act_bits=act_bits, two_bit=two_bit, clip=clip,
+                     act_clip=act_clip)
     if quantize_embeddings and bits < 32:
         emb = base.embeddings
         emb.word_embeddings = QuantEmbedding.from_embedding(emb.word_embeddings, bits, clip)
@@ -291,3 +316,20 @@ def quantize_bert_(model: nn.Module, bits: int, act_bits: int = 32, *, two_bit: 
 
     report.size_bits = model_size_bits(model)
     return report
+
+
+def _replace_linears(base: nn.Module, prefix: str, report: QuantReport, **quant_args) -> None:
+    """Swap the quantized linears (every encoder layer's LAYER_LINEARS and the pooler) for QuantLinears."""
+    targets = [f"encoder.layer.{i}.{path}" for i in range(len(base.encoder.layer)) for path in LAYER_LINEARS]
+    if getattr(base, "pooler", None) is not None:
+        targets.append("pooler.dense")
+    for name in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = base.get_submodule(parent_name)
+        linear = getattr(parent, attr)
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"{prefix}{name} is a {type(linear).__name__}, expected nn.Linear")
+        setattr(parent, attr, QuantLinear.from_linear(linear, **quant_args))
+        report.quantized_modules.append(prefix + name)
+        if quant_args["bits"] < 32:
+            report.quantized_params += linear.weight.numel()

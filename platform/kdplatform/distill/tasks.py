@@ -34,14 +34,14 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from kdplatform import paths
+
 log = logging.getLogger(__name__)
 
 HUB_DATASET = "nyu-mll/glue"
 SPLITS = ("train", "dev", "dev_mm")
 _CACHE_FORMAT = 1  # bump when the on-disk token cache layout changes, so old files are not misread
 
-# GLUE fields can be long (QNLI/MNLI paragraphs); the csv default limit of 128 KiB is safe but make it explicit.
-csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
 
 class DataError(ValueError):
@@ -203,7 +203,7 @@ def load_split(task: str, split: str, *, source: str = "auto", glue_dir: str | o
     _check_split(spec, split)
     if source not in ("auto", "glue_dir", "hub"):
         raise DataError(f"unknown data source '{source}'", fix="use one of: auto, glue_dir, hub")
-    folder = glue_dir if glue_dir is not None else (os.environ.get("KDP_GLUE_DIR") or None)
+    folder = glue_dir if glue_dir is not None else paths.glue_dir()
     if source == "hub" or (source == "auto" and folder is None):
         return _load_hub(spec, split)
     if folder is None:
@@ -212,6 +212,8 @@ def load_split(task: str, split: str, *, source: str = "auto", glue_dir: str | o
 
 
 def _load_tsv(spec: TaskSpec, split: str, root: Path) -> TaskData:
+    # GLUE fields can be long (QNLI/MNLI paragraphs): lift the csv module's 128 KiB field limit
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     fmt = _FORMATS[spec.name]
     path = root / spec.glue_dir / fmt.files[split]
     if not path.is_file():
@@ -444,10 +446,6 @@ _TOKEN_KEYS = ("input_ids", "token_type_ids", "attention_mask")
 _MEMORY_CACHE: dict[str, dict[str, np.ndarray]] = {}
 
 
-def _default_cache_root() -> Path:
-    return Path(os.environ.get("KDP_CACHE_DIR") or Path.home() / ".cache" / "kdplatform").expanduser()
-
-
 def _cache_key(data: TaskData, tokenizer: Any, max_length: int) -> str:
     texts = hashlib.sha256(json.dumps([data.text_a, data.text_b], ensure_ascii=False).encode("utf-8")).hexdigest()
     ident = {
@@ -510,8 +508,8 @@ def tokenize(data: TaskData, tokenizer: Any, max_length: int, cache_dir: str | o
     key = _cache_key(data, tokenizer, max_length)
     arrays = _MEMORY_CACHE.get(key)
     if arrays is None:
-        path = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_root()
-        path = path / "tokens" / f"{key}.npz"
+        folder = Path(cache_dir).expanduser() / "tokens" if cache_dir is not None else paths.tokens_root()
+        path = folder / f"{key}.npz"
         if path.is_file():
             try:
                 with np.load(path, allow_pickle=False) as npz:

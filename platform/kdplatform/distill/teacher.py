@@ -1,8 +1,8 @@
 """Teacher fine-tuning, done once per teacher hash and reused (local cache and MLflow).
 
 A teacher is keyed by what determines it (task, model, fine-tune settings, seed, train data config: see
-`config.teacher_hash`). Its checkpoint lives in `<cache>/teachers/<hash>/` (`KDP_CACHE_DIR`, default
-`~/.cache/kdplatform`) and its fine-tune is one MLflow run with tag `kdp.role=teacher`. The folder appears
+`config.teacher_hash`). Its checkpoint lives in `<cache>/teachers/<hash>/` (`paths.teachers_root()`) and its
+fine-tune, hard-label CE through the training engine, is one MLflow run with tag `kdp.role=teacher`. The folder appears
 atomically (written aside, then renamed), and a file lock keeps two processes from training it twice.
 """
 
@@ -16,8 +16,13 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from kdplatform import tracking
+from kdplatform import paths, tracking
 from kdplatform.config import ResolvedLoss, ResolvedStage, ResolvedTrial
+from kdplatform.distill.data import prepare_data
+from kdplatform.distill.engine import Hooks, LoopState, StageSettings, resolve_device, train_stage
+from kdplatform.distill.faults import FaultPlan
+from kdplatform.distill.models import load_classifier, load_tokenizer, set_seed
+from kdplatform.distill.tasks import TASKS
 
 MARKER = "kdp_teacher.json"
 # model types with BERT's module layout (base_model.encoder.layer[i].attention.self/.output), which the
@@ -30,17 +35,14 @@ class TeacherError(ValueError):
     """A teacher checkpoint that cannot be used (missing, wrong architecture or task)."""
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("KDP_CACHE_DIR", Path.home() / ".cache" / "kdplatform")).resolve()
-
-
 def teacher_dir(trial: ResolvedTrial) -> Path:
     if trial.teacher.checkpoint:
         return Path(trial.teacher.checkpoint).resolve()
-    return cache_root() / "teachers" / trial.teacher_hash
+    return paths.teachers_root() / trial.teacher_hash
 
 
 def teacher_tokenizer(folder: Path):
+    paths.quiet_transformers()
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(folder))
@@ -48,8 +50,6 @@ def teacher_tokenizer(folder: Path):
 
 def check_checkpoint(folder: Path, trial: ResolvedTrial) -> None:
     """A ready checkpoint must be a BERT-like sequence classifier for this task's number of labels."""
-    from kdplatform.distill.tasks import TASKS
-
     cfg_file = folder / "config.json"
     if not cfg_file.is_file():
         raise TeacherError(f"{folder}: not a model folder (no config.json); teacher.checkpoint must point at a "
@@ -118,6 +118,7 @@ def link_into_cache(trial: ResolvedTrial, found: Path) -> Path:
 def ensure_teacher(trial: ResolvedTrial, tracking_uri: str, parent_run_id: str | None = None) -> Path:
     """The fine-tuned teacher folder for this trial: ready checkpoint, cached, found through MLflow, or
     fine-tuned now."""
+    paths.quiet_transformers()  # before transformers / huggingface_hub are first imported
     folder = teacher_dir(trial)
     if trial.teacher.checkpoint:
         check_checkpoint(folder, trial)
@@ -134,55 +135,69 @@ def ensure_teacher(trial: ResolvedTrial, tracking_uri: str, parent_run_id: str |
 
 
 def finetune_stage(trial: ResolvedTrial) -> ResolvedStage:
+    """The teacher's one stage: hard-label CE with the `teacher.finetune` settings."""
     ft = trial.teacher.finetune
     return ResolvedStage(name="finetune", losses=[ResolvedLoss(name="ce", weight=1.0)], epochs=ft.epochs,
                          max_steps=ft.max_steps, lr=ft.lr, batch_size=ft.batch_size, warmup=ft.warmup,
                          weight_decay=ft.weight_decay, max_grad_norm=ft.max_grad_norm, eval_every=ft.eval_every)
 
 
+def finetune_settings(trial: ResolvedTrial) -> StageSettings:
+    """The fine-tune runs fp32 and uncompiled: a cached teacher must not depend on which student asked."""
+    return StageSettings(task=trial.task, seed=trial.teacher.seed, device=resolve_device(trial.speed.device),
+                         precision="fp32", n_student=trial.teacher_layers, max_seq_length=trial.data.max_seq_length)
+
+
 def finetune_teacher(trial: ResolvedTrial, tracking_uri: str, folder: Path,
                      parent_run_id: str | None = None) -> Path:
-    """Fine-tune the teacher with hard-label CE through the worker's loop; log it as a teacher run."""
-    from kdplatform.distill import worker
-    from kdplatform.distill.models import load_classifier, load_tokenizer, set_seed
-
+    """Fine-tune the teacher with hard-label CE through the engine; log it as a teacher run; publish the folder."""
     started = time.time()
     set_seed(trial.teacher.seed)
     tokenizer = load_tokenizer(trial.teacher.model)
-    data = worker.prepare_data(trial, tokenizer)
+    data = prepare_data(trial, tokenizer, run_seed=trial.teacher.seed)
     model = load_classifier(trial.teacher.model, data.num_labels)
-    stage = finetune_stage(trial)
-    as_trial = trial.model_copy(update={"train": [stage], "student_layers": trial.teacher_layers,
-                                        "seed": trial.teacher.seed, "bits": 32, "act_bits": 32})
+    logger = _teacher_run(trial, tracking_uri, parent_run_id, len(data.train))
+    state = LoopState()
+    faults = FaultPlan(f"teacher/{trial.task}")
+    hooks = Hooks(on_step=faults if faults.rules else None,
+                  on_eval=lambda step, metrics: (logger.add_metrics(metrics, step), logger.flush()))
+    try:
+        train_stage(finetune_stage(trial), 0, finetune_settings(trial), student=model, teacher=None, data=data,
+                    state=state, hooks=hooks)
+    except BaseException as e:
+        logger.set_tags({"kdp.failure_reason": f"{type(e).__name__}: {str(e)[:4000]}"})
+        logger.finish("FAILED")
+        raise
+    info = {"teacher_hash": trial.teacher_hash, "run_id": logger.run_id, "task": trial.task,
+            "model": trial.teacher.model, "dev": {k: v for k, v in state.last.items() if k.startswith("dev/")},
+            "seconds": round(time.time() - started, 1)}
+    _publish(model, tokenizer, info, folder)
+    logger.set_tags({"kdp.checkpoint": str(folder),
+                     "kdp.dev_score": f"{state.last.get('dev/score', float('nan')):.4f}"})
+    logger.finish("FINISHED")
+    return folder
+
+
+def _teacher_run(trial: ResolvedTrial, tracking_uri: str, parent_run_id: str | None,
+                 train_examples: int) -> tracking.RunLogger:
     tags = {tracking.ROLE: "teacher", tracking.TEACHER_HASH: trial.teacher_hash, "kdp.task": trial.task,
             "kdp.teacher_model": trial.teacher.model}
     logger = tracking.RunLogger(tracking_uri, trial.name, f"{trial.task}/teacher/{trial.teacher.model}", tags,
                                 parent_run_id=parent_run_id)
     params = {"task": trial.task, "teacher.model": trial.teacher.model, "teacher.seed": trial.teacher.seed,
-              "teacher_hash": trial.teacher_hash, "data.train_examples": len(data.train),
+              "teacher_hash": trial.teacher_hash, "data.train_examples": train_examples,
               **{f"teacher.finetune.{k}": v for k, v in trial.teacher.finetune.model_dump().items()},
               **{f"data.{k}": v for k, v in trial.data.model_dump(exclude={"glue_dir"}).items()}}
     logger.log_params(params)
-    state = worker.LoopState()
-    try:
-        worker.train_stage(stage=stage, stage_index=0, trial=as_trial, student=model, teacher=None, data=data,
-                           logger=logger, state=state, callbacks=worker.Callbacks(), resume_blob=None,
-                           save_state=lambda *_: None)
-    except BaseException as e:
-        logger.set_tags({"kdp.failure_reason": f"{type(e).__name__}: {str(e)[:4000]}"})
-        logger.finish("FAILED")
-        raise
+    return logger
+
+
+def _publish(model, tokenizer, info: dict, folder: Path) -> None:
+    """Write the checkpoint aside, then rename it into place: readers see a whole teacher or none."""
     tmp = folder.parent / f".{folder.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    info = {"teacher_hash": trial.teacher_hash, "run_id": logger.run_id, "task": trial.task,
-            "model": trial.teacher.model, "dev": {k: v for k, v in state.last.items() if k.startswith("dev/")},
-            "seconds": round(time.time() - started, 1)}
     (tmp / MARKER).write_text(json.dumps(info, indent=2))
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
-    logger.set_tags({"kdp.checkpoint": str(folder),
-                     "kdp.dev_score": f"{state.last.get('dev/score', float('nan')):.4f}"})
-    logger.finish("FINISHED")
-    return folder

@@ -22,18 +22,19 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from rich.console import Console
 from rich.markup import escape
 
-from kdplatform import tracking
+from kdplatform import runs, tracking
 from kdplatform.config import describe_trials
 from kdplatform.distill.preflight import preflight
 from kdplatform.sweep.expand import SweepPlan, plan_sweep
-from kdplatform.sweep.progress import SweepMonitor, failures_table, plan_tables, summary_table
+from kdplatform.sweep.progress import SweepMonitor, plan_tables
+from kdplatform.sweep.session import (SweepError, SweepOutcome, close_orphans_of, close_parent, counts_of, hold_spec,
+                                      nothing_new, open_parent, print_results, refresh_done)
 from kdplatform.sweep.teachers import TeacherOutcome, teacher_status, train_teachers
 
 STATE_FILE = "kdp_sweep.json"
@@ -52,47 +53,46 @@ DRIVER_ENV = {
 }
 
 
-class SweepError(Exception):
-    """A user-facing problem with the sweep's state (nothing to resume, an interrupted sweep, ...)."""
-
-    def __init__(self, message: str, fix: str = ""):
-        self.message, self.fix = message, fix
-        super().__init__(message + (f"\n  fix: {fix}" if fix else ""))
-
-
-@dataclass
-class SweepOutcome:
-    exit_code: int
-    parent_run_id: str | None = None
-    experiment_path: Path | None = None
-    counts: dict[str, int] = field(default_factory=dict)
-    rows: list[dict[str, Any]] = field(default_factory=list)
-
-
 def run_sweep(file: str | Path, *, tracking_uri: str | None = None, dry_run: bool = False, resume: bool = False,
-              fresh: bool = False, address: str | None = None, max_concurrent: int | None = None,
-              storage: str | Path | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
-              console: Console | None = None, overrides: Sequence[str] = ()) -> SweepOutcome:
-    """Run (or with `dry_run` only print) the sweep of `file`. Raises ConfigError / SweepError for user errors."""
-    console = console or Console()
-    plan = plan_sweep(file, tracking_uri, overrides=overrides)
-    uri = plan.tracking_uri
-    spec = plan.spec
-    exp_path = Path(storage or "ray_results").resolve() / plan.experiment_dir_name
-    state_file = exp_path / STATE_FILE
-    state = json.loads(state_file.read_text()) if state_file.is_file() else None
+              fresh: bool = False, force: bool = False, address: str | None = None,
+              max_concurrent: int | None = None, storage: str | Path | None = None, num_cpus: int | None = None,
+              num_gpus: int | None = None, console: Console | None = None,
+              overrides: Sequence[str] = ()) -> SweepOutcome:
+    """Run (or with `dry_run` only print) the sweep of `file`. Raises ConfigError / SweepError for user errors.
 
-    outcomes = [teacher_status(t, uri) for t in plan.teachers().values()]
+    `force` runs configs that already have a FINISHED run again (a new run each).
+    """
+    console = console or Console()
+    plan = plan_sweep(file, tracking_uri, force=force, overrides=overrides)
+    exp_path = Path(storage or "ray_results").resolve() / plan.experiment_dir_name
     if dry_run:
-        for r in plan_tables(plan, outcomes, uri):
+        for r in plan_tables(plan, [teacher_status(t, plan.tracking_uri) for t in plan.teachers().values()],
+                             plan.tracking_uri):
             console.print(r)
         for line in describe_trials(plan.trials):  # what each trial computes: loss terms, layer pairs, weights
             console.print(escape(line))
-        if state is not None:
+        if (exp_path / STATE_FILE).is_file():
             console.print(f"Ray experiment folder exists: {escape(str(exp_path))}")
         console.print("[bold]dry run:[/] nothing was started.")
         return SweepOutcome(0, experiment_path=exp_path)
+    waited: list[str] = []
+    spec_claim = hold_spec(plan, console, on_wait=waited.append)
+    try:
+        if waited:  # the other run/sweep of this file may have finished trials meanwhile
+            refresh_done(plan)
+        return _claimed_sweep(plan, file, exp_path, resume=resume, fresh=fresh, address=address,
+                              max_concurrent=max_concurrent, num_cpus=num_cpus, num_gpus=num_gpus, console=console)
+    finally:
+        spec_claim.release()
 
+
+def _claimed_sweep(plan: SweepPlan, file: str | Path, exp_path: Path, *, resume: bool, fresh: bool,
+                   address: str | None, max_concurrent: int | None, num_cpus: int | None, num_gpus: int | None,
+                   console: Console) -> SweepOutcome:
+    """The sweep, with this spec claimed: reconcile an interrupted run, open the parent, then Ray."""
+    uri, spec = plan.tracking_uri, plan.spec
+    state, exp_path = _find_state(plan, exp_path, console)
+    interrupted = state is not None and _interrupted(state, uri)
     if resume:
         if state is None:
             raise SweepError(f"nothing to resume for this spec: no {STATE_FILE} in {exp_path}",
@@ -100,58 +100,33 @@ def run_sweep(file: str | Path, *, tracking_uri: str | None = None, dry_run: boo
         if state.get("tracking_uri") != tracking.redact(uri):
             raise SweepError(f"this sweep logged to {state.get('tracking_uri')}, not {tracking.redact(uri)}",
                              "pass the same --tracking-uri (or MLFLOW_TRACKING_URI) as the first run")
-        if not _interrupted(state, uri):
+        if not interrupted:
             console.print(f"nothing to resume: the last run of this sweep ended (parent run "
                           f"{state.get('parent_run_id')}). Run it without --resume to run what is missing.")
             return SweepOutcome(0, state.get("parent_run_id"), exp_path)
+        close_orphans_of(plan, console, keep={state["parent_run_id"]})
     else:
-        if state is not None and _interrupted(state, uri) and not fresh:
+        if interrupted and not fresh:
             raise SweepError(f"an interrupted run of this sweep exists ({exp_path}, parent run "
                              f"{state.get('parent_run_id')})", "continue it with --resume, or abandon it with --fresh")
-        if not plan.to_run and spec.search is None:
-            console.print(f"[green]nothing new to run:[/] all {len(plan.trials)} trial(s) of {escape(str(file))} "
-                          f"already have a FINISHED run in experiment '{escape(spec.name)}' "
-                          f"({escape(tracking.redact(uri))}).")
-            for n in plan.notes:
-                console.print(f"[yellow]note:[/] {escape(n)}")
-            return SweepOutcome(0, experiment_path=exp_path, counts={"already_done": len(plan.done)})
         if state is not None:
             _retire_previous(state, exp_path, uri)
             state = None
+        close_orphans_of(plan, console)
+        if not plan.to_run and spec.search is None:
+            return nothing_new(plan, file, console)
 
+    outcomes = [teacher_status(t, uri) for t in plan.teachers().values()]
     for r in plan_tables(plan, outcomes, uri)[:2 + len(plan.notes)]:
         console.print(r)  # the header and notes; the full tables are --dry-run's
     # every data file and ready checkpoint the trials read, checked before the parent run or Ray exist
     preflight(plan.trials if spec.search is not None else plan.to_run)
-
-    # ---- the parent run
-    dir_name = plan.experiment_dir_name
-    if state is None:
-        parent = tracking.RunLogger(uri, spec.name, f"sweep/{dir_name}", {
-            tracking.ROLE: "sweep", "kdp.spec_hash": plan.spec_hash, "kdp.spec_file": str(plan.spec_file),
-            "kdp.ray_experiment": str(exp_path)})
-        parent.log_params({"trials": len(plan.trials), "already_done": len(plan.done),
-                           "to_run": len(plan.to_run), "teachers": len(outcomes),
-                           "search": spec.search is not None, "scheduler": spec.scheduler is not None,
-                           "max_failures": spec.max_failures})
-        parent.log_artifact(plan.spec_file, "spec")
-        parent.log_text("\n".join(t.run_name for t in plan.to_run) + "\n", "spec/trials_to_run.txt")
-        state = {"spec_hash": plan.spec_hash, "parent_run_id": parent.run_id, "experiment": spec.name,
-                 "tracking_uri": tracking.redact(uri), "spec_file": str(plan.spec_file), "sessions": 0,
-                 "already_done": len(plan.done),
-                 "created": time.strftime("%Y-%m-%d %H:%M:%S")}
-    else:
-        parent = tracking.RunLogger(uri, spec.name, f"sweep/{dir_name}", {}, run_id=state["parent_run_id"])
-    state["sessions"] = state.get("sessions", 0) + 1
-    exp_path.mkdir(parents=True, exist_ok=True)
-    _write_json(state_file, state)
+    parent, state = _open_parent(plan, state, exp_path, len(outcomes))
     console.print(f"parent run [bold]{parent.run_id}[/] (session {state['sessions']}), Ray experiment "
                   f"{escape(str(exp_path))}")
-
     if address and uri.startswith("sqlite:"):
         console.print("[yellow]warning:[/] trials on other nodes cannot write to a local SQLite file: point "
                       "--tracking-uri at an MLflow server (and --storage at storage every node can reach)")
-
     outcome = _on_ray(plan, parent, state, exp_path, resume=resume, address=address, max_concurrent=max_concurrent,
                       num_cpus=num_cpus, num_gpus=num_gpus, console=console)
     if outcome.exit_code == 130:
@@ -159,6 +134,36 @@ def run_sweep(file: str | Path, *, tracking_uri: str | None = None, dry_run: boo
         console.print(f"[yellow]interrupted:[/] open runs closed KILLED. Continue with: [bold]kdplatform sweep "
                       f"{escape(str(file))} --resume[/]")
     return outcome
+
+
+def _find_state(plan: SweepPlan, exp_path: Path, console: Console) -> tuple[dict | None, Path]:
+    """The saved state of this spec's last sweep: in `exp_path`, else in the Ray folder named by a parent
+    run of this spec still RUNNING in the store (a sweep started from another directory or --storage)."""
+    state_file = exp_path / STATE_FILE
+    if state_file.is_file():
+        return json.loads(state_file.read_text()), exp_path
+    for r in runs.open_sweeps(plan.tracking_uri, plan.experiment, plan.spec_hash):
+        folder = r.data.tags.get(runs.RAY_EXPERIMENT)
+        if folder and (Path(folder) / STATE_FILE).is_file():
+            console.print(f"found this sweep's interrupted run through the store: {escape(folder)}")
+            return json.loads((Path(folder) / STATE_FILE).read_text()), Path(folder)
+    return None, exp_path
+
+
+def _open_parent(plan: SweepPlan, state: dict | None, exp_path: Path, teachers: int) -> tuple:
+    """A new parent run (and state file), or the interrupted one reopened for --resume."""
+    if state is None:
+        parent = open_parent(plan, "sweep", ray_experiment=exp_path)
+        parent.log_params({"teachers": teachers})
+        state = {"spec_hash": plan.spec_hash, "parent_run_id": parent.run_id, "experiment": plan.spec.name,
+                 "tracking_uri": tracking.redact(plan.tracking_uri), "spec_file": str(plan.spec_file),
+                 "sessions": 0, "already_done": len(plan.done), "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+    else:
+        parent = runs.reopen(plan.tracking_uri, plan.spec.name, state["parent_run_id"])
+    state["sessions"] = state.get("sessions", 0) + 1
+    exp_path.mkdir(parents=True, exist_ok=True)
+    _write_json(exp_path / STATE_FILE, state)
+    return parent, state
 
 
 def _on_ray(plan: SweepPlan, parent: tracking.RunLogger, state: dict, exp_path: Path, *, resume: bool,
@@ -259,12 +264,9 @@ def _close_open_runs(parent: tracking.RunLogger, uri: str, experiment: str, stat
     """A sweep that stopped before its end: its open trial runs and its parent end `status` (KILLED after an
     interruption, FAILED after a fault), never FINISHED; `--resume` reopens them."""
     try:
-        c = tracking.client(uri)
-        for run in tracking.find_runs(uri, experiment, f"tags.`{tracking.PARENT}` = '{parent.run_id}' and "
-                                      "attributes.status = 'RUNNING'"):
-            for k, v in tags.items():
-                tracking.retry(lambda r=run, k=k, v=v: c.set_tag(r.info.run_id, k, v[:5000]), "set tag")
-            tracking.retry(lambda r=run: c.set_terminated(r.info.run_id, status=status), "end run")
+        for run in runs.search(uri, experiment, runs.where(runs.tag_is(runs.PARENT, parent.run_id),
+                                                           runs.status_is("RUNNING"))):
+            runs.close_run(uri, run.info.run_id, status, tags)
         parent.set_tags({k: v[:5000] for k, v in tags.items()})
         parent.finish(status)
     except Exception as e:  # noqa: BLE001 - the store is gone: the runs stay RUNNING, --resume still finds them
@@ -303,29 +305,8 @@ def _run_stages(plan: SweepPlan, parent: tracking.RunLogger, state: dict, exp_pa
         ctx = kdp_tune.TrialContext(tracking_uri=uri, experiment=spec.name, parent_run_id=parent.run_id,
                                     sweep_id=parent.run_id, cwd=os.getcwd(), spec_file=spec.source_file,
                                     trials={t.cfg_hash: t.model_dump(mode="json") for t in plan.trials},
-                                    bases=plan.bases)
-        kdp_tune.set_driver_hooks(kdp_tune.DriverHooks(ctx, monitor))
-        trainable = kdp_tune.trainable_for(ctx, spec.resources)
-        results = None
-        try:
-            if restorable:
-                try:
-                    tuner = ray_tune.Tuner.restore(str(exp_path), trainable=trainable, resume_unfinished=True,
-                                                   resume_errored=True)
-                except Exception as e:  # noqa: BLE001 - e.g. a state file truncated by a full disk
-                    raise SweepError(f"cannot resume: Ray's saved state in {exp_path} is unreadable "
-                                     f"({type(e).__name__}: {str(e)[:200]})", f"start again with: kdplatform sweep "
-                                     f"{plan.spec_file} --fresh (finished trials are kept and skipped)") from None
-                results = tuner.fit()
-            elif run_trials or spec.search is not None:
-                space = kdp_tune.param_space(run_trials if spec.search is None else plan.trials, spec.search)
-                tuner = ray_tune.Tuner(trainable, param_space=space,
-                                       tune_config=kdp_tune.tune_config(spec, concurrency),
-                                       run_config=kdp_tune.run_config(exp_path.name, exp_path.parent,
-                                                                      spec.max_failures))
-                results = tuner.fit()
-        finally:
-            kdp_tune.set_driver_hooks(None)
+                                    bases=plan.bases, force=plan.force)
+        results = _fit(plan, ctx, monitor, exp_path, restorable, run_trials, concurrency)
     if results is not None:
         rows += _result_rows(results)
         full = [r for r in rows if "No space left on device" in (r.get("reason") or "")]
@@ -338,33 +319,46 @@ def _run_stages(plan: SweepPlan, parent: tracking.RunLogger, state: dict, exp_pa
         kdp_tune.finish_early_stopped(ctx, rows)
 
     # ---- summary
-    counts = {"trials": len(plan.trials), "already_done": state.get("already_done", len(plan.done)),
-              "ran": len(rows),
-              "finished": sum(r["status"] in ("FINISHED", "SKIPPED") for r in rows),
-              "failed": sum(r["status"] == "FAILED" for r in rows),
-              "stopped_early": sum(r["status"] == "STOPPED" for r in rows),
-              "teachers_trained": sum(o.status == "trained" for o in outcomes),
-              "teachers_failed": len(failed_teachers)}
-    parent.add_metrics({f"sweep/{k}": v for k, v in counts.items()}, state["sessions"])
-    parent.set_tags({"kdp.failed_trials": counts["failed"], "kdp.finished_trials": counts["finished"]})
-    parent.finish("FINISHED")
-
-    console.print(summary_table(rows, f"sweep '{spec.name}': {counts['finished']} finished, {counts['failed']} "
-                                f"failed, {counts['stopped_early']} stopped early; {counts['already_done']} were "
-                                "already done"))
-    ft = failures_table(rows)
-    if ft is not None:
-        console.print(ft)
+    counts = counts_of(rows, plan, state.get("already_done", len(plan.done)))
+    counts.update(teachers_trained=sum(o.status == "trained" for o in outcomes), teachers_failed=len(failed_teachers))
+    close_parent(parent, counts, state["sessions"])
+    print_results(console, plan, parent.run_id, rows, counts)
     console.print(f"teachers: {counts['teachers_trained']} trained, "
                   f"{len(outcomes) - counts['teachers_trained'] - counts['teachers_failed']} reused, "
                   f"{counts['teachers_failed']} failed")
-    redacted = tracking.redact(uri)
-    console.print(f"MLflow: parent run {parent.run_id} in experiment '{escape(spec.name)}' ({escape(redacted)})")
     console.print(f"Ray results: {escape(str(exp_path))}  (ray.tune.ExperimentAnalysis or Tuner.restore)")
-    console.print(f"Open the report: [bold]kdplatform report --experiment {escape(spec.name)} --sweep "
-                  f"{parent.run_id} --tracking-uri {escape(redacted)}[/]")
     code = 1 if counts["failed"] or counts["teachers_failed"] else 0
     return SweepOutcome(code, parent.run_id, exp_path, counts, rows)
+
+
+def _fit(plan: SweepPlan, ctx, monitor: SweepMonitor, exp_path: Path, restorable: bool, run_trials: list,
+         concurrency: int | None):
+    """The students through Ray Tune: a new Tuner, or the interrupted one restored; None if nothing to run."""
+    from ray import tune as ray_tune
+
+    from kdplatform.sweep import tune as kdp_tune
+
+    spec = plan.spec
+    kdp_tune.set_driver_hooks(kdp_tune.DriverHooks(ctx, monitor))
+    trainable = kdp_tune.trainable_for(ctx, spec.resources)
+    try:
+        if restorable:
+            try:
+                tuner = ray_tune.Tuner.restore(str(exp_path), trainable=trainable, resume_unfinished=True,
+                                               resume_errored=True)
+            except Exception as e:  # noqa: BLE001 - e.g. a state file truncated by a full disk
+                raise SweepError(f"cannot resume: Ray's saved state in {exp_path} is unreadable "
+                                 f"({type(e).__name__}: {str(e)[:200]})", f"start again with: kdplatform sweep "
+                                 f"{plan.spec_file} --fresh (finished trials are kept and skipped)") from None
+            return tuner.fit()
+        if run_trials or spec.search is not None:
+            space = kdp_tune.param_space(run_trials if spec.search is None else plan.trials, spec.search)
+            return ray_tune.Tuner(trainable, param_space=space, tune_config=kdp_tune.tune_config(spec, concurrency),
+                                  run_config=kdp_tune.run_config(exp_path.name, exp_path.parent,
+                                                                 spec.max_failures)).fit()
+        return None
+    finally:
+        kdp_tune.set_driver_hooks(None)
 
 
 def _result_rows(results) -> list[dict[str, Any]]:
@@ -437,7 +431,7 @@ def _interrupted(state: dict, uri: str) -> bool:
     after a crash, KILLED after Ctrl-C/SIGTERM, FAILED after a fault such as a full disk)."""
     parent_id = state.get("parent_run_id")
     try:
-        run = tracking.client(uri).get_run(parent_id) if parent_id else None
+        run = runs.get_run(uri, parent_id) if parent_id else None
     except Exception:  # noqa: BLE001 - a parent in another store: nothing to reconcile
         return False
     return run is not None and run.info.status != "FINISHED"
@@ -445,14 +439,10 @@ def _interrupted(state: dict, uri: str) -> bool:
 
 def _retire_previous(state: dict, exp_path: Path, uri: str) -> None:
     """Archive the Ray folder of a previous run of this spec (with --fresh: close its open runs as KILLED)."""
-    c = tracking.client(uri)
     parent_id = state.get("parent_run_id")
-    if _interrupted(state, uri):  # --fresh: whatever is still open ends KILLED
-        for run in tracking.find_runs(uri, state["experiment"], f"tags.`{tracking.PARENT}` = '{parent_id}' and "
-                                      "attributes.status = 'RUNNING'"):
-            tracking.retry(lambda r=run: c.set_terminated(r.info.run_id, status="KILLED"), "end run")
-        if c.get_run(parent_id).info.status == "RUNNING":  # a FAILED or KILLED parent keeps its status
-            tracking.retry(lambda: c.set_terminated(parent_id, status="KILLED"), "end run")
+    if _interrupted(state, uri):
+        runs.close_children(uri, state["experiment"], parent_id, "KILLED", "abandoned with --fresh")
+        runs.close_run(uri, parent_id, "KILLED", {runs.FAILURE_REASON: "abandoned with --fresh"})
     archive = exp_path.with_name(f"{exp_path.name}.{time.strftime('%Y%m%d-%H%M%S')}")
     os.replace(exp_path, archive)
 

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 from pydantic import ValidationError
 
-from kdplatform import tracking
+from kdplatform import runs, tracking
 from kdplatform.config import (AXES, ConfigError, ResolvedTrial, SweepSpec, TrialConfig, load_trials, raw_trials,
                                resolve_trial, set_dotted)
 from kdplatform.store_check import check_store
@@ -42,6 +42,7 @@ class SweepPlan:
     tracking_uri: str = ""  # absolute
     done: dict[str, str] = field(default_factory=dict)  # cfg_hash -> FINISHED run id
     bases: dict[str, dict[str, Any]] = field(default_factory=dict)  # search: cfg_hash -> raw TrialConfig
+    force: bool = False  # --force: finished configs run again
 
     @property
     def to_run(self) -> list[ResolvedTrial]:
@@ -76,9 +77,9 @@ def spec_hash(spec: SweepSpec) -> str:
 
 
 def plan_sweep(path: str | Path, tracking_uri: str | None = None, query_done: bool = True,
-               overrides: Sequence[str] = ()) -> SweepPlan:
+               overrides: Sequence[str] = (), force: bool = False) -> SweepPlan:
     """Validate and expand `path` (with command-line `key=value` overrides); with `query_done`, look up
-    finished runs in the store.
+    finished runs in the store (`force`: count none as done, so finished configs run again).
 
     The store is `tracking_uri`, else the spec's `tracking_uri`, else the default (`./mlflow.db`).
     """
@@ -87,12 +88,12 @@ def plan_sweep(path: str | Path, tracking_uri: str | None = None, query_done: bo
     if query_done:
         check_store(uri)  # a store that is down, refuses us or is corrupt: exit 2 now, not after the teachers
     plan = SweepPlan(spec=spec, spec_file=Path(path).resolve(), spec_hash=spec_hash(spec), trials=trials,
-                     notes=notes, tracking_uri=uri)
+                     notes=notes, tracking_uri=uri, force=force)
     if spec.search is not None:
         plan.bases = raw_trials(spec, {t.cfg_hash for t in trials})  # the same grid walk as load_trials
         check_search_space(plan)
-    if query_done and not spec.search:
-        plan.done = finished_cfg_hashes(uri, spec.name, {t.cfg_hash for t in trials})
+    if query_done and not spec.search and not force:
+        plan.done = runs.finished_cfg_hashes(uri, spec.name, {t.cfg_hash for t in trials})
     return plan
 
 
@@ -127,30 +128,3 @@ def check_search_space(plan: SweepPlan) -> None:
         for value in probes:
             for raw in list(plan.bases.values())[:50]:
                 apply_sample(raw, {key: value}, file)
-
-
-def finished_cfg_hashes(tracking_uri: str, experiment: str, wanted: set[str] | None = None) -> dict[str, str]:
-    """cfg_hash -> run id of every FINISHED student run of the experiment, in one paged query."""
-    if _sqlite_file_missing(tracking_uri):
-        return {}  # nothing logged yet: do not create a database just to look
-    c = tracking.client(tracking_uri)
-    exp = tracking.retry(lambda: c.get_experiment_by_name(experiment), "find experiment")
-    if exp is None:
-        return {}
-    out: dict[str, str] = {}
-    token = None
-    flt = f"tags.`{tracking.ROLE}` = 'student' and attributes.status = 'FINISHED'"
-    while True:
-        page = tracking.retry(lambda: c.search_runs([exp.experiment_id], filter_string=flt, max_results=5000,
-                                                    page_token=token), "search runs")
-        for r in page:
-            h = r.data.tags.get(tracking.CFG_HASH)
-            if h and (wanted is None or h in wanted):
-                out.setdefault(h, r.info.run_id)
-        token = page.token
-        if not token:
-            return out
-
-
-def _sqlite_file_missing(uri: str) -> bool:
-    return uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists()

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from kdplatform import tracking
+from kdplatform import runs, tracking
 from kdplatform.config import ResolvedTrial, SweepSpec
 
 GIVEN, CACHED, FROM_MLFLOW, TO_TRAIN = "checkpoint", "cached", "from MLflow", "to train"
@@ -39,9 +39,7 @@ def teacher_status(trial: ResolvedTrial, tracking_uri: str | None) -> TeacherOut
         return TeacherOutcome(h, trial, GIVEN, str(folder))
     if (folder / MARKER).is_file():
         return TeacherOutcome(h, trial, CACHED, str(folder))
-    from kdplatform.sweep.expand import _sqlite_file_missing
-
-    if tracking_uri and not _sqlite_file_missing(tracking_uri):
+    if tracking_uri and not runs.store_missing(tracking_uri):
         found = teacher_from_mlflow(tracking_uri, trial)
         if found is not None:
             return TeacherOutcome(h, trial, FROM_MLFLOW, str(found))

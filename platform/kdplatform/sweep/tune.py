@@ -21,18 +21,17 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ray import tune
 
-from kdplatform import tracking
+from kdplatform import runs
 from kdplatform.config import ResolvedTrial
 
 STATUS, REASON, RUN_ID = "kdp_status", "kdp_failure_reason", "mlflow_run_id"
-EARLY_STOPPED = "kdp.early_stopped"
+EARLY_STOPPED = runs.EARLY_STOPPED
 
 
 @dataclass
@@ -47,6 +46,7 @@ class TrialContext:
     spec_file: str | None = None
     trials: dict[str, dict] = field(default_factory=dict)  # cfg_hash -> ResolvedTrial JSON (grid)
     bases: dict[str, dict] = field(default_factory=dict)  # cfg_hash -> raw TrialConfig (search)
+    force: bool = False  # --force: run configs that already have a FINISHED run again
 
     def resolve(self, config: dict[str, Any]) -> ResolvedTrial:
         if "trial" in config:
@@ -106,71 +106,58 @@ class _Reporter:
 
 
 def student_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
-    """Ray Tune function trainable: one student trial, resumable, one MLflow run."""
+    """Ray Tune function trainable: one student trial, resumable, one MLflow run.
+
+    The trial claims its config first (`runs.claim`): a concurrent sweep or `run` holding it makes this
+    one wait, and then it finds that config FINISHED and reports SKIPPED."""
+    if os.path.isdir(ctx.cwd):
+        os.chdir(ctx.cwd)  # relative paths in the spec mean the driver's working directory
+    trial = ctx.resolve(config)
+    workdir = Path(tempfile.mkdtemp(prefix="kdp_trial_"))
+    reporter = _Reporter(trial, workdir)
+    try:
+        with runs.claimed(ctx.tracking_uri, ctx.experiment, trial.cfg_hash):
+            _run_claimed(trial, ctx, reporter, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run_claimed(trial: ResolvedTrial, ctx: TrialContext, reporter: _Reporter, workdir: Path) -> None:
     from kdplatform.config import ConfigError
     from kdplatform.distill.tasks import DataError
     from kdplatform.distill.teacher import TeacherError
     from kdplatform.distill.worker import Callbacks, DivergedError, TrialSetupError, run_trial
 
-    if os.path.isdir(ctx.cwd):
-        os.chdir(ctx.cwd)  # relative paths in the spec mean the driver's working directory
-    trial = ctx.resolve(config)
     uri = ctx.tracking_uri
-    workdir = Path(tempfile.mkdtemp(prefix="kdp_trial_"))
-    reporter = _Reporter(trial, workdir)
+    done = None if ctx.force else runs.finished_run(uri, ctx.experiment, trial.cfg_hash)
+    if done is not None:  # finished meanwhile (another sweep, or just before the driver was killed)
+        reporter.run_id = done.info.run_id
+        reporter.final("SKIPPED", {k: v for k, v in done.data.metrics.items() if k.startswith("dev/")})
+        return
+    runs.close_orphans(uri, ctx.experiment, trial.cfg_hash, keep_parent=ctx.parent_run_id)
+    resume_dir, run_id, from_step = None, None, None
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        resume_dir = Path(ckpt.to_directory(str(workdir / "resume")))
+        saved = json.loads((resume_dir / "run.json").read_text())
+        run_id, from_step = saved["run_id"], saved.get("global_step")
+    else:
+        run_id = runs.trial_run_id(uri, ctx.experiment, ctx.parent_run_id, trial.cfg_hash)
+        if run_id is not None and runs.get_run(uri, run_id).info.status == "FINISHED":
+            run_id = None  # --force: a new run beside the finished one
+    if run_id is not None:
+        reporter.run_id = run_id
+        runs.note_retry(uri, run_id, from_step)
+    callbacks = Callbacks(on_eval=reporter.on_eval, on_checkpoint=reporter.on_checkpoint)
     try:
-        done = tracking.retry(lambda: tracking.finished_run(uri, ctx.experiment, trial.cfg_hash), "find run")
-        if done is not None:  # finished meanwhile (e.g. just before the driver was killed): nothing to redo
-            reporter.run_id = done.info.run_id
-            reporter.final("SKIPPED", {k: v for k, v in done.data.metrics.items() if k.startswith("dev/")})
-            return
-        resume_dir, run_id, from_step = None, None, None
-        ckpt = tune.get_checkpoint()
-        if ckpt is not None:
-            resume_dir = Path(ckpt.to_directory(str(workdir / "resume")))
-            saved = json.loads((resume_dir / "run.json").read_text())
-            run_id, from_step = saved["run_id"], saved.get("global_step")
-        else:
-            run_id = unfinished_run_id(uri, ctx.experiment, ctx.parent_run_id, trial.cfg_hash)
-        if run_id is not None:
-            reporter.run_id = run_id
-            _note_retry(uri, run_id, from_step)
-        callbacks = Callbacks(on_eval=reporter.on_eval, on_checkpoint=reporter.on_checkpoint)
-        try:
-            result = run_trial(trial, tracking_uri=uri, parent_run_id=ctx.parent_run_id, run_id=run_id,
-                               callbacks=callbacks, resume_dir=resume_dir, sweep_id=ctx.sweep_id)
-        except (DivergedError, TrialSetupError, DataError, TeacherError, ConfigError) as e:
-            # deterministic: a retry would fail the same way. The worker has marked its run FAILED.
-            reporter.final("FAILED", {REASON: f"{type(e).__name__}: {e}"[:500]})
-            return
-        reporter.run_id = result.run_id
-        reporter.final("FINISHED", {**result.best, "minutes": result.seconds / 60})
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-def unfinished_run_id(uri: str, experiment: str, parent_run_id: str, cfg_hash: str) -> str | None:
-    """The run this sweep already opened for a config (crashed or interrupted before a checkpoint)."""
-    runs = tracking.retry(lambda: tracking.find_runs(
-        uri, experiment, f"tags.`{tracking.PARENT}` = '{parent_run_id}' and tags.`{tracking.CFG_HASH}` = "
-        f"'{cfg_hash}' and tags.`{tracking.ROLE}` = 'student'", max_results=10), "find run")
-    runs = sorted(runs, key=lambda r: r.info.start_time or 0, reverse=True)
-    return runs[0].info.run_id if runs else None
-
-
-def _note_retry(uri: str, run_id: str, from_step: int | None) -> None:
-    """Tags of a reattached run: attempt count, the checkpoint step it resumes from (0: from scratch), and
-    a previous failure's reason kept as history (`kdp.retried_after`), not as the current failure."""
-    c = tracking.client(uri)
-    run = tracking.retry(lambda: c.get_run(run_id), "get run")
-    tags = run.data.tags
-    attempts = int(tags.get("kdp.attempts", "1")) + 1
-    tracking.retry(lambda: c.set_tag(run_id, "kdp.attempts", str(attempts)), "set tag")
-    tracking.retry(lambda: c.set_tag(run_id, "kdp.resumed_from_step", str(from_step or 0)), "set tag")
-    reason = tags.get("kdp.failure_reason")
-    if reason:
-        tracking.retry(lambda: c.set_tag(run_id, "kdp.retried_after", reason), "set tag")
-        tracking.retry(lambda: c.delete_tag(run_id, "kdp.failure_reason"), "delete tag")
+        result = run_trial(trial, tracking_uri=uri, parent_run_id=ctx.parent_run_id, run_id=run_id,
+                           callbacks=callbacks, resume_dir=resume_dir, sweep_id=ctx.sweep_id)
+    except (DivergedError, TrialSetupError, DataError, TeacherError, ConfigError) as e:
+        # deterministic: a retry would fail the same way. The worker has marked its run FAILED.
+        reporter.final("FAILED", {REASON: f"{type(e).__name__}: {e}"[:500]})
+        return
+    reporter.run_id = result.run_id
+    reporter.final("FINISHED", {**result.best, "minutes": result.seconds / 60})
 
 
 # ------------------------------------------------------------------------------------------- the tuner
@@ -307,19 +294,13 @@ class DriverHooks:
 
     def _close_run(self, trial, last: dict, status: str, tags: dict[str, Any]) -> None:
         """Terminate the trial's MLflow run if it is still RUNNING (never touch a closed one)."""
+        ctx = self.ctx
         try:
-            c = tracking.client(self.ctx.tracking_uri)
             cfg_hash = last.get("kdp_cfg_hash") or trial.config.get("trial", {}).get("cfg_hash")
-            run_id = last.get(RUN_ID) or (cfg_hash and unfinished_run_id(
-                self.ctx.tracking_uri, self.ctx.experiment, self.ctx.parent_run_id, cfg_hash))
-            if not run_id:
-                return
-            run = tracking.retry(lambda: c.get_run(run_id), "get run")
-            if run.info.status != "RUNNING":
-                return
-            for k, v in tags.items():
-                tracking.retry(lambda k=k, v=v: c.set_tag(run_id, k, str(v)[:5000]), "set tag")
-            tracking.retry(lambda: c.set_terminated(run_id, status=status), "end run")
+            run_id = last.get(RUN_ID) or (cfg_hash and runs.trial_run_id(
+                ctx.tracking_uri, ctx.experiment, ctx.parent_run_id, cfg_hash))
+            if run_id:
+                runs.close_run(ctx.tracking_uri, run_id, status, tags)
         except Exception as e:  # noqa: BLE001 - bookkeeping must never stop the sweep
             self.monitor.note(f"could not close the MLflow run of {trial_name(trial)}: {e}")
 
@@ -331,26 +312,12 @@ def finish_early_stopped(ctx: TrialContext, rows: list[dict[str, Any]], wait_s: 
     KILLED on the way out. Called after `Tuner.fit()` returns; a run still RUNNING is given `wait_s` for
     that last write (the worker's final one), so this correction is never overwritten.
     """
-    c = tracking.client(ctx.tracking_uri)
     fixed = []
     for row in rows:
         if row["status"] != "STOPPED":
             continue
-        run_id = row.get("run_id") or (row.get("cfg_hash") and unfinished_run_id(
+        run_id = row.get("run_id") or (row.get("cfg_hash") and runs.trial_run_id(
             ctx.tracking_uri, ctx.experiment, ctx.parent_run_id, row["cfg_hash"]))
-        if not run_id:
-            continue
-        deadline = time.time() + wait_s
-        run = tracking.retry(lambda: c.get_run(run_id), "get run")
-        while run.info.status == "RUNNING" and time.time() < deadline:
-            time.sleep(0.5)
-            run = tracking.retry(lambda: c.get_run(run_id), "get run")
-        if run.info.status == "FINISHED":  # already closed: by us before, or its training completed
-            continue
-        tracking.retry(lambda: c.set_tag(run_id, EARLY_STOPPED, "asha"), "set tag")
-        tracking.retry(lambda: c.set_tag(run_id, "kdp.early_stopped_step", str(row.get("step", ""))), "set tag")
-        if run.data.tags.get("kdp.failure_reason", "").startswith("SystemExit"):
-            tracking.retry(lambda: c.delete_tag(run_id, "kdp.failure_reason"), "delete tag")
-        tracking.retry(lambda: c.set_terminated(run_id, status="FINISHED"), "end run")
-        fixed.append(run_id)
+        if run_id and runs.mark_early_stopped(ctx.tracking_uri, run_id, row.get("step"), wait_s):
+            fixed.append(run_id)
     return fixed

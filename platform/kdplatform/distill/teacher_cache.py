@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kdplatform import paths
 from kdplatform.distill.losses import Features
 
 log = logging.getLogger(__name__)
@@ -56,9 +57,7 @@ _TOKEN_KEYS = ("input_ids", "token_type_ids", "attention_mask")
 
 
 def default_root() -> Path:
-    from kdplatform.distill.teacher import cache_root
-
-    return cache_root() / "teacher_outputs"
+    return paths.teacher_outputs_root()
 
 
 def teacher_identity(folder: str | os.PathLike | None) -> str | None:
@@ -104,30 +103,8 @@ def _sha(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def feature_names(losses: Sequence[Any]) -> list[str]:
-    """Teacher features a stage's loss terms read: 'logits', 'hidden.L', 'q.L', 'k.L', 'v.L', 'attn_out.L'.
-
-    `losses` are `ResolvedLoss` objects (name, layer_pairs, relations). Logits are always kept: the forward
-    computes them anyway and a later prediction stage reads them.
-    """
-    from kdplatform.distill.losses import needs
-
-    names = {"logits"}
-    for term in losses:
-        want = needs(term.name)
-        for _, lt in term.layer_pairs:
-            if "hidden" in want:
-                names.add(f"hidden.{lt}")
-            if "qk" in want:
-                names |= {f"q.{lt}", f"k.{lt}"}
-            if "qkv" in want:
-                names |= {f"{r}.{lt}" for r in (term.relations or ("q", "k", "v"))}
-            if "attn_out" in want:
-                names.add(f"attn_out.{lt}")
-    return sorted(names)
-
-
-def _extract(name: str, feats: Features) -> Tensor:
+def extract(name: str, feats: Features) -> Tensor:
+    """One named feature ('logits', 'hidden.6', 'q.3', ...) of a forward pass."""
     if name == "logits":
         return feats.logits
     kind, layer = name.split(".")
@@ -368,7 +345,7 @@ class TeacherCache:
         lens = self.lengths[idx]
         dest = None
         for name in todo:
-            t = _extract(name, feats).detach()
+            t = extract(name, feats).detach()
             arr = self.filling.get(name)
             if arr is None:
                 arr = self._allocate(name, t.shape[-1])
