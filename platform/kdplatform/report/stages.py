@@ -57,8 +57,10 @@ def prediction_aligned(data: ReportData, run_ids) -> tuple[pd.DataFrame, float |
     that common start, the ILD | prediction KD boundary, or None where no run has an ILD stage."""
     s = stage_of_points(data)
     s = s[s.run_id.isin(set(run_ids))]
-    pred_start = s[s.kind == PRED].groupby("run_id").offset.min()
+    # A run still in (or stopped during) ILD would start prediction KD after its last evaluation.
+    pred_start = s.groupby("run_id").step.max().astype(float)
+    pred_start.update(s[s.kind == PRED].groupby("run_id").offset.min())
     start = float(pred_start.max()) if len(pred_start) else 0.0
-    shift = s.run_id.map(start - pred_start).fillna(0.0)  # a run stopped during ILD is not shifted
+    shift = s.run_id.map(start - pred_start).where(s.run_id.isin(s[s.kind == PRED].run_id), 0.0)
     out = s[["run_id", "step"]].assign(x=s.step + shift)
     return out, (start if (s.kind == ILD).any() else None)
