@@ -151,3 +151,62 @@ def test_quantized_student_reloads_with_the_same_predictions(tmp_path, store, gl
     expected_mb = _packed_bits_2bit(plain) / 8 / 1e6
     assert q["packed_mb"] == pytest.approx(expected_mb)
     assert run.data.metrics["model/packed_mb"] == pytest.approx(expected_mb)
+
+
+SWEEP = """
+name: out_sweep
+task: sst2
+data: {{glue_dir: {glue}, source: glue_dir, max_train_examples: 100, max_dev_examples: 64,
+        train_eval_examples: 32, max_seq_length: 32}}
+teacher: {{model: minilm-l6, finetune: {{epochs: 1, max_steps: 2, batch_size: 16, lr: 1.0e-4}}}}
+student: {{init: truncate, layers: 2}}
+train:                         # 7 steps an epoch: ild ends with a checkpoint, pred makes one after epoch 1
+  - {{name: ild, max_steps: 3, batch_size: 16, eval_every: 3}}
+  - {{name: pred, max_steps: 9, batch_size: 16, eval_every: 3, lr: 5.0e-4}}
+speed: {{precision: fp32}}
+seeds: [42]
+grid:
+  method: [kd, ild_last]
+resources: {{cpu: 1}}
+max_concurrent_trials: 2
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_sweep_leaves_loadable_students_and_no_ray_checkpoints(tmp_path, glue_dir, minilm, mlflow_uri):
+    """The quickstart's shape, tiny: every student run's best model reproduces its best dev score, and the
+    trials' Ray checkpoints (made at epoch ends, for resume) are gone once the trials finished."""
+    from transformers import AutoModelForSequenceClassification
+
+    from kdplatform.config import load_trials
+    from kdplatform.distill.export import export_run_model
+
+    spec = write_yaml(tmp_path / "sweep.yaml", SWEEP.format(glue=glue_dir))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "0"}
+    env.pop("PYTEST_CURRENT_TEST", None)
+    proc = subprocess.run([sys.executable, "-m", "kdplatform.cli", "sweep", str(spec), "--tracking-uri",
+                           mlflow_uri, "--num-cpus", "2", "--storage", str(tmp_path / "ray_results")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    _, trials, _ = load_trials(spec)
+    c = MlflowClient(mlflow_uri)
+    exp = c.get_experiment_by_name("out_sweep")
+    students = c.search_runs([exp.experiment_id], "tags.`kdp.role` = 'student'")
+    assert sorted(r.data.tags["kdp.method"] for r in students) == ["ild_last", "kd"]
+    for run in students:
+        assert run.info.status == "FINISHED"
+        trial = next(t for t in trials if t.cfg_hash == run.data.tags["kdp.cfg_hash"])
+        dest = export_run_model(mlflow_uri, run.info.run_id, tmp_path / run.info.run_id)
+        model = AutoModelForSequenceClassification.from_pretrained(dest).eval()
+        logits, labels = _dev_logits(model, trial)
+        assert _score(trial.task, logits, labels) == pytest.approx(run.data.metrics["dev/best_score"], abs=1e-6)
+
+    trial_dirs = [d for d in (tmp_path / "ray_results").glob("*/*") if (d / "result.json").is_file()]
+    assert len(trial_dirs) == 2
+    for d in trial_dirs:
+        rows = [json.loads(line) for line in (d / "result.json").read_text().splitlines() if line.strip()]
+        made = {r["checkpoint_dir_name"] for r in rows if r.get("checkpoint_dir_name")}
+        assert made, f"{d.name}: the trial reported no checkpoint, so this test shows nothing"
+        assert not list(d.glob("checkpoint_*")), f"{d.name} kept {sorted(p.name for p in d.glob('checkpoint_*'))}"
