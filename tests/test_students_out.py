@@ -73,6 +73,7 @@ def _score(task: str, logits: torch.Tensor, labels: torch.Tensor) -> float:
     return compute_metrics(task, logits.numpy(), labels.numpy())["score"]
 
 
+@pytest.mark.e2e
 def test_best_and_last_students_export_and_reproduce_the_logged_dev_scores(tmp_path, store, glue_dir, minilm):
     from transformers import AutoModelForSequenceClassification
 
@@ -112,6 +113,35 @@ def test_best_and_last_students_export_and_reproduce_the_logged_dev_scores(tmp_p
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
+@pytest.mark.e2e
+def test_a_resumed_trial_still_saves_its_best_student(tmp_path, store, glue_dir, minilm):
+    """The best-dev copy travels in the resume checkpoint: a trial killed after its best eval and resumed
+    in a new process state saves that student, not only what it reaches after the restart."""
+    from transformers import AutoModelForSequenceClassification
+
+    from kdplatform.config import load_trials
+    from kdplatform.distill.export import export_run_model
+    from kdplatform.distill.worker import Callbacks, run_trial
+
+    text = TRIAL.format(glue=glue_dir, bits=32, act_bits=32, keep="best").replace("max_steps: 6", "max_steps: 10")
+    _, trials, _ = load_trials(write_yaml(tmp_path / "trial.yaml", text.replace("name: out", "name: out_resume")))
+    ckpt = tmp_path / "ckpt"
+
+    def save_then_crash(save, info):  # 7 steps an epoch: evals at steps 3 and 6 came before this checkpoint
+        save(ckpt)
+        raise RuntimeError("killed after the first checkpoint")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        run_trial(trials[0], tracking_uri=store, callbacks=Callbacks(on_checkpoint=save_then_crash))
+    result = run_trial(trials[0], tracking_uri=store, resume_dir=ckpt)
+    run = MlflowClient(store).get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    model = AutoModelForSequenceClassification.from_pretrained(
+        export_run_model(store, result.run_id, tmp_path / "best")).eval()
+    logits, labels = _dev_logits(model, trials[0])
+    assert _score(trials[0].task, logits, labels) == pytest.approx(run.data.metrics["dev/best_score"], abs=1e-6)
+
+
 def _packed_bits_2bit(model) -> int:
     """2-bit weights + one fp32 scale for the 6 linears of every encoder layer and the pooler; the rest fp32."""
     base = model.base_model
@@ -124,6 +154,7 @@ def _packed_bits_2bit(model) -> int:
     return sum(w.numel() * 2 + 32 for w in low) + rest * 32
 
 
+@pytest.mark.e2e
 def test_quantized_student_reloads_with_the_same_predictions(tmp_path, store, glue_dir, minilm):
     from transformers import AutoModelForSequenceClassification
 
