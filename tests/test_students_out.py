@@ -241,3 +241,13 @@ def test_sweep_leaves_loadable_students_and_no_ray_checkpoints(tmp_path, glue_di
         made = {r["checkpoint_dir_name"] for r in rows if r.get("checkpoint_dir_name")}
         assert made, f"{d.name}: the trial reported no checkpoint, so this test shows nothing"
         assert not list(d.glob("checkpoint_*")), f"{d.name} kept {sorted(p.name for p in d.glob('checkpoint_*'))}"
+
+
+def test_keep_models_is_validated_and_left_out_of_the_config_hash(tmp_path, glue_dir):
+    from kdplatform.config import ConfigError, load_trials
+
+    cfg = write_yaml(tmp_path / "trial.yaml", TRIAL.format(glue=glue_dir, bits=32, act_bits=32, keep="best"))
+    hashes = {load_trials(cfg, [f"output.keep_models={k}"])[1][0].cfg_hash for k in ("none", "best", "best+last")}
+    assert len(hashes) == 1
+    with pytest.raises(ConfigError, match="keep_models"):
+        load_trials(cfg, ["output.keep_models=all"])
