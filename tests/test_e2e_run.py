@@ -50,6 +50,13 @@ def test_run_logs_a_complete_student_run(tmp_path, glue_dir, tiny_bert_dir, mlfl
     assert roles == ["student", "sweep", "teacher"]
     student = next(r for r in runs if r.data.tags["kdp.role"] == "student")
     assert student.info.status == "FINISHED"
+    # stdout is a pipe: plain progress lines, for the teacher's fine-tune and each student stage (4 steps each)
+    out = proc.stdout
+    assert f"fine-tuning teacher sst2/{tiny_bert_dir} ..." in out, out
+    name = student.info.run_name
+    for label in (f"fine-tuning teacher sst2/{tiny_bert_dir}", f"{name} ild", f"{name} pred"):
+        assert f"{label}: step 4/4 (100%)" in out, out
+        assert f"{label}: step 1/4 (25%)" in out, out  # every 10%: here every step
     assert student.info.run_name == "sst2/cr_ild/last/w0.5/b32/s42"
 
     c = MlflowClient(mlflow_uri)

@@ -387,6 +387,17 @@ def test_pkd_matches_reference_and_is_scale_invariant():
     assert abs(float(pkd(ct, ct * 5))) < 1e-7
 
 
+def test_pkd_term_reads_fp16_cached_teacher_states_under_bf16_autocast():
+    """The teacher output cache stores float16; a CPU bf16 step must still stack and compare them."""
+    s, t = make_features(31), make_features(32)
+    t.hidden = tuple(h.half() for h in t.hidden)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        val = term_loss("pkd", s, t, [(1, 2), (3, 3)])
+    want = (ref_pkd(s.hidden[1][:, 0], t.hidden[2][:, 0].float())
+            + ref_pkd(s.hidden[3][:, 0], t.hidden[3][:, 0].float())) / 2
+    assert close(val, want)
+
+
 # ---------------------------------------------------------------------------- attention map KL
 def test_attention_map_kl_matches_reference_and_ignores_padding():
     ps, pt = rand_probs(LENGTHS, seed=27), rand_probs(LENGTHS, seed=28)

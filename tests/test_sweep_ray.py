@@ -134,6 +134,10 @@ def test_sweep_retries_a_crash_fails_a_divergence_then_runs_only_what_is_missing
     first = _sweep(spec, mlflow_uri, env)
     assert first.returncode == 1, first.out[-4000:]  # one trial failed; the sweep still went through all
     assert "3 finished, 1 failed" in first.out, first.out[-4000:]
+    # Ray's own lines are in its log file, which the summary names, not in the user's output
+    assert "Checkpoint successfully created" not in first.out, first.out[-4000:]
+    ray_log = first.stdout.split("Ray's log: ", 1)[1].split()[0]
+    assert Path(ray_log).is_file() and Path(ray_log).parent.name.startswith("faults-")
 
     parents = _runs(mlflow_uri, "faults", "sweep")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
@@ -164,6 +168,10 @@ def test_sweep_retries_a_crash_fails_a_divergence_then_runs_only_what_is_missing
         assert _steps(mlflow_uri, students[name].info.run_id, "loss/total") == EXPECTED_STEPS[method]
 
     exp_path = Path(parent.data.tags["kdp.ray_experiment"])
+    # each trial wrote its live step count for the driver's view (at least at every stage end)
+    live = [json.loads(f.read_text()) for f in (exp_path / "kdp_progress").glob("*.json")]
+    assert len(live) == 4
+    assert sum(s["label"].endswith(" pred") and s["step"] == s["total"] for s in live) == 3, live
     seen = _read_without_kdplatform(exp_path, mlflow_uri, "faults")
     assert {k: v[1] for k, v in seen["ray"].items()} == {
         "sst2/kd/b32/s1": "FINISHED", "sst2/kd/b32/s2": "FINISHED", "sst2/pkd/uniform/b32/s1": "FAILED",

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
-import types
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub from the tests
@@ -191,42 +189,47 @@ def test_mnli_and_qqp_local_layout(tmp_path: Path) -> None:
     assert q.text_a == ["q one?", "q3"] and q.labels == [1, 0]
 
 
-class _FakeHubSplit(dict):
-    """Stands in for a datasets.Dataset: column access by name."""
+def test_hub_dataset_reads_a_saved_datasets_folder_and_parquet_files(tmp_path: Path) -> None:
+    """`hub_dataset` through the real `datasets` library: a save_to_disk folder and the hub's parquet layout."""
+    import datasets
+    import pandas as pd
 
+    mnli = datasets.DatasetDict({
+        "train": datasets.Dataset.from_pandas(pd.DataFrame({"premise": ["p0"], "hypothesis": ["h0"], "label": [1]})),
+        "validation_matched": datasets.Dataset.from_pandas(
+            pd.DataFrame({"premise": ["p1", "p2"], "hypothesis": ["h1", "h2"], "label": [2, 0]})),
+        "validation_mismatched": datasets.Dataset.from_pandas(
+            pd.DataFrame({"premise": ["q1"], "hypothesis": ["g1"], "label": [1]}))})
+    mnli.save_to_disk(tmp_path / "mnli")
+    mm = load_split("mnli", "dev_mm", hub_dataset=str(tmp_path / "mnli"), glue_dir="/ignored")
+    assert (mm.text_a, mm.text_b, mm.labels) == (["q1"], ["g1"], [1])
+    assert mm.origin == f"disk:{tmp_path / 'mnli'}" and mm.source.endswith("/validation_mismatched")
+    assert load_split("mnli", "dev", hub_dataset=str(tmp_path / "mnli")).labels == [2, 0]
 
-def test_hub_source_maps_splits_and_columns(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = []
-
-    def fake_load_dataset(path: str, name: str, split: str) -> _FakeHubSplit:
-        calls.append((path, name, split))
-        if name == "mnli":
-            return _FakeHubSplit(premise=["p1", "p2"], hypothesis=["h1", "h2"], label=[2, 0])
-        if name == "stsb":
-            return _FakeHubSplit(sentence1=["a"], sentence2=["b"], label=[3.8])
-        return _FakeHubSplit(sentence=["s"], label=[-1])  # a test split: labels hidden
-
-    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=fake_load_dataset))
-    monkeypatch.delenv("KDP_GLUE_DIR", raising=False)
-    mm = load_split("mnli", "dev_mm")  # auto without a folder -> hub
-    assert calls[-1] == ("nyu-mll/glue", "mnli", "validation_mismatched")
-    assert (mm.text_a, mm.text_b, mm.labels) == (["p1", "p2"], ["h1", "h2"], [2, 0])
-    assert mm.source == "hub:nyu-mll/glue/mnli/validation_mismatched"
-    load_split("mnli", "dev", source="hub", glue_dir="/ignored")
-    assert calls[-1][2] == "validation_matched"
-    st_ = load_split("stsb", "dev", source="hub")
-    assert calls[-1] == ("nyu-mll/glue", "stsb", "validation") and st_.labels == [3.8]
-    with pytest.raises(DataError, match="outside"):
-        load_split("sst2", "train", source="hub")
+    (tmp_path / "stsb" / "data").mkdir(parents=True)
+    pd.DataFrame({"sentence1": ["a", "c"], "sentence2": ["b", "d"], "label": [3.8, 0.5]}).to_parquet(
+        tmp_path / "stsb" / "data" / "validation-00000-of-00001.parquet")
+    dev = load_split("stsb", "dev", hub_dataset=str(tmp_path / "stsb"))
+    assert dev.labels == [3.8, 0.5] and dev.origin == f"parquet:{tmp_path / 'stsb'}"
+    with pytest.raises(DataError, match="no parquet files for split 'train'"):
+        load_split("stsb", "train", hub_dataset=str(tmp_path / "stsb"))
+    with pytest.raises(DataError, match=r"no column\(s\) \['sentence'\]"):
+        load_split("sst2", "dev", hub_dataset=str(tmp_path / "stsb"))
+    datasets.DatasetDict({"validation": datasets.Dataset.from_pandas(
+        pd.DataFrame({"sentence": ["s"], "label": [-1]}))}).save_to_disk(tmp_path / "hidden")
+    with pytest.raises(DataError, match="outside"):  # a test split: labels hidden
+        load_split("sst2", "dev", hub_dataset=str(tmp_path / "hidden"))
+    with pytest.raises(DataError, match="has splits \\['validation'\\], not 'train'"):
+        load_split("sst2", "train", hub_dataset=str(tmp_path / "hidden"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="neither a `datasets` folder"):
+        load_split("sst2", "train", hub_dataset=str(tmp_path / "empty"))
 
 
 def test_hub_failure_becomes_data_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    def offline(*args: object, **kwargs: object) -> None:
-        raise ConnectionError("offline")
-
-    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
-    with pytest.raises(DataError, match="KDP_GLUE_DIR"):
-        load_split("rte", "dev", source="hub")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError, match="could not load hub:kdp-tests/no-such-dataset/validation"):
+        load_split("rte", "dev", hub_dataset="kdp-tests/no-such-dataset")
 
 
 # ------------------------------------------------------------------------------- downsample and noise

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -42,6 +42,12 @@ def _user_errors():
     from kdplatform.store_check import StoreUnusable
 
     return (ConfigError, DataError, TeacherError, tracking.CredentialsInUri, StoreUnusable)
+
+
+def _fail_for(file: Path, e: Exception) -> NoReturn:
+    """A user error about `file`: one message that names the file (config errors already start with it)."""
+    text = str(e)
+    _fail((text if text.startswith(str(file)) else f"{file}: {text}").replace("[", r"\["))
 
 
 def _load(file: Path, overrides: list[str] | None = None) -> tuple:
@@ -111,7 +117,7 @@ def run(file: Path = typer.Argument(..., help="trial or sweep YAML"), overrides:
     try:
         plan = plan_sweep(file, tracking_uri, force=force, overrides=overrides or [])
     except _user_errors() as e:
-        _fail(str(e).replace("[", r"\["))
+        _fail_for(file, e)
     for n in plan.notes:
         console.print(f"[yellow]note:[/] {escape(n)}")
     console.print(trial_table(plan.trials, set(plan.done), title=f"{len(plan.trials)} trial(s) from {file}"))
@@ -180,12 +186,10 @@ def sweep(file: Path = typer.Argument(..., help="sweep YAML"), overrides: Option
         outcome = run_sweep(file, tracking_uri=tracking_uri, dry_run=dry_run, resume=resume, fresh=fresh,
                             force=force, address=address, max_concurrent=max_concurrent, storage=storage,
                             num_cpus=num_cpus, num_gpus=num_gpus, console=console, overrides=overrides or [])
-    except ConfigError as e:
-        _fail(str(e).replace("[", r"\["))
     except SweepError as e:
         _fail(str(e).replace("[", r"\["))
-    except _user_errors() as e:  # a data file or checkpoint the file points at
-        _fail(f"{file}: {e}".replace("[", r"\["))
+    except _user_errors() as e:  # the file itself, the store, a data file or checkpoint it points at
+        _fail_for(file, e)
     if outcome.exit_code:
         raise typer.Exit(outcome.exit_code)
 

@@ -69,6 +69,9 @@ def _takes_bool(annotation: Any) -> bool:
 class DataConfig(Strict):
     source: Literal["auto", "hub", "glue_dir"] = "auto"
     glue_dir: PathText | None = None  # or env KDP_GLUE_DIR; `auto` uses it when set, else the hub
+    # read through the `datasets` library instead: a dataset id on the hub (GLUE's column names for the task),
+    # a local `save_to_disk` folder (DatasetDict with train / validation splits) or parquet files
+    hub_dataset: PathText | None = None
     max_train_examples: int | None = Field(None, gt=0)  # deterministic downsample (CR-ILD 1k setting)
     max_dev_examples: int | None = Field(None, gt=0)
     train_eval_examples: int = Field(512, gt=0)  # fixed train subset scored at every eval (overfitting view)

@@ -185,6 +185,7 @@ class ResolvedTrial(BaseModel):
 NEUTRAL_VALUES = {
     ("data", "subsample_seed"): "fixed",  # before: one subset (data seed 0) for every run
     ("loss", "projection"): False,  # before: hidden_mse projected only when the widths differ
+    ("data", "hub_dataset"): None,  # before: GLUE from the folder or nyu-mll/glue only
 }
 
 
@@ -235,6 +236,8 @@ def teacher_hash(trial: Any) -> str:
         return digest({"checkpoint": str(Path(trial.teacher.checkpoint).resolve())})
     data = trial.data.model_dump(mode="json", include={"source", "max_train_examples", "label_noise",
                                                        "max_seq_length", "subsample_seed"})
+    if trial.data.hub_dataset:  # other data: another teacher (unset, the hash is unchanged)
+        data["hub_dataset"] = trial.data.hub_dataset
     if data["subsample_seed"] == NEUTRAL_VALUES[("data", "subsample_seed")] or not (
             data["max_train_examples"] or data["label_noise"]):
         data.pop("subsample_seed")

@@ -12,8 +12,8 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from kdplatform.config import ResolvedTrial
-from kdplatform.distill.tasks import (TASKS, Collator, add_label_noise, downsample, length_grouped_indices,
-                                      load_split, tokenize)
+from kdplatform.distill.tasks import (TASKS, Collator, TaskData, add_label_noise, downsample,
+                                      length_grouped_indices, load_split, tokenize)
 
 DATA_SEED = 0  # fixed subsets: dev downsampling, the train-eval subset, and the train subset when "fixed"
 
@@ -33,6 +33,8 @@ class TrialData:
     collator: Collator
     num_labels: int
     flipped: int = 0
+    source_used: str = ""  # where the train split came from: "glue_dir:<folder>", "hub:<id>/<config>", "disk:..."
+    train_rows: TaskData | None = None  # the train examples used (downsampled, noised), as text
 
 
 def _with_labels(encodings: list[dict], labels) -> list[dict]:
@@ -44,7 +46,7 @@ def prepare_data(trial: ResolvedTrial, tokenizer, run_seed: int | None = None) -
     of the run the data is for (the student's seed, or the teacher's for its fine-tune)."""
     spec = TASKS[trial.task]
     d = trial.data
-    kw = {"source": d.source, "glue_dir": d.glue_dir}
+    kw = {"source": d.source, "glue_dir": d.glue_dir, "hub_dataset": d.hub_dataset}
     seed = subset_seed(trial, trial.seed if run_seed is None else run_seed)
     train = downsample(load_split(trial.task, "train", **kw), d.max_train_examples, seed)
     flipped = 0
@@ -61,7 +63,8 @@ def prepare_data(trial: ResolvedTrial, tokenizer, run_seed: int | None = None) -
         supplementary += [{**e, "label": 0.0 if spec.is_regression else 0}
                           for e in tokenize(data, tokenizer, d.max_seq_length)]
     return TrialData(train_feats, [train_feats[i] for i in sorted(eval_idx)], dev, supplementary,
-                     Collator(tokenizer.pad_token_id, spec.is_regression), spec.num_labels, flipped)
+                     Collator(tokenizer.pad_token_id, spec.is_regression), spec.num_labels, flipped,
+                     train.origin, train)
 
 
 def train_loader(features: list[dict], batch_size: int, collator: Collator, seed: int) -> DataLoader:

@@ -33,11 +33,14 @@ class DivergedError(RuntimeError):
 class Hooks:
     """What the caller does around the loop (all optional).
     on_step(global_step) -> factor the step's loss is multiplied by (1.0: unchanged);
-    on_eval(global_step, metrics); on_checkpoint(state_blob, info) at every epoch end but the run's last."""
+    on_eval(global_step, metrics); on_checkpoint(state_blob, info) at every epoch end but the run's last;
+    on_progress(stage name, steps done in the stage, the stage's total steps) after each step (cheap: the
+    caller decides how often to show it)."""
 
     on_step: Callable[[int], float] | None = None
     on_eval: Callable[[int, dict[str, float]], None] | None = None
     on_checkpoint: Callable[[dict[str, Any], dict[str, Any]], None] | None = None
+    on_progress: Callable[[str, int, int], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -313,6 +316,8 @@ def train_stage(stage: ResolvedStage, index: int, settings: StageSettings, *, st
                 if run.done:
                     break
                 run.train_step(batch, state, hooks)
+                if hooks.on_progress:
+                    hooks.on_progress(stage.name, run.step, run.total)
                 if stage.eval_every and run.step % stage.eval_every == 0:
                     run.log_eval(state, hooks)
             if run.window_steps and (not stage.eval_every or run.done):

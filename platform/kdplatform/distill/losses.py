@@ -260,8 +260,9 @@ def hidden_mse_term(s, t, pairs, x):
 @loss("pkd")
 def pkd_term(s, t, pairs, x):
     """Averaged over the mapped layers (the reference stacks them), not summed."""
-    student = torch.stack([_student_hidden("pkd", s, ls, x)[:, 0] for ls, _ in pairs], dim=1)
-    return pkd(student, torch.stack([t.hidden[lt][:, 0] for _, lt in pairs], dim=1))
+    # float first: teacher states read from the fp16 output cache cannot be stacked under CPU bf16 autocast
+    student = torch.stack([_student_hidden("pkd", s, ls, x)[:, 0].float() for ls, _ in pairs], dim=1)
+    return pkd(student, torch.stack([t.hidden[lt][:, 0].float() for _, lt in pairs], dim=1))
 
 
 @loss("attention_score_mse")

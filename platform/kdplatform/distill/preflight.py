@@ -49,8 +49,8 @@ def preflight(trials: Sequence[ResolvedTrial]) -> None:
     for t in trials:
         glue = t.data.glue_dir or paths.glue_dir()
         for task, split in data_splits(t):
-            key = (task, split, t.data.source, glue)
+            key = (task, split, t.data.source, glue, t.data.hub_dataset)
             if key in seen_split:
                 continue
             seen_split.add(key)
-            load_split(task, split, source=t.data.source, glue_dir=t.data.glue_dir)
+            load_split(task, split, source=t.data.source, glue_dir=t.data.glue_dir, hub_dataset=t.data.hub_dataset)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,10 +37,13 @@ from kdplatform.distill.teacher import ensure_teacher, teacher_tokenizer
 
 @dataclass
 class Callbacks:
-    """Hooks for the orchestrator (all optional). `on_checkpoint(save, info)`: call save(folder)."""
+    """Hooks for the orchestrator (all optional). `on_checkpoint(save, info)`: call save(folder).
+    `on_progress(label, step, total)` after every training step, the teacher fine-tune's included (label
+    "fine-tuning teacher <task>/<model>" or "<run name> <stage>")."""
 
     on_eval: Callable[[int, dict[str, float]], None] | None = None
     on_checkpoint: Callable[[Callable[[Path], None], dict[str, Any]], None] | None = None
+    on_progress: Callable[[str, int, int], None] | None = None
 
 
 @dataclass
@@ -88,7 +92,7 @@ def run_trial(trial: ResolvedTrial, *, tracking_uri: str | None = None, parent_r
     started = time.time()
     callbacks = callbacks or Callbacks()
     uri = tracking.absolute_uri(tracking_uri or trial.tracking_uri or tracking.default_tracking_uri())
-    teacher_dir = ensure_teacher(trial, uri)
+    teacher_dir = ensure_teacher(trial, uri, on_progress=callbacks.on_progress)
     set_seed(trial.seed)  # after the teacher: a fine-tune in this process must not shift the student's RNG
     tokenizer = teacher_tokenizer(teacher_dir)
     data = prepare_data(trial, tokenizer)
@@ -150,12 +154,35 @@ def _log_setup(logger: tracking.RunLogger, trial: ResolvedTrial, data: TrialData
     params = trial.flat_params()
     params["data.train_examples"] = str(len(data.train))
     params["data.labels_flipped"] = str(data.flipped)
+    params["data.source_used"] = data.source_used
     logger.log_params(params)
+    log_train_input(logger, data)
+    data.train_rows = None  # the texts are not needed for training (the features are tokenized)
     logger.log_text(yaml.safe_dump(trial.model_dump(mode="json"), sort_keys=False), "config.yaml")
     if qreport is not None:
         logger.add_metrics(qreport.as_metrics(), 0)
         logger.log_text("\n".join(qreport.quantized_modules), "quantized_modules.txt")
         logger.flush()
+
+
+def log_train_input(logger: tracking.RunLogger, data: TrialData) -> None:
+    """The train examples used, as the run's MLflow dataset input: name, digest, source and schema only."""
+    if data.train_rows is None:
+        return
+    import mlflow.data
+    import pandas as pd
+    from mlflow.entities import DatasetInput, InputTag
+
+    rows = data.train_rows
+    frame = pd.DataFrame({"text_a": rows.text_a, **({"text_b": rows.text_b} if rows.text_b is not None else {}),
+                          "label": rows.labels})
+    kind, _, where = data.source_used.partition(":")
+    source = where if kind != "hub" else f"hf://datasets/{where}"
+    with warnings.catch_warnings():  # mlflow's hints on source types and integer columns
+        warnings.simplefilter("ignore")
+        ds = mlflow.data.from_pandas(frame, source=source, name=f"{rows.task}/train", targets="label")
+    entity = DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "train")])
+    tracking.retry(lambda: logger.client.log_inputs(logger.run_id, datasets=[entity]), "log dataset input")
 
 
 def _hooks(trial: ResolvedTrial, logger: tracking.RunLogger, callbacks: Callbacks, student: nn.Module,
@@ -176,8 +203,12 @@ def _hooks(trial: ResolvedTrial, logger: tracking.RunLogger, callbacks: Callback
             blob = {**blob, "best_student": snapshot.state}
         callbacks.on_checkpoint(lambda folder: save_state(folder, student, state, logger.run_id, blob), info)
 
+    def on_progress(stage: str, step: int, total: int) -> None:
+        callbacks.on_progress(f"{trial.run_name} {stage}", step, total)
+
     return Hooks(on_step=faults if faults.rules else None, on_eval=on_eval,
-                 on_checkpoint=on_checkpoint if callbacks.on_checkpoint else None)
+                 on_checkpoint=on_checkpoint if callbacks.on_checkpoint else None,
+                 on_progress=on_progress if callbacks.on_progress else None)
 
 
 # ------------------------------------------------------------------------------------- checkpoints

@@ -127,7 +127,8 @@ class TaskData:
     text_a: list[str]
     text_b: list[str] | None
     labels: list[int] | list[float]
-    source: str  # the file read, or "hub:nyu-mll/glue/<config>/<split>"
+    source: str  # the file read, or "hub:nyu-mll/glue/<config>/<split>", "disk:<folder>/<split>", ...
+    origin: str = ""  # the source without the split, as logged (`data.source_used`): "glue_dir:<folder>", ...
 
     def __len__(self) -> int:
         return len(self.text_a)
@@ -192,17 +193,20 @@ def _check_split(spec: TaskSpec, split: str) -> None:
                         fix="use split 'dev'")
 
 
-def load_split(task: str, split: str, *, source: str = "auto", glue_dir: str | os.PathLike | None = None
-               ) -> TaskData:
+def load_split(task: str, split: str, *, source: str = "auto", glue_dir: str | os.PathLike | None = None,
+               hub_dataset: str | None = None) -> TaskData:
     """Load `split` ("train", "dev", "dev_mm") of `task`.
 
-    source "auto": the `glue_dir` argument, else env KDP_GLUE_DIR, else the hub; "glue_dir": a local folder
-    is required; "hub": `datasets.load_dataset("nyu-mll/glue", config)`.
+    `hub_dataset` (a dataset id, a `save_to_disk` folder or parquet files) is read through `datasets` when
+    given. Else source "auto": the `glue_dir` argument, else env KDP_GLUE_DIR, else the hub; "glue_dir": a
+    local folder is required; "hub": `datasets.load_dataset("nyu-mll/glue", config)`.
     """
     spec = get_task(task)
     _check_split(spec, split)
     if source not in ("auto", "glue_dir", "hub"):
         raise DataError(f"unknown data source '{source}'", fix="use one of: auto, glue_dir, hub")
+    if hub_dataset:
+        return _load_hub(spec, split, hub_dataset)
     folder = glue_dir if glue_dir is not None else paths.glue_dir()
     if source == "hub" or (source == "auto" and folder is None):
         return _load_hub(spec, split)
@@ -268,7 +272,7 @@ def _load_tsv(spec: TaskSpec, split: str, root: Path) -> TaskData:
                     path, len(skipped), ", ".join(map(str, skipped[:5])))
     if not text_a:
         raise DataError("the file holds no examples", file=path, fix="restore the file from the official GLUE download")
-    return TaskData(spec.name, split, text_a, text_b, labels, str(path))
+    return TaskData(spec.name, split, text_a, text_b, labels, str(path), f"glue_dir:{root.resolve()}")
 
 
 def _rows(reader: Any, path: Path) -> Any:
@@ -313,20 +317,81 @@ def _parse_label(spec: TaskSpec, fmt: _TsvFormat, raw: str, path: Path, line: in
     return fmt.labels[value]
 
 
-def _load_hub(spec: TaskSpec, split: str) -> TaskData:
+def _hub_split(spec: TaskSpec, split: str) -> str:
+    """Our split name -> the `datasets` one (GLUE's names: train / validation, MNLI's validation_matched...)."""
+    if spec.name == "mnli":
+        return {"train": "train", "dev": "validation_matched", "dev_mm": "validation_mismatched"}[split]
+    return {"train": "train", "dev": "validation"}.get(split, split)
+
+
+def dataset_origin(ref: str) -> tuple[str, Path | None]:
+    """What `data.hub_dataset` names: ("disk", folder) for a `save_to_disk` folder, ("parquet", path) for a
+    parquet file or a folder of them, ("hub", None) for a dataset id."""
+    path = Path(ref).expanduser()
+    if path.is_dir() and any((path / f).is_file() for f in ("dataset_dict.json", "state.json")):
+        return "disk", path.resolve()
+    if path.suffix == ".parquet" or (path.is_dir() and any(path.rglob("*.parquet"))):
+        return "parquet", path.resolve()
+    if path.exists() or ref.startswith((".", "/", "~")):
+        raise DataError(f"data.hub_dataset: {ref} is neither a `datasets` folder (save_to_disk: dataset_dict.json) "
+                        "nor parquet files", fix="point it at a folder written by DatasetDict.save_to_disk, "
+                        "a folder of <split>*.parquet files, or a dataset id on the hub")
+    return "hub", None
+
+
+def _parquet_files(root: Path, hub_split: str) -> list[str]:
+    """A split's parquet files: `<split>.parquet`, `<split>-*.parquet` (the hub's layout) or `<split>/*.parquet`."""
+    if root.is_file():
+        return [str(root)] if hub_split == "train" else []
+    found = {*root.rglob(f"{hub_split}.parquet"), *root.rglob(f"{hub_split}-*.parquet"),
+             *root.rglob(f"{hub_split}/*.parquet")}
+    return sorted(str(f) for f in found)
+
+
+def _open_dataset(spec: TaskSpec, hub_split: str, ref: str) -> tuple[Any, str, str]:
+    """(the split as a `datasets.Dataset`, where it came from for messages, the source for params)."""
     import datasets  # only here: the local path must not need it
 
-    hub_split = {"train": "train", "dev": "validation"}.get(split, split)
-    if spec.name == "mnli":
-        hub_split = {"train": "train", "dev": "validation_matched", "dev_mm": "validation_mismatched"}[split]
-    where = f"hub:{HUB_DATASET}/{spec.hub_config}/{hub_split}"
+    kind, path = dataset_origin(ref)
+    if kind == "disk":
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if hub_split not in ds:
+                raise DataError(f"data.hub_dataset: {path} has splits {sorted(ds)}, not '{hub_split}'",
+                                fix=f"save a DatasetDict with a '{hub_split}' split")
+            ds = ds[hub_split]
+        elif hub_split != "train":
+            raise DataError(f"data.hub_dataset: {path} is one Dataset; a trial also needs '{hub_split}'",
+                            fix="save a DatasetDict with train and validation splits")
+        return ds, f"disk:{path}/{hub_split}", f"disk:{path}"
+    if kind == "parquet":
+        files = _parquet_files(path, hub_split)
+        if not files:
+            raise DataError(f"data.hub_dataset: no parquet files for split '{hub_split}' under {path}",
+                            fix=f"name them {hub_split}.parquet, {hub_split}-00000-of-00001.parquet or "
+                                f"{hub_split}/*.parquet")
+        ds = datasets.load_dataset("parquet", data_files={hub_split: files}, split=hub_split)
+        return ds, f"parquet:{path}/{hub_split}", f"parquet:{path}"
+    config = spec.hub_config if ref == HUB_DATASET else None
+    name = f"{ref}/{config}" if config else ref
     try:
-        ds = datasets.load_dataset(HUB_DATASET, spec.hub_config, split=hub_split)
+        ds = datasets.load_dataset(ref, config, split=hub_split)
     except Exception as exc:  # network, auth, cache: all mean "no data from the hub"
-        raise DataError(f"could not load {where}: {type(exc).__name__}: {exc}",
+        raise DataError(f"could not load hub:{name}/{hub_split}: {type(exc).__name__}: {exc}",
                         fix="check the network / HF_HUB_OFFLINE, or point KDP_GLUE_DIR (data.glue_dir) at a "
                             "local folder in the official GLUE layout") from exc
+    return ds, f"hub:{name}/{hub_split}", f"hub:{name}"
+
+
+def _load_hub(spec: TaskSpec, split: str, ref: str = HUB_DATASET) -> TaskData:
+    """A split through the `datasets` library: a hub id, a `save_to_disk` folder or parquet files, with the
+    GLUE hub's column names for the task (`_HUB_COLUMNS` and `label`)."""
+    ds, where, origin = _open_dataset(spec, _hub_split(spec, split), ref)
     col_a, col_b = _HUB_COLUMNS[spec.name]
+    missing = [c for c in (col_a, col_b, "label") if c is not None and c not in ds.column_names]
+    if missing:
+        raise DataError(f"{where}: no column(s) {missing} (it has {ds.column_names})",
+                        fix=f"task {spec.name} reads columns {[c for c in (col_a, col_b) if c]} and 'label'")
     text_a = [str(t) for t in ds[col_a]]
     text_b = [str(t) for t in ds[col_b]] if col_b is not None else None
     if spec.is_regression:
@@ -337,7 +402,7 @@ def _load_hub(spec: TaskSpec, split: str) -> TaskData:
         if bad:  # the hub's test splits carry -1: refuse them rather than train on them
             raise DataError(f"{where}: {len(bad)} label(s) outside 0..{spec.num_labels - 1} (e.g. {bad[0]})",
                             fix="use the train or dev split; GLUE test labels are not public")
-    return TaskData(spec.name, split, text_a, text_b, labels, where)
+    return TaskData(spec.name, split, text_a, text_b, labels, where, origin)
 
 
 # ----------------------------------------------------------------------------- subsampling and noise

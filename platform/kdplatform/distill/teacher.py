@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -115,9 +116,10 @@ def link_into_cache(trial: ResolvedTrial, found: Path) -> Path:
     return target
 
 
-def ensure_teacher(trial: ResolvedTrial, tracking_uri: str, parent_run_id: str | None = None) -> Path:
+def ensure_teacher(trial: ResolvedTrial, tracking_uri: str, parent_run_id: str | None = None,
+                   on_progress: Callable[[str, int, int], None] | None = None) -> Path:
     """The fine-tuned teacher folder for this trial: ready checkpoint, cached, found through MLflow, or
-    fine-tuned now."""
+    fine-tuned now (`on_progress(label, step, total)` after each of its steps)."""
     paths.quiet_transformers()  # before transformers / huggingface_hub are first imported
     folder = teacher_dir(trial)
     if trial.teacher.checkpoint:
@@ -131,7 +133,7 @@ def ensure_teacher(trial: ResolvedTrial, tracking_uri: str, parent_run_id: str |
     with _lock(folder.with_suffix(".lock")):
         if (folder / MARKER).is_file():  # trained meanwhile by another process
             return folder
-        return finetune_teacher(trial, tracking_uri, folder, parent_run_id)
+        return finetune_teacher(trial, tracking_uri, folder, parent_run_id, on_progress)
 
 
 def finetune_stage(trial: ResolvedTrial) -> ResolvedStage:
@@ -148,19 +150,22 @@ def finetune_settings(trial: ResolvedTrial) -> StageSettings:
                          precision="fp32", n_student=trial.teacher_layers, max_seq_length=trial.data.max_seq_length)
 
 
-def finetune_teacher(trial: ResolvedTrial, tracking_uri: str, folder: Path,
-                     parent_run_id: str | None = None) -> Path:
+def finetune_teacher(trial: ResolvedTrial, tracking_uri: str, folder: Path, parent_run_id: str | None = None,
+                     on_progress: Callable[[str, int, int], None] | None = None) -> Path:
     """Fine-tune the teacher with hard-label CE through the engine; log it as a teacher run; publish the folder."""
     started = time.time()
     set_seed(trial.teacher.seed)
     tokenizer = load_tokenizer(trial.teacher.model)
     data = prepare_data(trial, tokenizer, run_seed=trial.teacher.seed)
     model = load_classifier(trial.teacher.model, data.num_labels)
-    logger = _teacher_run(trial, tracking_uri, parent_run_id, len(data.train))
+    logger = _teacher_run(trial, tracking_uri, parent_run_id, len(data.train), data.source_used)
     state = LoopState()
     faults = FaultPlan(f"teacher/{trial.task}")
     hooks = Hooks(on_step=faults if faults.rules else None,
                   on_eval=lambda step, metrics: (logger.add_metrics(metrics, step), logger.flush()))
+    if on_progress is not None:
+        label = f"fine-tuning teacher {trial.task}/{trial.teacher.model}"
+        hooks.on_progress = lambda _stage, step, total: on_progress(label, step, total)
     try:
         train_stage(finetune_stage(trial), 0, finetune_settings(trial), student=model, teacher=None, data=data,
                     state=state, hooks=hooks)
@@ -179,13 +184,14 @@ def finetune_teacher(trial: ResolvedTrial, tracking_uri: str, folder: Path,
 
 
 def _teacher_run(trial: ResolvedTrial, tracking_uri: str, parent_run_id: str | None,
-                 train_examples: int) -> tracking.RunLogger:
+                 train_examples: int, source_used: str = "") -> tracking.RunLogger:
     tags = {tracking.ROLE: "teacher", tracking.TEACHER_HASH: trial.teacher_hash, "kdp.task": trial.task,
             "kdp.teacher_model": trial.teacher.model}
     logger = tracking.RunLogger(tracking_uri, trial.name, f"{trial.task}/teacher/{trial.teacher.model}", tags,
                                 parent_run_id=parent_run_id)
     params = {"task": trial.task, "teacher.model": trial.teacher.model, "teacher.seed": trial.teacher.seed,
               "teacher_hash": trial.teacher_hash, "data.train_examples": train_examples,
+              "data.source_used": source_used,
               **{f"teacher.finetune.{k}": v for k, v in trial.teacher.finetune.model_dump().items()},
               **{f"data.{k}": v for k, v in trial.data.model_dump(exclude={"glue_dir"}).items()}}
     logger.log_params(params)

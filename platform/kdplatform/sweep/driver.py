@@ -177,8 +177,7 @@ def _on_ray(plan: SweepPlan, parent: tracking.RunLogger, state: dict, exp_path: 
     import ray
 
     os.environ.update(DRIVER_ENV)
-    if console.is_terminal:  # the live view owns the terminal; failures are in its summary and error files
-        logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
+    ray_log = ray_logs_to_file(exp_path)
     os.environ.update(_worker_env())  # absolute paths: a local cluster's workers inherit this environment
     _no_secrets_in_tune_runtime_env()
     started_ray = False
@@ -187,14 +186,18 @@ def _on_ray(plan: SweepPlan, parent: tracking.RunLogger, state: dict, exp_path: 
         if address:
             ray.init(address=address, runtime_env={"env_vars": _worker_env()}, log_to_driver=True)
         else:
+            # workers' own output (Ray Train's "Checkpoint successfully created", warnings) stays in the
+            # session's worker logs; our view reports trial results and failures (with their error files)
             ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
-                     object_store_memory=OBJECT_STORE_BYTES, log_to_driver=not console.is_terminal,
-                     _node_ip_address=LOOPBACK)
+                     object_store_memory=OBJECT_STORE_BYTES, log_to_driver=False, _node_ip_address=LOOPBACK)
         started_ray = True
+        ray_log = ray_logs_to_file(exp_path)  # again: ray.init may reinstall its console handler
         # after ray.init, which installs its own SIGTERM handler (exit with a native stack dump): `kill` and
         # `timeout` stop the sweep as Ctrl-C does (Tune saves its state; runs are closed KILLED below)
         previous_sigterm = signal.signal(signal.SIGTERM, _sigterm_as_sigint)
         outcome = _run_stages(plan, parent, state, exp_path, resume, max_concurrent, console)
+        console.print(f"Ray's log: {escape(str(ray_log))}" + (f" (workers: {escape(_ray_session_logs())})"
+                                                               if not address else ""), soft_wrap=True)
     except KeyboardInterrupt:
         outcome = SweepOutcome(130, parent.run_id, exp_path)
     except Exception as e:  # a full disk, Ray's state unreadable, ...: the parent ends FAILED, saying why
@@ -210,6 +213,32 @@ def _on_ray(plan: SweepPlan, parent: tracking.RunLogger, state: dict, exp_path: 
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
     return outcome
+
+
+def ray_logs_to_file(exp_path: Path) -> Path:
+    """Ray's own INFO/WARNING lines (driver side) go to `<experiment>/ray.log`, not the user's console."""
+    path = exp_path / "ray.log"
+    exp_path.mkdir(parents=True, exist_ok=True)
+    ray_logger = logging.getLogger("ray")
+    for h in list(ray_logger.handlers):
+        if not (isinstance(h, logging.FileHandler) and h.baseFilename == str(path)):
+            ray_logger.removeHandler(h)
+    if not ray_logger.handlers:
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        ray_logger.addHandler(handler)
+    ray_logger.propagate = False
+    return path
+
+
+def _ray_session_logs() -> str:
+    """The local cluster's log folder (worker stdout/stderr), while Ray runs."""
+    try:
+        import ray
+
+        return str(ray._private.worker.global_worker.node.get_logs_dir_path())
+    except Exception:  # noqa: BLE001 - only a hint in the summary
+        return "/tmp/ray/session_latest/logs"
 
 
 def _disk_full(e: BaseException | None) -> bool:
@@ -305,7 +334,8 @@ def _run_stages(plan: SweepPlan, parent: tracking.RunLogger, state: dict, exp_pa
         ctx = kdp_tune.TrialContext(tracking_uri=uri, experiment=spec.name, parent_run_id=parent.run_id,
                                     sweep_id=parent.run_id, cwd=os.getcwd(), spec_file=spec.source_file,
                                     trials={t.cfg_hash: t.model_dump(mode="json") for t in plan.trials},
-                                    bases=plan.bases, force=plan.force)
+                                    bases=plan.bases, force=plan.force,
+                                    progress_dir=str(exp_path / "kdp_progress"))
         results = _fit(plan, ctx, monitor, exp_path, restorable, run_trials, concurrency)
     if results is not None:
         rows += _result_rows(results)

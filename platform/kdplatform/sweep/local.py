@@ -22,6 +22,7 @@ from kdplatform.config import ResolvedTrial
 from kdplatform.sweep.expand import SweepPlan
 from kdplatform.sweep.session import (SweepError, SweepOutcome, close_orphans_of, close_parent, counts_of, hold_spec,
                                       nothing_new, open_parent, print_results, refresh_done)
+from kdplatform.sweep.step_view import StepProgress
 
 
 def run_local(plan: SweepPlan, file: str | Path, console: Console | None = None) -> SweepOutcome:
@@ -71,19 +72,21 @@ def _run_all(plan: SweepPlan, parent_id: str, console: Console) -> list[dict[str
             later.append(trial)
             continue
         console.rule(f"[{i}/{len(todo)}] {escape(trial.run_name)}")
-        rows.append(_run_claimed(trial, held, plan, parent_id))
+        rows.append(_run_claimed(trial, held, plan, parent_id, console))
     for trial in later:
         def say(holder: str, name: str = trial.run_name) -> None:
             console.print(f"waiting for {escape(name)} ({escape(holder)})")
         held = runs.claim(plan.tracking_uri, plan.experiment, trial.cfg_hash, on_wait=say)
         console.rule(escape(trial.run_name))
-        rows.append(_run_claimed(trial, held, plan, parent_id))
+        rows.append(_run_claimed(trial, held, plan, parent_id, console))
     return rows
 
 
-def _run_claimed(trial: ResolvedTrial, held: runs.Claim, plan: SweepPlan, parent_id: str) -> dict[str, Any]:
-    """One trial, its config claimed (released here): skipped if FINISHED meanwhile, else run."""
-    from kdplatform.distill.worker import DivergedError, run_trial
+def _run_claimed(trial: ResolvedTrial, held: runs.Claim, plan: SweepPlan, parent_id: str,
+                 console: Console) -> dict[str, Any]:
+    """One trial, its config claimed (released here): skipped if FINISHED meanwhile, else run with a
+    per-step progress bar (its teacher's fine-tune included)."""
+    from kdplatform.distill.worker import Callbacks, DivergedError, run_trial
 
     uri = plan.tracking_uri
     row: dict[str, Any] = {"run_name": trial.run_name, "task": trial.task, "method": trial.method,
@@ -95,7 +98,9 @@ def _run_claimed(trial: ResolvedTrial, held: runs.Claim, plan: SweepPlan, parent
                     "score": done.data.metrics.get("dev/best_score")}
         runs.close_orphans(uri, plan.experiment, trial.cfg_hash)
         try:
-            res = run_trial(trial, tracking_uri=uri, parent_run_id=parent_id, sweep_id=parent_id)
+            with StepProgress(console) as show:
+                res = run_trial(trial, tracking_uri=uri, parent_run_id=parent_id, sweep_id=parent_id,
+                                callbacks=Callbacks(on_progress=show))
         except DivergedError as e:  # the worker ended its run FAILED with the reason
             return {**row, "status": "FAILED", "reason": f"diverged: {e}"[:500]}
         return {**row, "status": "FINISHED", "run_id": res.run_id, "score": res.best.get("dev/best_score")}

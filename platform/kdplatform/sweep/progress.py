@@ -1,7 +1,9 @@
 """What a sweep shows: the dry-run plan, the live progress view, and the end-of-sweep summary (rich).
 
 The live view (a terminal) redraws a small panel: trials pending / running / done / failed, the best dev
-score so far per task and an ETA. Without a terminal (CI logs, tests) it prints one line per finished trial.
+score so far per task, an ETA and each running trial's step count (written by the trial every ~2 s, see
+sweep/tune.py). Without a terminal (CI logs, tests) it prints one line per finished trial and the running
+trials' step counts every 30 s.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from kdplatform import tracking
 
 SCORE = "dev/best_score"
 MAX_ROWS = 40  # trial rows shown by --dry-run before "... and N more"
+STEP_LINES_S = 30.0  # without a terminal: the running trials' step counts, this often
 
 
 # ------------------------------------------------------------------------------------------- the plan
@@ -112,6 +115,8 @@ class SweepMonitor:
         self.results: dict[str, dict] = {}
         self.concurrency = max(1, concurrency_hint)
         self.teacher_line = ""
+        self.steps: dict[str, dict] = {}  # trial id -> its live {label, step, total} (sweep/tune.py)
+        self.steps_line_at = time.monotonic()
         self.live: Live | None = None
 
     # lifecycle
@@ -162,8 +167,26 @@ class SweepMonitor:
                 self.best[task] = (float(score), str(result.get("kdp_run_name", "")))
         self.refresh()
 
+    def trial_steps(self, trial_id: str, steps: dict) -> None:
+        """A running trial's live step count; without a terminal, one line per running trial every
+        STEP_LINES_S seconds."""
+        self.steps[trial_id] = steps
+        if self.live is None and time.monotonic() - self.steps_line_at >= STEP_LINES_S:
+            self.steps_line_at = time.monotonic()
+            for tid, (name, _) in list(self.running.items()):
+                if tid in self.steps:
+                    self._line(escape(f"  running {name}: {self._step_text(tid)}"))
+
+    def _step_text(self, trial_id: str) -> str:
+        live = self.steps.get(trial_id)
+        if live:
+            label = str(live.get("label", "")).rsplit(" ", 1)[-1]  # the stage name
+            return f"{label} {live.get('step')}/{live.get('total')}"
+        return str(self.last_step.get(trial_id, "-"))
+
     def trial_done(self, trial_id: str, status: str, last: dict) -> None:
         name, started = self.running.pop(trial_id, (self.names.get(trial_id, trial_id), time.time()))
+        self.steps.pop(trial_id, None)
         name = (last or {}).get("kdp_run_name") or name
         self.status[trial_id] = status
         if status != "SKIPPED":
@@ -221,7 +244,7 @@ class SweepMonitor:
                 rt.add_column(col)
             now = time.time()
             for tid, (name, start) in list(self.running.items())[:12]:
-                rt.add_row(escape(name), str(self.last_step.get(tid, "-")), _dur(now - start))
+                rt.add_row(escape(name), escape(self._step_text(tid)), _dur(now - start))
             parts.append(rt)
         return Group(*parts)
 

@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from kdplatform import runs
 from kdplatform.config import ResolvedTrial
 
 STATUS, REASON, RUN_ID = "kdp_status", "kdp_failure_reason", "mlflow_run_id"
+PROGRESS_EVERY_S = 2.0
 EARLY_STOPPED = runs.EARLY_STOPPED
 
 
@@ -48,6 +50,11 @@ class TrialContext:
     trials: dict[str, dict] = field(default_factory=dict)  # cfg_hash -> ResolvedTrial JSON (grid)
     bases: dict[str, dict] = field(default_factory=dict)  # cfg_hash -> raw TrialConfig (search)
     force: bool = False  # --force: run configs that already have a FINISHED run again
+    # live step counts: each trial writes <progress_dir>/<trial id>.json every PROGRESS_EVERY_S seconds
+    # (a side channel read by the driver's view; a tune.report per step would add a result row per step
+    # and advance `training_iteration`, which ASHA counts). Not visible across nodes: the view then falls
+    # back to the step of the last eval report.
+    progress_dir: str | None = None
 
     def resolve(self, config: dict[str, Any]) -> ResolvedTrial:
         if "trial" in config:
@@ -70,7 +77,9 @@ class _Reporter:
     """Worker callbacks -> tune.report. Each eval is reported once; the eval that ends an epoch is
     reported together with that epoch's checkpoint (reports are held back by one eval for that)."""
 
-    def __init__(self, trial: ResolvedTrial, workdir: Path):
+    def __init__(self, trial: ResolvedTrial, workdir: Path, progress_file: Path | None = None):
+        self.progress_file = progress_file
+        self.progress_at = 0.0
         self.ids = {"kdp_cfg_hash": trial.cfg_hash, "kdp_run_name": trial.run_name, "kdp_task": trial.task,
                     "kdp_method": trial.method}
         self.workdir = workdir
@@ -83,6 +92,19 @@ class _Reporter:
         if self.run_id:
             out[RUN_ID] = self.run_id
         return out
+
+    def on_progress(self, label: str, step: int, total: int) -> None:
+        """At most every PROGRESS_EVERY_S seconds (and at a stage's last step): the step count to the driver."""
+        now = time.monotonic()
+        if self.progress_file is None or (now - self.progress_at < PROGRESS_EVERY_S and step < total):
+            return
+        self.progress_at = now
+        tmp = self.progress_file.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps({"label": label, "step": step, "total": total}))
+            os.replace(tmp, self.progress_file)
+        except OSError:  # the view is a nicety: never fail a trial over it
+            pass
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
         if self.pending is not None:
@@ -115,7 +137,7 @@ def student_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
         os.chdir(ctx.cwd)  # relative paths in the spec mean the driver's working directory
     trial = ctx.resolve(config)
     workdir = Path(tempfile.mkdtemp(prefix="kdp_trial_"))
-    reporter = _Reporter(trial, workdir)
+    reporter = _Reporter(trial, workdir, progress_file(ctx, tune.get_context().get_trial_id()))
     try:
         with runs.claimed(ctx.tracking_uri, ctx.experiment, trial.cfg_hash):
             _run_claimed(trial, ctx, reporter, workdir)
@@ -149,7 +171,8 @@ def _run_claimed(trial: ResolvedTrial, ctx: TrialContext, reporter: _Reporter, w
     if run_id is not None:
         reporter.run_id = run_id
         runs.note_retry(uri, run_id, from_step)
-    callbacks = Callbacks(on_eval=reporter.on_eval, on_checkpoint=reporter.on_checkpoint)
+    callbacks = Callbacks(on_eval=reporter.on_eval, on_checkpoint=reporter.on_checkpoint,
+                          on_progress=reporter.on_progress)
     try:
         result = run_trial(trial, tracking_uri=uri, parent_run_id=ctx.parent_run_id, run_id=run_id,
                            callbacks=callbacks, resume_dir=resume_dir, sweep_id=ctx.sweep_id)
@@ -159,6 +182,27 @@ def _run_claimed(trial: ResolvedTrial, ctx: TrialContext, reporter: _Reporter, w
         return
     reporter.run_id = result.run_id
     reporter.final("FINISHED", {**result.best, "minutes": result.seconds / 60})
+
+
+def progress_file(ctx: TrialContext, trial_id: str | None) -> Path | None:
+    """Where a trial's live step count is written (None: no live steps for this sweep)."""
+    if not ctx.progress_dir or not trial_id:
+        return None
+    folder = Path(ctx.progress_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:  # e.g. another node without that path
+        return None
+    return folder / f"{trial_id}.json"
+
+
+def read_progress(ctx: TrialContext, trial_id: str) -> dict[str, Any] | None:
+    """A running trial's last written step count ({label, step, total}), or None."""
+    path = progress_file(ctx, trial_id)
+    try:
+        return json.loads(path.read_text()) if path is not None else None
+    except (OSError, ValueError):
+        return None
 
 
 # ------------------------------------------------------------------------------------------- the tuner
@@ -270,6 +314,7 @@ class DriverHooks:
     def __init__(self, ctx: TrialContext, monitor):
         self.ctx = ctx
         self.monitor = monitor
+        self.progress_read_at = 0.0
 
     def trial_start(self, trial) -> None:
         self.monitor.trial_started(trial.trial_id, trial_name(trial))
@@ -295,6 +340,14 @@ class DriverHooks:
         self.monitor.trial_done(trial.trial_id, "FAILED", last)
 
     def step(self, trials) -> None:
+        """Every Tune loop iteration: read the running trials' step counts (at most once a second)."""
+        now = time.monotonic()
+        if now - self.progress_read_at >= 1.0:
+            self.progress_read_at = now
+            for trial_id in list(self.monitor.running):
+                steps = read_progress(self.ctx, trial_id)
+                if steps is not None:
+                    self.monitor.trial_steps(trial_id, steps)
         self.monitor.refresh()
 
     def _close_run(self, trial, last: dict, status: str, tags: dict[str, Any]) -> None:
