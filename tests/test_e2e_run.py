@@ -57,7 +57,7 @@ def test_run_logs_a_complete_student_run(tmp_path, glue_dir, tiny_bert_dir, mlfl
     for label in (f"fine-tuning teacher sst2/{tiny_bert_dir}", f"{name} ild", f"{name} pred"):
         assert f"{label}: step 4/4 (100%)" in out, out
         assert f"{label}: step 1/4 (25%)" in out, out  # every 10%: here every step
-    assert student.info.run_name == "sst2/cr_ild/last/w0.5/b32/s42"
+    assert student.info.run_name == "sst2/cr_ild/w0.5/b32/s42"  # last layer by definition: no map in the name
 
     c = MlflowClient(mlflow_uri)
     for key in ("loss/relation_kl", "loss/consistency", "loss/logit_kd", "loss/total", "train/accuracy",
@@ -76,7 +76,7 @@ def test_run_logs_a_complete_student_run(tmp_path, glue_dir, tiny_bert_dir, mlfl
     assert student.data.metrics["dev/best_accuracy"] == pytest.approx(best)
 
     p = student.data.params
-    assert p["task"] == "sst2" and p["method"] == "cr_ild" and p["layer_map"] == "last"
+    assert p["task"] == "sst2" and p["method"] == "cr_ild" and p["layer_map"] == ""
     assert p["consistency_weight"] == "0.5" and p["train.ild.mixup"] == "True"
     assert p["train.ild.loss.relation_kl.layer_pairs"] == "[[2, 4]]"
     assert p["data.train_examples"] == "96"

@@ -16,7 +16,7 @@ from scipy import stats
 
 import report_fixtures as rf
 from kdplatform.report import collect as C
-from kdplatform.report.figures import score_curves, stage_curves, stage_gap_bars
+from kdplatform.report.figures import distill_loss_curves, score_curves, stage_curves, stage_gap_bars
 from kdplatform.report.reference import dev_labels, majority_levels
 from kdplatform.report.stages import staged_history
 from kdplatform.report.tables import accuracy_table
@@ -129,6 +129,23 @@ def test_stage_figures_ild_loss_alone_boundaries_teacher_and_majority(data):
         assert level.y[0] == pytest.approx(data.majority["rte"] * 100)
     gaps = {f.name: f.fig for f in stage_gap_bars(data, ["method"])}
     assert {"stage-gap-ild-distill_loss", "stage-gap-pred-score"} <= set(gaps)
+
+
+def test_whole_run_view_starts_every_prediction_stage_at_the_boundary(store, data):
+    """One-stage kd is drawn right of the ILD | prediction KD line, shifted by the others' ILD length."""
+    client = MlflowClient(store["uri"])
+    by_name = {r.run_name: r.run_id for r in data.runs.itertuples()}
+    stage = client.get_metric_history(by_name["rte/cr_ild/last/w0.1/b32/s42"], "stage")
+    ild_end = max(m.step for m in stage if m.value == 0)  # the prediction stage starts after this eval
+    kd_steps = sorted({m.step for m in client.get_metric_history(by_name["rte/kd/b32/s42"], "dev/score")})
+    for fig in (score_curves(data, ["method"])[0].fig, distill_loss_curves(data, ["method"])[0].fig):
+        assert [s.x0 for s in fig.layout.shapes] == [ild_end]
+        assert "prediction KD starts" in fig.layout.xaxis.title.text
+        curves = [t for t in fig.data if t.meta and "split" in t.meta]
+        kd_dev = [t for t in curves if t.meta["group"] == "kd" and t.meta["split"] == "dev"][0]
+        assert list(kd_dev.x) == [s + ild_end for s in kd_steps] and min(kd_dev.x) > ild_end
+    cr_ild = [t for t in fig.data if t.meta and t.meta.get("group") == "cr_ild" and t.meta.get("split") == "dev"]
+    assert min(cr_ild[0].x) < ild_end < max(cr_ild[0].x)  # two-stage runs keep their global steps
 
 
 def test_majority_level_is_read_from_the_dev_labels(tmp_path):

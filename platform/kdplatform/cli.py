@@ -37,11 +37,12 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def _user_errors():
+    from kdplatform.distill.preflight import DeviceError
     from kdplatform.distill.tasks import DataError
     from kdplatform.distill.teacher import TeacherError
     from kdplatform.store_check import StoreUnusable
 
-    return (ConfigError, DataError, TeacherError, tracking.CredentialsInUri, StoreUnusable)
+    return (ConfigError, DataError, TeacherError, DeviceError, tracking.CredentialsInUri, StoreUnusable)
 
 
 def _fail_for(file: Path, e: Exception) -> NoReturn:

@@ -5,8 +5,10 @@ loads (train, dev, dev_mm, supplementary tasks: header, field counts and every l
 of the first problem) and each ready teacher checkpoint (`teacher.checkpoint`: a BERT-like sequence
 classifier with the task's number of labels and weights). A mistake in a data file thus costs seconds, not a
 night: `kdplatform run`, `teacher` and `sweep` call `preflight(trials)` first and exit 2 on its errors.
+Trials that will run on this machine (`run`, `teacher`, a sweep on its own local Ray) are also checked for
+their device: `speed.device: cuda` where torch sees no CUDA GPU is a `DeviceError`.
 
->>> preflight(trials)   # raises DataError or TeacherError; returns None when everything is usable  # doctest: +SKIP
+>>> preflight(trials)   # raises DataError, TeacherError or DeviceError; None when all is usable  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -25,12 +27,32 @@ def data_splits(trial: ResolvedTrial) -> list[tuple[str, str]]:
     return splits + [(extra, "train") for extra in trial.data.supplementary_tasks]
 
 
-def preflight(trials: Sequence[ResolvedTrial]) -> None:
-    """Raise `TeacherError` / `DataError` (user errors: exit code 2) for the first unusable input.
+class DeviceError(ValueError):
+    """A device the config asks for that this machine does not have (a user error: exit code 2)."""
 
-    Each distinct checkpoint and each distinct (task, split, data source) is checked once. Teachers that
-    will be fine-tuned are not loaded here (that is the teacher stage's job); their data is checked.
+
+def check_device(trials: Sequence[ResolvedTrial]) -> None:
+    """`speed.device: cuda` needs a CUDA GPU visible to torch here; `auto` falls back to the CPU."""
+    if not any(t.speed.device == "cuda" for t in trials):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise DeviceError("speed.device: cuda, but torch sees no CUDA GPU on this machine "
+                          "(torch.cuda.is_available() is False)\n  fix: set speed.device: auto (CUDA when "
+                          "available) or cpu, or run on a machine with a GPU")
+
+
+def preflight(trials: Sequence[ResolvedTrial], *, runs_here: bool = True) -> None:
+    """Raise `DeviceError` / `TeacherError` / `DataError` (user errors: exit code 2) for the first unusable
+    input.
+
+    `runs_here=False` (a sweep on another Ray cluster, whose nodes have their own devices) skips the device
+    check. Each distinct checkpoint and each distinct (task, split, data source) is checked once. Teachers
+    that will be fine-tuned are not loaded here (that is the teacher stage's job); their data is checked.
     """
+    if runs_here:
+        check_device(trials)
     from kdplatform.distill.tasks import load_split
     from kdplatform.distill.teacher import TeacherError, check_checkpoint, teacher_dir
 

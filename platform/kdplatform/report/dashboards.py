@@ -160,9 +160,10 @@ title: Overfitting view
 description: >-
   Per stage, train vs dev of the stage's own objective against the step within the stage: the ILD loss
   during intermediate-layer distillation, the score and the KD loss during prediction KD (dashed = train
-  subset, solid = dev). Then the whole run with the stage boundary marked, the teacher's dev score and the
-  majority-class level, and the gap at the end of each stage. Mean over seeds; bands and bars are one std
-  (none where a single seed ran).
+  subset, solid = dev). Then the whole run, every run shifted so that its prediction KD starts at the marked
+  stage boundary (one-stage kd starts there), with the teacher's dev score and the majority-class level, and
+  the gap at the end of each stage. Mean over seeds; bands and bars are one std (none where a single seed
+  ran).
 order: 20
 items:
   - kind: stage_curves

@@ -18,7 +18,7 @@ import plotly.graph_objects as go
 
 from kdplatform.report.collect import (CONFIG_AXES, QAT_METHODS, STAGE_KEY, TASK_LABELS, ReportData,
                                        sort_key, tasks_in)
-from kdplatform.report.stages import ILD, PRED, STAGE_LABELS, boundaries, staged_history
+from kdplatform.report.stages import ILD, PRED, STAGE_LABELS, prediction_aligned, staged_history
 from kdplatform.report.tables import axis_label, config_columns, select_best_configs
 
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
@@ -125,19 +125,28 @@ def _reference_lines(fig: go.Figure, data: ReportData, task: str, x_range: tuple
                                  hovertemplate="majority class: %{y:.2f}<extra></extra>", meta={"kind": "majority"}))
 
 
-def _stage_lines(fig: go.Figure, steps: list[float]) -> None:
-    for x in steps:
+WHOLE_RUN_X = "training step (runs shifted so that prediction KD starts at the ILD | prediction KD line)"
+
+
+def _stage_line(fig: go.Figure, x: float | None) -> None:
+    if x is not None:
         fig.add_vline(x=x, line={"color": "#555555", "dash": "dot", "width": 1.5},
                       annotation_text="ILD | prediction KD", annotation_position="top right",
                       annotation_font_size=11)
+
+
+def _aligned_history(data: ReportData, key: str, runs: pd.DataFrame, aligned: pd.DataFrame) -> pd.DataFrame:
+    """`key`'s history with step = the prediction-aligned x (the global step where a point has no stage)."""
+    h = _history(data, key, runs).merge(aligned, on=["run_id", "step"], how="left")
+    return h.assign(step=h.x.fillna(h.step)).drop(columns="x")
 
 
 def train_dev_curves(data: ReportData, task: str, train_key: str, dev_key: str, group_by: list[str],
                      scale: float, ytitle: str, name: str, title: str, kind: str | None = None,
                      references: bool = False) -> Figure:
     """Train (dashed) and dev (solid) curves per group, mean over seeds with a std band where n > 1.
-    kind=None: against the global step, stage boundaries marked; kind='ild'/'pred': only that stage's
-    points, against the step within the stage. references: add the teacher and majority-class lines."""
+    kind=None: the whole run, every run shifted so that its prediction stage starts at the one boundary
+    drawn; kind='ild'/'pred': only that stage's points, against the step within the stage. references: add the teacher and majority-class lines."""
     runs = selected_runs(data, task, group_by)
     if kind is not None:
         # unique() first: pandas' isin on arrow strings converts every value it is given one by one
@@ -145,9 +154,10 @@ def train_dev_curves(data: ReportData, task: str, train_key: str, dev_key: str, 
     traces: list = []  # added at once: plotly re-validates the figure on every add_trace
     configs = dict(zip(runs.group, runs.config))
     drawn, xs = 0, []
+    aligned, boundary = prediction_aligned(data, runs.run_id) if kind is None else (None, None)
     for split, key, dash in (("train", train_key, "dash"), ("dev", dev_key, "solid")):
         if kind is None:
-            h = _history(data, key, runs)
+            h = _aligned_history(data, key, runs, aligned)
         else:
             h = staged_history(data, key, kind)[["run_id", "stage_step", "value"]].rename(columns={"stage_step": "step"})
             h = h.merge(runs[["run_id", "group", "group_order", "config"]], on="run_id")
@@ -173,8 +183,8 @@ def train_dev_curves(data: ReportData, task: str, train_key: str, dev_key: str, 
     if references:
         _reference_lines(fig, data, task, (min(xs), max(xs)))
     if kind is None:
-        _stage_lines(fig, boundaries(data, runs.run_id))
-    _layout(fig, title, "training step" if kind is None else f"step within the {STAGE_LABELS[kind]}", ytitle)
+        _stage_line(fig, boundary)
+    _layout(fig, title, WHOLE_RUN_X if kind is None else f"step within the {STAGE_LABELS[kind]}", ytitle)
     return Figure(name, title, fig)
 
 

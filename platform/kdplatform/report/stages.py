@@ -3,7 +3,8 @@
 The worker logs `stage` (the stage index, 0, 1, ...) at every evaluation, at the same global step as the
 other metrics. A run's last stage is its prediction stage (KD on the logits, where the score is selected);
 earlier stages are intermediate-layer distillation (ILD). Aligning stages by kind, not by global step, puts
-one-stage `kd` next to the prediction stage of two-stage methods.
+one-stage `kd` next to the prediction stage of two-stage methods; in the whole-run view, every run is shifted
+so that its prediction stage starts at the same x (`prediction_aligned`).
 
 The step within a stage counts from the previous stage's last evaluation, so a stage that starts at global
 step 120 starts at 0 here.
@@ -49,8 +50,17 @@ def staged_history(data: ReportData, key: str, kind: str | None = None) -> pd.Da
     return parts.get(kind, parts[None].iloc[0:0])
 
 
-def boundaries(data: ReportData, run_ids) -> list[float]:
-    """Global steps where a later stage starts (the previous stage's last evaluation) among `run_ids`."""
+def prediction_aligned(data: ReportData, run_ids) -> tuple[pd.DataFrame, float | None]:
+    """The whole-run x axis of `run_ids`: per (run_id, step), x = the global step shifted so that every
+    run's prediction stage starts at the same x, the latest start among the runs (one-stage `kd` moves right
+    by the length of the others' ILD; two-stage runs of equal ILD length keep their steps). Also returns
+    that common start, the ILD | prediction KD boundary, or None where no run has an ILD stage."""
     s = stage_of_points(data)
-    s = s[s.run_id.isin(set(run_ids)) & (s.stage > 0)]
-    return sorted(set(s.offset.astype(float)))
+    s = s[s.run_id.isin(set(run_ids))]
+    # A run still in (or stopped during) ILD would start prediction KD after its last evaluation.
+    pred_start = s.groupby("run_id").step.max().astype(float)
+    pred_start.update(s[s.kind == PRED].groupby("run_id").offset.min())
+    start = float(pred_start.max()) if len(pred_start) else 0.0
+    shift = s.run_id.map(start - pred_start).where(s.run_id.isin(s[s.kind == PRED].run_id), 0.0)
+    out = s[["run_id", "step"]].assign(x=s.step + shift)
+    return out, (start if (s.kind == ILD).any() else None)

@@ -120,7 +120,7 @@ def _claimed_sweep(plan: SweepPlan, file: str | Path, exp_path: Path, *, resume:
     for r in plan_tables(plan, outcomes, uri)[:2 + len(plan.notes)]:
         console.print(r)  # the header and notes; the full tables are --dry-run's
     # every data file and ready checkpoint the trials read, checked before the parent run or Ray exist
-    preflight(plan.trials if spec.search is not None else plan.to_run)
+    preflight(plan.trials if spec.search is not None else plan.to_run, runs_here=not address)
     parent, state = _open_parent(plan, state, exp_path, len(outcomes))
     console.print(f"parent run [bold]{parent.run_id}[/] (session {state['sessions']}), Ray experiment "
                   f"{escape(str(exp_path))}")

@@ -29,12 +29,13 @@ from typing import Any
 
 from ray import tune
 
-from kdplatform import runs
+from kdplatform import runs, tracking
 from kdplatform.config import ResolvedTrial
 
 STATUS, REASON, RUN_ID = "kdp_status", "kdp_failure_reason", "mlflow_run_id"
 PROGRESS_EVERY_S = 2.0
 EARLY_STOPPED = runs.EARLY_STOPPED
+NODE = runs.NODE
 
 
 @dataclass
@@ -181,6 +182,7 @@ def _run_claimed(trial: ResolvedTrial, ctx: TrialContext, reporter: _Reporter, w
         reporter.final("FAILED", {REASON: f"{type(e).__name__}: {e}"[:500]})
         return
     reporter.run_id = result.run_id
+    _tag_node(uri, result.run_id)
     reporter.final("FINISHED", {**result.best, "minutes": result.seconds / 60})
 
 
@@ -203,6 +205,15 @@ def read_progress(ctx: TrialContext, trial_id: str) -> dict[str, Any] | None:
         return json.loads(path.read_text()) if path is not None else None
     except (OSError, ValueError):
         return None
+
+
+def _tag_node(uri: str, run_id: str) -> None:
+    """`kdp.node`: the Ray node that trained the run (its node id; the IP alone is ambiguous when several
+    nodes share a host), so a multi-node sweep shows where each trial ran."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    tracking.retry(lambda: tracking.client(uri).set_tag(run_id, NODE, node), "set tag")
 
 
 # ------------------------------------------------------------------------------------------- the tuner
