@@ -1,4 +1,4 @@
-"""`kdplatform` command line: run, teacher, sweep, report, ui, methods, tasks.
+"""`kdplatform` command line: run, teacher, sweep, export, report, ui, ls, methods, tasks.
 
 User mistakes (bad YAML, missing data, unusable checkpoints) print one clear message and exit 2, with
 nothing started and nothing written to MLflow. Heavy imports (torch, transformers, ray) happen inside the
@@ -216,6 +216,26 @@ def list_runs(tracking_uri: Optional[str] = TrackingOpt) -> None:
         table.add_row(escape(r.experiment), r.runner, r.status, r.run_id, r.started, counts)
     out = console if console.is_terminal else Console(width=200)  # piped: one line per row, for grep
     out.print(table if rows else "no sweeps or runs in this store yet")
+
+
+@app.command()
+def export(run_id: str = typer.Argument(..., help="a student run's MLflow run id"),
+           dest: Path = typer.Argument(..., help="new (or empty) folder to write the model to"),
+           tracking_uri: Optional[str] = TrackingOpt,
+           which: str = typer.Option("best", "--which", help="best (best dev score) or last (end of training; "
+                                     "kept with output.keep_models: best+last)")) -> None:
+    """Copy a student run's saved model into a folder `from_pretrained` loads (quantized: see its README.md)."""
+    if which not in ("best", "last"):
+        _fail(f"--which takes best or last, not {which!r}")
+    from kdplatform.distill.export import ExportError, export_run_model
+
+    try:
+        folder = export_run_model(_uri(tracking_uri), run_id, dest, which)
+    except ExportError as e:
+        _fail(escape(str(e)))
+    console.print(f"{which} student of run {run_id} -> {escape(str(folder))}")
+    if (folder / "README.md").is_file():
+        console.print(escape((folder / "README.md").read_text().strip()))
 
 
 @app.command()

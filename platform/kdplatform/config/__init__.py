@@ -30,7 +30,7 @@ from kdplatform.config.presets import (CR_ILD_EPOCHS, DEFAULT_CONSISTENCY_WEIGHT
 from kdplatform.config.resolve import resolve_trial, resolve_with_notes
 from kdplatform.config.schema import (AXES, CONSISTENCY_LOSSES, DEFAULT_MAX_TRIALS, REGRESSION_TASKS,
                                       TASK_NAMES, WEIGHT_BITS, ConditionalOverride, ConsistencyConfig,
-                                      DataConfig, FinetuneConfig, LossTermConfig, ResourcesConfig,
+                                      DataConfig, FinetuneConfig, LossTermConfig, OutputConfig, ResourcesConfig,
                                       SchedulerConfig, SearchConfig, SearchDimension, SpeedConfig, StageConfig,
                                       StudentConfig, SweepSpec, TeacherCacheConfig, TeacherConfig, TrialConfig,
                                       is_setting_key)
@@ -44,7 +44,7 @@ __all__ = [
     "AXES", "CONSISTENCY_LOSSES", "CR_ILD_EPOCHS", "ConditionalOverride", "ConfigError", "ConsistencyConfig",
     "DEFAULT_CONSISTENCY_WEIGHT", "DEFAULT_MAX_TRIALS", "DEFINITION_CHANGES", "DataConfig", "DefinitionChange",
     "FinetuneConfig", "GridPoint", "LOSS_NAMES", "LayerMapError", "LossTermConfig", "METHOD_NAMES",
-    "MODEL_ALIASES", "NEUTRAL_VALUES", "Override", "PRESETS", "Preset", "REGRESSION_TASKS",
+    "MODEL_ALIASES", "NEUTRAL_VALUES", "OutputConfig", "Override", "PRESETS", "Preset", "REGRESSION_TASKS",
     "ResolvedConsistency", "ResolvedLoss", "ResolvedStage", "ResolvedTrial", "ResourcesConfig",
     "SchedulerConfig", "SearchConfig", "SearchDimension", "SpeedConfig", "StageConfig", "StageTemplate",
     "StudentConfig", "SweepSpec", "TASK_NAMES", "TeacherCacheConfig", "TeacherConfig", "TrialConfig",

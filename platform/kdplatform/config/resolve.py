@@ -63,7 +63,8 @@ def resolve_with_notes(cfg: TrialConfig, where: str = "", file: str | None = Non
         name=cfg.name, tracking_uri=cfg.tracking_uri, task=cfg.task, method=cfg.method,
         layer_map=layer_map if uses_map else None, consistency_weight=cw, bits=cfg.bits, act_bits=cfg.act_bits,
         map_coeff=coeffs[0], output_coeff=coeffs[1], seed=cfg.seed, data=cfg.data, teacher=cfg.teacher,
-        student=cfg.student, student_layers=s_layers, teacher_layers=t_layers, train=stages, speed=cfg.speed)
+        student=cfg.student, student_layers=s_layers, teacher_layers=t_layers, train=stages, speed=cfg.speed,
+        output=cfg.output)
     return trial, notes
 
 

@@ -178,6 +178,13 @@ class SpeedConfig(Strict):
     teacher_cache: TeacherCacheConfig = TeacherCacheConfig()
 
 
+class OutputConfig(Strict):
+    """What a finished student trial keeps: its best-dev student, also the last one, or none (MLflow artifacts
+    `model/best/`, `model/last/`). Does not change results: left out of the config hash."""
+
+    keep_models: Literal["none", "best", "best+last"] = "best"
+
+
 class TrialConfig(Strict):
     name: str = Field("kdplatform", min_length=1, max_length=MAX_NAME_LENGTH)  # the MLflow experiment
     tracking_uri: str | None = None
@@ -195,6 +202,7 @@ class TrialConfig(Strict):
     student: StudentConfig = StudentConfig()
     train: list[StageConfig] = []
     speed: SpeedConfig = SpeedConfig()
+    output: OutputConfig = OutputConfig()
 
     @field_validator("name")
     @classmethod

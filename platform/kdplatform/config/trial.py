@@ -4,7 +4,8 @@ Config hash policy: the hash is of exactly the settings that take effect.
 - Settings that have no effect are normalised to their defaults by `resolve.py` before hashing (with a note),
   so a no-op setting never makes an identical trial look new.
 - What does not change results is left out: the experiment name, the tracking store, the run-name suffix,
-  where the GLUE files sit, device, compile and the teacher cache's size bound.
+  which trained models are kept (`output`), where the GLUE files sit, device, compile and the teacher
+  cache's size bound.
 - A setting added after hashes were first published is left out of the hashed dict while it holds its
   neutral value (the value that keeps the earlier behaviour): see `NEUTRAL_VALUES`. So adding a setting
   whose default keeps today's behaviour changes no existing hash.
@@ -24,10 +25,11 @@ from pydantic import BaseModel, field_serializer
 
 from kdplatform.config.layer_map import layer_map_label
 from kdplatform.config.models import model_width
-from kdplatform.config.schema import REGRESSION_TASKS, DataConfig, SpeedConfig, StudentConfig, TeacherConfig
+from kdplatform.config.schema import (REGRESSION_TASKS, DataConfig, OutputConfig, SpeedConfig, StudentConfig,
+                                     TeacherConfig)
 
 # What does not change results: left out of the config hash.
-NOT_HASHED = {"name", "tracking_uri", "run_suffix"}
+NOT_HASHED = {"name", "tracking_uri", "run_suffix", "output"}  # output: which models are kept
 # The teacher cache's storage precision that every hash before it was hashed assumed.
 NEUTRAL_TEACHER_OUTPUTS = "float16"
 
@@ -99,6 +101,7 @@ class ResolvedTrial(BaseModel):
     teacher_layers: int
     train: list[ResolvedStage]
     speed: SpeedConfig = SpeedConfig()
+    output: OutputConfig = OutputConfig()
     run_suffix: str = ""  # grid values of dotted axes (e.g. 'train.pred.lr=0.0001'), so run names differ
 
     @field_serializer("tracking_uri")

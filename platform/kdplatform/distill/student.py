@@ -29,6 +29,7 @@ from kdplatform.config import ResolvedTrial
 from kdplatform.distill.data import TrialData, prepare_data
 from kdplatform.distill.engine import (DivergedError, Hooks, LoopState, StageSettings, resolve_device,
                                        resolve_precision, train_stage)
+from kdplatform.distill.export import BestSnapshot, save_models
 from kdplatform.distill.faults import FaultPlan
 from kdplatform.distill.models import freeze, load_classifier, set_seed
 from kdplatform.distill.teacher import ensure_teacher, teacher_tokenizer
@@ -93,19 +94,22 @@ def run_trial(trial: ResolvedTrial, *, tracking_uri: str | None = None, parent_r
     uri = tracking.absolute_uri(tracking_uri or trial.tracking_uri or tracking.default_tracking_uri())
     teacher_dir = ensure_teacher(trial, uri, on_progress=callbacks.on_progress)
     set_seed(trial.seed)  # after the teacher: a fine-tune in this process must not shift the student's RNG
-    data = prepare_data(trial, teacher_tokenizer(teacher_dir))
+    tokenizer = teacher_tokenizer(teacher_dir)
+    data = prepare_data(trial, tokenizer)
     teacher = freeze(load_classifier(str(teacher_dir), data.num_labels))
     student, qreport = build_student(trial, teacher_dir, data.num_labels)
-    state, resume_blob = LoopState(), _load_resume(resume_dir, student)
+    state, resume_blob, snapshot = LoopState(), _load_resume(resume_dir, student), BestSnapshot()
     if resume_blob is not None:
         state = LoopState(**resume_blob["loop"])
+        snapshot.state = resume_blob.get("best_student")
         run_id = run_id or resume_blob.get("run_id")
     logger = _open_run(trial, uri, run_id, parent_run_id, sweep_id)
     if resume_blob is None:
         _log_setup(logger, trial, data, qreport)
-    hooks = _hooks(trial, logger, callbacks, student, state)
+    hooks = _hooks(trial, logger, callbacks, student, state, snapshot)
     try:
         _train(trial, student, teacher, data, state, hooks, resume_blob)
+        logger.add_metrics(save_models(logger, trial, student, tokenizer, snapshot), state.global_step)
     except BaseException as e:
         # a divergence, a crash (retried by the orchestrator) or Ctrl-C: the run stays reattachable
         reason = str(e)[:5000] if isinstance(e, DivergedError) else f"{type(e).__name__}: {str(e)[:4000]}"
@@ -178,17 +182,21 @@ def log_train_input(logger: tracking.RunLogger, data: TrialData) -> None:
 
 
 def _hooks(trial: ResolvedTrial, logger: tracking.RunLogger, callbacks: Callbacks, student: nn.Module,
-           state: LoopState) -> Hooks:
-    """The engine's hooks for a student run: faults (KDP_FAULTS), MLflow metrics, the orchestrator's callbacks."""
+           state: LoopState, snapshot: BestSnapshot) -> Hooks:
+    """The engine's hooks for a student run: faults (KDP_FAULTS), MLflow metrics, the best-dev snapshot, the
+    orchestrator's callbacks. Checkpoints carry the snapshot, so a resumed trial still saves its best student."""
     faults = FaultPlan(trial.run_name)
 
     def on_eval(step: int, metrics: dict[str, float]) -> None:
         logger.add_metrics(metrics, step)
         logger.flush()
+        snapshot.offer(student, metrics)
         if callbacks.on_eval:
             callbacks.on_eval(step, metrics)
 
     def on_checkpoint(blob: dict[str, Any], info: dict[str, Any]) -> None:
+        if snapshot.state is not None:
+            blob = {**blob, "best_student": snapshot.state}
         callbacks.on_checkpoint(lambda folder: save_state(folder, student, state, logger.run_id, blob), info)
 
     def on_progress(stage: str, step: int, total: int) -> None:

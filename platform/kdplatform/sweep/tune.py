@@ -11,8 +11,9 @@ A diverged trial (NaN/inf loss) is not retried, nor is one that fails on the use
 worker marks its run FAILED with the reason, the trainable reports `kdp_status: FAILED` and returns, and the
 sweep goes on. Other exceptions (crashes) propagate and `FailureConfig(max_failures)` retries the trial.
 
-`SweepCallback` runs in the driver: it feeds the progress view and repairs MLflow runs a worker could not
-close itself (a trial stopped early by ASHA, a worker process that died).
+`SweepCallback` runs in the driver: it feeds the progress view, repairs MLflow runs a worker could not
+close itself (a trial stopped early by ASHA, a worker process that died) and deletes a completed trial's
+checkpoints (its student is in MLflow; the checkpoints only served resume).
 """
 
 from __future__ import annotations
@@ -336,6 +337,10 @@ class DriverHooks:
         last = trial.last_result or {}
         # No final status: the scheduler stopped it (its run is closed by `finish_early_stopped` after fit)
         self.monitor.trial_done(trial.trial_id, last.get(STATUS) or "STOPPED", last)
+        try:
+            delete_checkpoints(trial)
+        except Exception as e:  # noqa: BLE001 - bookkeeping must never stop the sweep
+            self.monitor.note(f"could not delete the checkpoints of {trial_name(trial)}: {e}")
 
     def trial_error(self, trial) -> None:
         last = trial.last_result or {}
@@ -367,6 +372,19 @@ class DriverHooks:
                 runs.close_run(ctx.tracking_uri, run_id, status, tags)
         except Exception as e:  # noqa: BLE001 - bookkeeping must never stop the sweep
             self.monitor.note(f"could not close the MLflow run of {trial_name(trial)}: {e}")
+
+
+def delete_checkpoints(trial) -> int:
+    """Delete a completed trial's resume checkpoints (`checkpoint_*` in its folder, ~180 MB each for a 2-layer
+    student); returns how many. Only a running or errored trial resumes from them: an errored one keeps them."""
+    from pyarrow.fs import FileSelector, FileType
+
+    fs, root = trial.storage.storage_filesystem, trial.path
+    found = fs.get_file_info(FileSelector(root, allow_not_found=True))
+    folders = [f.path for f in found if f.type == FileType.Directory and f.base_name.startswith("checkpoint_")]
+    for folder in folders:
+        fs.delete_dir(folder)
+    return len(folders)
 
 
 def finish_early_stopped(ctx: TrialContext, rows: list[dict[str, Any]], wait_s: float = 15.0) -> list[str]:
