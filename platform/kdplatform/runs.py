@@ -46,6 +46,7 @@ SPEC_HASH, SPEC_FILE, RAY_EXPERIMENT, RUNNER = "kdp.spec_hash", "kdp.spec_file",
 FAILED_TRIALS, FINISHED_TRIALS = "kdp.failed_trials", "kdp.finished_trials"
 SEARCH, SEARCH_AXES = "kdp.search", "kdp.search_axes"  # an Optuna search: the report's importance page
 GIT_COMMIT = "kdp.git_commit"
+MODEL_TAG, MODEL_NOTE = "kdp.model.{which}", "kdp.model.note"  # a saved student folder's artifact URI (best/last)
 NODE = "kdp.node"  # the Ray node that trained a student run
 STUDENT, TEACHER, SWEEP_ROLE = "student", "teacher", "sweep"  # values of ROLE
 

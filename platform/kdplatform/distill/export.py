@@ -20,12 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdplatform import tracking
+from kdplatform import runs, tracking
 from kdplatform.config import ResolvedTrial
 from kdplatform.distill.quant import model_size_bits, quantize_bert_
 
 QUANT_FILE = "quantization.json"
-MODEL_TAG = "kdp.model.{which}"  # tag: the artifact URI of the saved folder (kdp.model.best, kdp.model.last)
+MODEL_TAG = runs.MODEL_TAG  # tag: the artifact URI of the saved folder (kdp.model.best, kdp.model.last)
 ARTIFACT_DIR = "model/{which}"
 LOAD_HINT = ("a quantized student: load it with `from kdplatform.distill.export import load_student; "
              "model = load_student(FOLDER)` (plain from_pretrained gives the full-precision latent weights)")
@@ -105,7 +105,7 @@ def save_models(logger: tracking.RunLogger, trial: ResolvedTrial, student: nn.Mo
     for which in wanted:
         if which == "best":
             if snapshot.state is None:
-                tags["kdp.model.note"] = "no best-dev student: the last stage evaluated no dev score"
+                tags[runs.MODEL_NOTE] = "no best-dev student: the last stage evaluated no dev score"
                 continue
             student.load_state_dict(snapshot.state)
         with tempfile.TemporaryDirectory(prefix="kdp_model_") as tmp:
@@ -144,7 +144,7 @@ def export_run_model(tracking_uri: str, run_id: str, dest: Path, which: str = "b
         raise ExportError(f"no run {run_id!r} in {where} (list them with `kdplatform ls`)") from e
     path = ARTIFACT_DIR.format(which=which)
     if not c.list_artifacts(run_id, path):
-        role = run.data.tags.get("kdp.role", "unknown")
+        role = run.data.tags.get(runs.ROLE, "unknown")
         raise ExportError(f"run {run_id} ({role}) has no {path} artifact: students save it when they finish, "
                           f"as output.keep_models says ('best' by default; 'best+last' for the last one)")
     dest = Path(dest)
