@@ -60,7 +60,7 @@ def refused_fast(tmp_path: Path, name: str, fragment: str, seconds: float = 5.0,
     assert fragment in stderr and name in stderr, stderr
     assert "Traceback" not in stderr
     assert took < seconds, f"{name}: {took:.1f} s of CPU"
-    assert wall < 12 * seconds, f"{name}: {wall:.1f} s wall"
+    assert wall < 30 * seconds, f"{name}: {wall:.1f} s wall"  # only a hang guard
     assert peak < mb, f"{name}: {peak:.0f} MB"
     assert not (tmp_path / "m.db").exists()
     print(f"{name}: exit 2 in {took:.2f} s of CPU ({wall:.2f} s wall), peak RSS {peak:.0f} MB")
