@@ -199,7 +199,7 @@ def test_reattached_run_logs_no_duplicate_steps(store):
     assert c.get_run(first.run_id).info.status == "FINISHED"
 
 
-def test_driver_closes_runs_a_worker_left_open(store):
+def test_driver_closes_runs_a_worker_left_open(store, tmp_path):
     """ASHA stops a trial by ending its tune.report with SystemExit, so the worker closes the run as KILLED;
     after fit the driver makes it FINISHED + kdp.early_stopped. A trial whose process died is FAILED."""
     from kdplatform.sweep.tune import DriverHooks, TrialContext, finish_early_stopped
@@ -220,14 +220,23 @@ def test_driver_closes_runs_a_worker_left_open(store):
     ctx = TrialContext(mlflow_uri, "repair", parent, parent, os.getcwd())
     hooks = DriverHooks(ctx, monitor)
 
+    from pyarrow.fs import LocalFileSystem
+
     def trial(h, last, error_file=None):
+        folder = tmp_path / f"trial_{h}"
+        (folder / "checkpoint_000000").mkdir(parents=True, exist_ok=True)  # as Ray leaves a resume point
         return SimpleNamespace(trial_id=h, config={"trial": {"cfg_hash": h, "run_name": h}}, last_result=last,
-                               error_file=error_file)
+                               error_file=error_file, path=str(folder),
+                               storage=SimpleNamespace(storage_filesystem=LocalFileSystem()))
 
     hooks.trial_complete(trial("h1", {"step": 40, "mlflow_run_id": stopped, "dev/score": 0.4}))
     hooks.trial_error(trial("h2", {}))
     hooks.trial_complete(trial("h3", {"kdp_status": "FINISHED", "mlflow_run_id": done}))
     assert seen == ["STOPPED", "FAILED", "FINISHED"]
+    # completed trials lose their resume checkpoints; the errored one keeps them for --resume
+    assert not (tmp_path / "trial_h1" / "checkpoint_000000").exists()
+    assert not (tmp_path / "trial_h3" / "checkpoint_000000").exists()
+    assert (tmp_path / "trial_h2" / "checkpoint_000000").is_dir()
     rows = [{"status": "STOPPED", "run_id": stopped, "step": 40}, {"status": "STOPPED", "cfg_hash": "h4", "step": 6},
             {"status": "FINISHED", "run_id": done}]
     assert sorted(finish_early_stopped(ctx, rows, wait_s=0.5)) == sorted([stopped, still_open])
