@@ -2,7 +2,7 @@
 validation and crash later (or be silently ignored) are refused or collapsed with a note.
 
 Every size case runs a real `kdplatform run FILE --dry-run` process and measures its CPU time and peak
-resident memory (`os.wait4` gives that one child's rusage). CPU time, not wall time, is held to the 5 s
+resident memory (`os.wait4` of that one process, forked by a small fresh Python). CPU time, not wall time, is held to the 5 s
 bound: it is the work the refusal costs, and it does not grow when other jobs share the cores (wall time
 only has a loose bound that catches a hang). Each child also runs under an address-space cap,
 so a regression fails here instead of swapping the machine (the alias bomb once took ~7 GB).
@@ -11,7 +11,6 @@ so a regression fails here instead of swapping the machine (the alias bomb once 
 from __future__ import annotations
 
 import os
-import resource
 import subprocess
 import sys
 import textwrap
@@ -28,24 +27,34 @@ from kdplatform.config.yaml_io import MAX_FILE_BYTES, MAX_YAML_VALUES
 GUARD_BYTES = 3 * 1024**3  # the child's address space: far above a refusal's needs, far below a bomb's
 
 
+# The measured process is started by a small fresh Python that forks it and reports its rusage: a child
+# forked straight from pytest would count pytest's own resident memory at fork time in its ru_maxrss
+# (Linux carries the pre-exec high-water mark over), and pytest is large after the model tests.
+MEASURE = """
+import os, resource, sys
+pid = os.fork()
+if pid == 0:
+    resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[1]), int(sys.argv[1])))
+    os.execv(sys.argv[3], sys.argv[3:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[2], "w") as f:
+    f.write(f"{usage.ru_utime + usage.ru_stime} {usage.ru_maxrss}")
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def measured_run(args: list[str], cwd: Path) -> tuple[int, str, float, float, float]:
     """(exit code, stderr, wall seconds, CPU seconds, peak RSS in MB) of one `kdplatform` process."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'm.db'}", "HF_HUB_OFFLINE": "1"}
-    out, err = cwd / "stdout.txt", cwd / "stderr.txt"
+    out, err, usage = cwd / "stdout.txt", cwd / "stderr.txt", cwd / "usage.txt"
+    command = [sys.executable, "-c", MEASURE, str(GUARD_BYTES), str(usage), sys.executable, "-m",
+               "kdplatform.cli", *args]
     with out.open("wb") as o, err.open("wb") as e:
         start = time.monotonic()
-        proc = subprocess.Popen([sys.executable, "-m", "kdplatform.cli", *args], cwd=cwd, env=env, stdout=o,
-                                stderr=e, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS,
-                                                                                 (GUARD_BYTES, GUARD_BYTES)))
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+        rc = subprocess.run(command, cwd=cwd, env=env, stdout=o, stderr=e, timeout=600).returncode
         seconds = time.monotonic() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    cpu = usage.ru_utime + usage.ru_stime
-    return proc.returncode, err.read_text(), seconds, cpu, usage.ru_maxrss / 1024  # Linux: ru_maxrss in kB
+    cpu, maxrss_kb = usage.read_text().split()
+    return rc, err.read_text(), seconds, float(cpu), int(maxrss_kb) / 1024  # Linux: ru_maxrss in kB
 
 
 def alias_bomb(levels: int = 9, width: int = 9, use: str = "seeds") -> str:
