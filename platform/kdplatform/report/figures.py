@@ -286,16 +286,21 @@ def _gap_bar_figure(g: pd.DataFrame, x_col: str, x_order: list[str], title: str,
     return Figure(name, title, fig)
 
 
+def _runs_per_task(data: ReportData, group_by: list[str]):
+    """The selected runs of each task that has any (tasks without data are skipped, not an error)."""
+    for task in tasks_in(data.runs):
+        try:
+            yield selected_runs(data, task, group_by)
+        except NoData:
+            continue
+
+
 def gap_bars(data: ReportData, group_by: list[str], metric: str = "score") -> list[Figure]:
     """The gap at the end of training per task (x) and group (bars): train - dev score (x100), or
     dev - train distillation loss; mean over seeds with std error bars (none where n = 1)."""
     scale = 100.0 if metric != "distill_loss" else 1.0
     rows = []
-    for task in tasks_in(data.runs):
-        try:
-            runs = selected_runs(data, task, group_by)
-        except NoData:
-            continue
+    for runs in _runs_per_task(data, group_by):
         g = final_gaps(data, runs, metric).merge(runs[["run_id", "group", "group_order", "task"]], on="run_id")
         rows.append(g)
     if not rows or all(r.empty for r in rows):
@@ -321,11 +326,7 @@ def stage_gap_bars(data: ReportData, group_by: list[str]) -> list[Figure]:
     out = []
     for kind, key, scale, what in STAGE_GAPS:
         rows = []
-        for task in tasks_in(data.runs):
-            try:
-                runs = selected_runs(data, task, group_by)
-            except NoData:
-                continue
+        for runs in _runs_per_task(data, group_by):
             h = staged_history(data, key, kind)
             last = h[h.run_id.isin(runs.run_id)].sort_values("step").groupby("run_id").value.last()
             g = last.rename("gap").reset_index().merge(runs[["run_id", "group", "group_order", "task"]], on="run_id")
