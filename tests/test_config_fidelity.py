@@ -121,6 +121,26 @@ def test_cr_ild_study_teachers_follow_the_reference_protocol():
             assert t.data.subsample_seed == "run"
 
 
+def test_cpu_studies_expand_to_the_grids_their_write_up_reports():
+    """docs/results/README.md reports these grids: 4 tasks x 6 methods x 3 seeds with one teacher per task,
+    and 2 tasks x 4 QAT methods x 3 seeds whose bit-width file adds only its 4- and 8-bit trials."""
+    _, cr, _ = load_trials(REPO / "sweeps" / "study_cr_ild_cpu.yaml")
+    assert len(cr) == 72 and len({t.teacher_hash for t in cr}) == 4
+    assert {(t.student_layers, t.teacher_layers) for t in cr} == {(3, 6)}
+    for t in cr:
+        if t.method in ("ild_last", "cr_ild"):  # the last layer by definition: 3 -> 6
+            assert [tm.layer_pairs for tm in t.train[0].losses] == [[(3, 6)]], t.run_name
+        assert t.data.max_train_examples == 1000 and t.data.subsample_seed == "run"
+    _, qat, _ = load_trials(REPO / "sweeps" / "study_kd_qat_cpu.yaml")
+    assert len(qat) == 24 and {(t.bits, t.act_bits) for t in qat} == {(2, 8)}
+    assert {t.student_layers for t in qat} == {6} and len({t.teacher_hash for t in qat}) == 2
+    _, bits, _ = load_trials(REPO / "sweeps" / "study_kd_qat_bits_cpu.yaml")
+    assert sorted(t.bits for t in bits) == [2, 4, 8]
+    main_hashes = {t.cfg_hash for t in qat}
+    assert [t.bits for t in bits if t.cfg_hash in main_hashes] == [2], "the 2-bit trial is the main study's"
+    assert {t.teacher_hash for t in bits} <= {t.teacher_hash for t in qat}
+
+
 # --------------------------------------------------------------------------------------- hash policy
 def test_quickstart_hashes_are_kept_where_nothing_changed():
     _, trials, _ = load_trials(REPO / "sweeps" / "quickstart.yaml")

@@ -206,6 +206,11 @@ def _on_ray(plan: SweepPlan, parent: tracking.RunLogger, state: dict, exp_path: 
             raise SweepError(f"the disk holding Ray's storage {exp_path.parent} is full ({type(e).__name__}: "
                              f"{tracking.redact(str(e))[:200]}); the sweep's open runs were closed FAILED", f"free space under {exp_path.parent}, then continue with: kdplatform "
                              f"sweep {plan.spec_file} --resume") from None
+        if _out_of_memory(e):  # Ray's memory monitor killed a trial's worker: Tune itself gives up
+            raise SweepError("a trial's worker was killed by Ray's memory monitor (this node ran out of memory); "
+                             "finished trials are kept, the open runs were closed FAILED",
+                             f"run fewer trials at once (max_concurrent_trials, or --max-concurrent 1), then "
+                             f"continue with: kdplatform sweep {plan.spec_file} --resume") from None
         raise
     finally:
         if started_ray:
@@ -244,6 +249,16 @@ def _ray_session_logs() -> str:
 def _disk_full(e: BaseException | None) -> bool:
     while e is not None:
         if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _out_of_memory(e: BaseException | None) -> bool:
+    """Whether `e` (or what it wraps) is Ray's OutOfMemoryError; Tune re-raises it as a plain RuntimeError
+    when the killed worker was a reused trial actor."""
+    while e is not None:
+        if type(e).__name__ == "OutOfMemoryError" or "killed due to the node running low on memory" in str(e):
             return True
         e = e.__cause__ or e.__context__
     return False
