@@ -209,8 +209,9 @@ def _on_ray(plan: SweepPlan, parent: tracking.RunLogger, state: dict, exp_path: 
         if _out_of_memory(e):  # Ray's memory monitor killed a trial's worker: Tune itself gives up
             raise SweepError("a trial's worker was killed by Ray's memory monitor (this node ran out of memory); "
                              "finished trials are kept, the open runs were closed FAILED",
-                             f"run fewer trials at once (max_concurrent_trials, or --max-concurrent 1), then "
-                             f"continue with: kdplatform sweep {plan.spec_file} --resume") from None
+                             f"run fewer trials at once; a resumed sweep keeps its old limit, so start again: "
+                             f"kdplatform sweep {plan.spec_file} --fresh --max-concurrent 1 (finished trials "
+                             f"are kept and skipped)") from None
         raise
     finally:
         if started_ray:
