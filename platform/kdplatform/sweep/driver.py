@@ -247,22 +247,22 @@ def _ray_session_logs() -> str:
         return "/tmp/ray/session_latest/logs"
 
 
-def _disk_full(e: BaseException | None) -> bool:
+def _chain(e: BaseException | None):
+    """`e` and what it wraps, outermost first."""
     while e is not None:
-        if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e):
-            return True
+        yield e
         e = e.__cause__ or e.__context__
-    return False
+
+
+def _disk_full(e: BaseException | None) -> bool:
+    return any(getattr(x, "errno", None) == errno.ENOSPC or "No space left on device" in str(x) for x in _chain(e))
 
 
 def _out_of_memory(e: BaseException | None) -> bool:
     """Whether `e` (or what it wraps) is Ray's OutOfMemoryError; Tune re-raises it as a plain RuntimeError
     when the killed worker was a reused trial actor."""
-    while e is not None:
-        if type(e).__name__ == "OutOfMemoryError" or "killed due to the node running low on memory" in str(e):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
+    return any(type(x).__name__ == "OutOfMemoryError" or "killed due to the node running low on memory" in str(x)
+               for x in _chain(e))
 
 
 def _storage_full(exp_path: Path) -> bool:
