@@ -314,3 +314,16 @@ def test_an_interrupted_sweep_is_not_silently_restarted(tmp_path, monkeypatch, s
     assert res.exit_code == 2
     out = " ".join(res.output.split())
     assert "an interrupted run of this sweep exists" in out and "--resume" in out and "--fresh" in out
+
+
+def test_resume_refuses_a_new_concurrency_limit_it_could_not_apply(tmp_path, monkeypatch):
+    # Ray's Tuner.restore keeps the TuneConfig the sweep started with: --max-concurrent would silently do nothing
+    spec = _spec(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["sweep", str(spec), "--resume", "--max-concurrent", "1", "--tracking-uri",
+                                   f"sqlite:///{tmp_path / 'm.db'}"])
+    out = " ".join(res.output.split())
+    assert res.exit_code == 2, out
+    assert "--max-concurrent cannot change a resumed sweep" in out and "--fresh --max-concurrent 1" in out
+    assert "Traceback" not in out
+    assert not (tmp_path / "m.db").exists() and not (tmp_path / "ray_results").exists()  # nothing half-written

@@ -75,6 +75,10 @@ def run_sweep(file: str | Path, *, tracking_uri: str | None = None, dry_run: boo
             console.print(f"Ray experiment folder exists: {escape(str(exp_path))}")
         console.print("[bold]dry run:[/] nothing was started.")
         return SweepOutcome(0, experiment_path=exp_path)
+    if resume and max_concurrent is not None:  # Tuner.restore keeps the saved TuneConfig: it would do nothing
+        raise SweepError("--max-concurrent cannot change a resumed sweep: Ray restores the limit it started with",
+                         f"resume without --max-concurrent, or start again with: kdplatform sweep {file} --fresh "
+                         f"--max-concurrent {max_concurrent} (finished trials are kept and skipped)")
     waited: list[str] = []
     spec_claim = hold_spec(plan, console, on_wait=waited.append)
     try:

@@ -19,6 +19,7 @@ from rich.markup import escape
 
 from kdplatform import runs, tracking
 from kdplatform.config import ResolvedTrial
+from kdplatform.distill.heap import release_memory
 from kdplatform.sweep.expand import SweepPlan
 from kdplatform.sweep.session import (SweepError, SweepOutcome, close_orphans_of, close_parent, counts_of, hold_spec,
                                       nothing_new, open_parent, print_results, refresh_done)
@@ -106,3 +107,4 @@ def _run_claimed(trial: ResolvedTrial, held: runs.Claim, plan: SweepPlan, parent
         return {**row, "status": "FINISHED", "run_id": res.run_id, "score": res.best.get("dev/best_score")}
     finally:
         held.release()
+        release_memory()  # the next trial runs in this process: do not carry this one's freed heap into it

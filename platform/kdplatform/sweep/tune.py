@@ -31,6 +31,7 @@ from ray import tune
 
 from kdplatform import runs, tracking
 from kdplatform.config import ResolvedTrial
+from kdplatform.distill.heap import release_memory
 
 STATUS, REASON, RUN_ID = "kdp_status", "kdp_failure_reason", "mlflow_run_id"
 PROGRESS_EVERY_S = 2.0
@@ -144,6 +145,7 @@ def student_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
             _run_claimed(trial, ctx, reporter, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        release_memory()  # this worker is reused for the next trial: do not carry this one's heap into it
 
 
 def _run_claimed(trial: ResolvedTrial, ctx: TrialContext, reporter: _Reporter, workdir: Path) -> None:
