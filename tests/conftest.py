@@ -79,3 +79,13 @@ def mlflow_uri(tmp_path) -> str:
 def write_yaml(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def tiny_sst2(glue: Path, teacher: Path, *, seq: int = 16, layers: int = 1, train_eval: int | None = 16) -> str:
+    """The `data`/`teacher`/`student` YAML lines the tiny end-to-end trials share: 32 SST-2 examples, the tiny
+    random BERT fine-tuned for 2 steps as teacher, its bottom `layers` as student."""
+    scored = f", train_eval_examples: {train_eval}" if train_eval is not None else ""
+    return (f"data: {{glue_dir: {glue}, source: glue_dir, max_train_examples: 32, max_dev_examples: 32{scored}, "
+            f"max_seq_length: {seq}}}\n"
+            f"teacher: {{model: {teacher}, finetune: {{epochs: 1, max_steps: 2, batch_size: 16}}}}\n"
+            f"student: {{init: truncate, layers: {layers}}}")

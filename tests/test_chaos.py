@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import write_yaml
+from conftest import tiny_sst2, write_yaml
 from kdplatform import tracking
 from kdplatform.distill import faults
 
@@ -93,10 +93,7 @@ def test_kill_sigkills_the_trial_process_once(tmp_path):
 SPEC = """
 name: chaos
 task: sst2
-data: {{glue_dir: {glue}, source: glue_dir, max_train_examples: 32, max_dev_examples: 32,
-        train_eval_examples: 16, max_seq_length: 32}}
-teacher: {{model: {teacher}, finetune: {{epochs: 1, max_steps: 2, batch_size: 16}}}}
-student: {{init: truncate, layers: 2}}
+{tiny}
 train:
   - {{name: ild, epochs: 1, batch_size: 16, eval_every: 1}}
   - {{name: pred, epochs: 2, batch_size: 16, eval_every: 1}}
@@ -151,7 +148,7 @@ def test_chaos_sweep_loses_nothing_duplicates_nothing_and_leaves_nothing_running
         tmp_path, glue_dir, tiny_bert_dir, mlflow_uri):
     if not _tune_supports_resume():
         pytest.skip("kdplatform.sweep has no resumable driver yet (kdplatform.sweep.driver.run_sweep)")
-    spec = write_yaml(tmp_path / "chaos.yaml", SPEC.format(glue=glue_dir, teacher=tiny_bert_dir))
+    spec = write_yaml(tmp_path / "chaos.yaml", SPEC.format(tiny=tiny_sst2(glue_dir, tiny_bert_dir, seq=32, layers=2)))
     env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
     env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "KDP_FAULTS": FAULTS, "RAY_DEDUP_LOGS": "0",
                 "KDP_FAULTS_DIR": str(tmp_path / "fault_markers"), "KDP_CACHE_DIR": str(tmp_path / "cache")})

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import write_yaml
+from conftest import tiny_sst2, write_yaml
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -25,10 +25,7 @@ SPEC = """
 name: {name}
 task: sst2
 method: kd
-data: {{glue_dir: {glue}, source: glue_dir, max_train_examples: 32, max_dev_examples: 32,
-        train_eval_examples: 16, max_seq_length: 32}}
-teacher: {{model: {teacher}, finetune: {{epochs: 1, max_steps: 2, batch_size: 16}}}}
-student: {{init: truncate, layers: 2}}
+{tiny}
 train:
   - {{name: pred, max_steps: 2, eval_every: 1, batch_size: 16}}
 seeds: [1, 2]
@@ -82,7 +79,7 @@ def _finished_per_config(uri: str, experiment: str) -> Counter:
 
 
 def _spec(tmp_path: Path, glue_dir, teacher, name: str, extra: str = "") -> Path:
-    return write_yaml(tmp_path / f"{name}.yaml", SPEC.format(name=name, glue=glue_dir, teacher=teacher) + extra)
+    return write_yaml(tmp_path / f"{name}.yaml", SPEC.format(name=name, tiny=tiny_sst2(glue_dir, teacher, seq=32, layers=2)) + extra)
 
 
 def test_run_dedupes_like_sweep_force_reruns_and_ls_counts(tmp_path, glue_dir, tiny_bert_dir, mlflow_uri):

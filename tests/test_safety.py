@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import tiny_sst2
 import yaml
 from typer.testing import CliRunner
 
@@ -143,10 +144,7 @@ name: safety
 tracking_uri: http://alice:{pw}@127.0.0.1:9/
 task: sst2
 method: tinybert
-data: {{glue_dir: {glue}, source: glue_dir, max_train_examples: 32, max_dev_examples: 32,
-        train_eval_examples: 16, max_seq_length: 16}}
-teacher: {{model: {teacher}, finetune: {{epochs: 1, max_steps: 2, batch_size: 16}}}}
-student: {{init: truncate, layers: 2}}
+{tiny}
 train:
   - {{name: ild, max_steps: 2, eval_every: 2, batch_size: 16}}
   - {{name: pred, max_steps: 2, eval_every: 2, batch_size: 16}}
@@ -163,7 +161,7 @@ def test_no_credential_reaches_params_tags_artifacts_or_output(tmp_path, glue_di
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("KDP_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "trial.yaml").write_text(TRIAL.format(pw=URI_PASSWORD, glue=glue_dir, teacher=tiny_bert_dir))
+    (tmp_path / "trial.yaml").write_text(TRIAL.format(pw=URI_PASSWORD, tiny=tiny_sst2(glue_dir, tiny_bert_dir, layers=2)))
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     result = CliRunner().invoke(app, ["run", "trial.yaml", "--tracking-uri", uri])
     assert result.exit_code == 0, result.output + repr(result.exception)

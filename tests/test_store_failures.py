@@ -18,16 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_yaml
+from conftest import tiny_sst2, write_yaml
 from kdplatform import tracking
 
 TRIAL = """
 name: storefail
 task: sst2
 method: kd
-data: {{glue_dir: {glue}, source: glue_dir, max_train_examples: 32, max_dev_examples: 32, max_seq_length: 16}}
-teacher: {{model: {teacher}, finetune: {{epochs: 1, max_steps: 2, batch_size: 16}}}}
-student: {{init: truncate, layers: 2}}
+{tiny}
 train:
   - {{name: pred, max_steps: 2, eval_every: 2, batch_size: 16}}
 """
@@ -63,7 +61,7 @@ def assert_refused(proc: subprocess.CompletedProcess, seconds: float, *fragments
 
 @pytest.fixture()
 def trial_file(tmp_path, glue_dir, tiny_bert_dir) -> Path:
-    return write_yaml(tmp_path / "trial.yaml", TRIAL.format(glue=glue_dir, teacher=tiny_bert_dir))
+    return write_yaml(tmp_path / "trial.yaml", TRIAL.format(tiny=tiny_sst2(glue_dir, tiny_bert_dir, layers=2, train_eval=None)))
 
 
 @pytest.mark.parametrize("command", ["run", "sweep", "teacher"])

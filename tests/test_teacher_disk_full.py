@@ -11,16 +11,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import tiny_sst2
 from mlflow.tracking import MlflowClient
 
 TRIAL = """
 name: diskfull
 task: sst2
 method: kd
-data: {{glue_dir: {glue}, source: glue_dir, max_train_examples: 32, max_dev_examples: 32,
-        train_eval_examples: 16, max_seq_length: 16}}
-teacher: {{model: {teacher}, finetune: {{epochs: 1, max_steps: 2, batch_size: 16}}}}
-student: {{init: truncate, layers: 1}}
+{tiny}
 train:
   - {{name: pred, max_steps: 2, eval_every: 2, batch_size: 16}}
 """
@@ -49,7 +47,7 @@ def small_disk(tmp_path):
 def test_a_full_disk_while_saving_the_teacher_fails_its_run_cleanly(tmp_path, glue_dir, tiny_bert_dir,
                                                                     small_disk):
     cfg = tmp_path / "t.yaml"
-    cfg.write_text(TRIAL.format(glue=glue_dir, teacher=tiny_bert_dir))
+    cfg.write_text(TRIAL.format(tiny=tiny_sst2(glue_dir, tiny_bert_dir)))
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "KDP_CACHE_DIR": str(small_disk), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "kdplatform.cli", "run", str(cfg)], env=env, capture_output=True,

@@ -25,6 +25,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import tiny_sst2
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
 from mlflow.tracking import MlflowClient
@@ -346,10 +347,7 @@ TRIAL = """
 name: unwritable
 task: sst2
 method: kd
-data: {{glue_dir: {glue}, source: glue_dir, max_train_examples: 32, max_dev_examples: 32,
-        train_eval_examples: 16, max_seq_length: 16}}
-teacher: {{model: {teacher}, finetune: {{epochs: 1, max_steps: 2, batch_size: 16}}}}
-student: {{init: truncate, layers: 1}}
+{tiny}
 train:
   - {{name: pred, max_steps: 4, eval_every: 2, batch_size: 16}}
 """
@@ -360,7 +358,7 @@ def test_a_trial_whose_metrics_cannot_be_written_fails_loudly(tmp_path, glue_dir
     from kdplatform.distill.worker import run_trial
 
     cfg = tmp_path / "t.yaml"
-    cfg.write_text(TRIAL.format(glue=glue_dir, teacher=tiny_bert_dir))
+    cfg.write_text(TRIAL.format(tiny=tiny_sst2(glue_dir, tiny_bert_dir)))
     _, (trial,), _ = load_trials(cfg)
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     monkeypatch.setattr(tracking, "RETRY_ATTEMPTS", 2)
