@@ -6,7 +6,10 @@ repository's ../shared/data/glue are both absent.
 
 from __future__ import annotations
 
+import glob
 import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -89,3 +92,33 @@ def tiny_sst2(glue: Path, teacher: Path, *, seq: int = 16, layers: int = 1, trai
             f"max_seq_length: {seq}}}\n"
             f"teacher: {{model: {teacher}, finetune: {{epochs: 1, max_steps: 2, batch_size: 16}}}}\n"
             f"student: {{init: truncate, layers: {layers}}}")
+
+
+def cli_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The environment a user's `kdplatform` command would see (offline hub, no injected faults), plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
+    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "KDP_FAULTS_DIR": str(tmp_path / "faults"),
+                "KDP_FAULTS": "", "RAY_DEDUP_LOGS": "0"})
+    env.update(extra)
+    return env
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL every process left in a killed driver's session (Ray's raylet, GCS and workers outlive it)."""
+    for _ in range(50):
+        pids = []
+        for stat in glob.glob("/proc/[0-9]*/stat"):
+            try:
+                fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid and fields[0] != "Z":  # fields after ')': state ppid pgrp session
+                pids.append(int(Path(stat).parent.name))
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)

@@ -13,18 +13,16 @@ is left RUNNING, and no metric history holds a step twice.
 from __future__ import annotations
 
 import collections
-import glob
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import tiny_sst2, write_yaml
+from conftest import cli_env, kill_session, tiny_sst2, write_yaml
 from kdplatform import tracking
 from kdplatform.distill import faults
 
@@ -118,25 +116,6 @@ def _tune_supports_resume() -> bool:
     return hasattr(driver, "run_sweep") and hasattr(tune, "TrialContext")
 
 
-def _kill_session(sid: int) -> None:
-    """SIGKILL what is left of the killed driver's session (Ray's raylet, GCS and workers outlive it)."""
-    for _ in range(50):
-        pids = []
-        for stat in glob.glob("/proc/[0-9]*/stat"):
-            try:
-                fields = Path(stat).read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == sid and fields[0] != "Z":  # after ')': state ppid pgrp session
-                pids.append(int(Path(stat).parent.name))
-        if not pids:
-            return
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.2)
 
 
 def _students(c: MlflowClient, exp_id: str) -> list:
@@ -149,9 +128,8 @@ def test_chaos_sweep_loses_nothing_duplicates_nothing_and_leaves_nothing_running
     if not _tune_supports_resume():
         pytest.skip("kdplatform.sweep has no resumable driver yet (kdplatform.sweep.driver.run_sweep)")
     spec = write_yaml(tmp_path / "chaos.yaml", SPEC.format(tiny=tiny_sst2(glue_dir, tiny_bert_dir, seq=32, layers=2)))
-    env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
-    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "KDP_FAULTS": FAULTS, "RAY_DEDUP_LOGS": "0",
-                "KDP_FAULTS_DIR": str(tmp_path / "fault_markers"), "KDP_CACHE_DIR": str(tmp_path / "cache")})
+    env = cli_env(tmp_path, KDP_FAULTS=FAULTS, KDP_FAULTS_DIR=str(tmp_path / "fault_markers"),
+                  KDP_CACHE_DIR=str(tmp_path / "cache"))
     cmd = [sys.executable, "-m", "kdplatform.cli", "sweep", str(spec), "--tracking-uri", mlflow_uri,
            "--num-cpus", "2"]
 
@@ -175,7 +153,7 @@ def test_chaos_sweep_loses_nothing_duplicates_nothing_and_leaves_nothing_running
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait(timeout=60)
     finally:
-        _kill_session(driver.pid)
+        kill_session(driver.pid)
     exp_id = MlflowClient(mlflow_uri).get_experiment_by_name("chaos").experiment_id
     before = _students(MlflowClient(mlflow_uri), exp_id)
     assert len({r.info.run_name for r in before}) < 6 or \

@@ -6,7 +6,6 @@ teacher (2 training steps per stage), and reads the store back with the plain ml
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import tiny_sst2, write_yaml
+from conftest import cli_env, tiny_sst2, write_yaml
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -33,11 +32,6 @@ resources: {{cpu: 1}}
 """
 
 
-def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
-    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "KDP_FAULTS_DIR": str(tmp_path / "faults"),
-                "KDP_FAULTS": "", **extra})
-    return env
 
 
 def _cmd(*args: str) -> list[str]:
@@ -45,7 +39,7 @@ def _cmd(*args: str) -> list[str]:
 
 
 def _cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(_cmd(*args), cwd=tmp_path, env=_env(tmp_path, **env), capture_output=True, text=True,
+    proc = subprocess.run(_cmd(*args), cwd=tmp_path, env=cli_env(tmp_path, **env), capture_output=True, text=True,
                           timeout=600)
     proc.out = " ".join((proc.stdout + proc.stderr).split())  # type: ignore[attr-defined]
     return proc
@@ -111,7 +105,7 @@ def test_run_dedupes_like_sweep_force_reruns_and_ls_counts(tmp_path, glue_dir, t
 
 def test_two_concurrent_runs_leave_one_finished_run_per_config(tmp_path, glue_dir, tiny_bert_dir, mlflow_uri):
     spec = _spec(tmp_path, glue_dir, tiny_bert_dir, "twice")
-    env = _env(tmp_path, KDP_FAULTS="sst2/*:slow@0:0.5")
+    env = cli_env(tmp_path, KDP_FAULTS="sst2/*:slow@0:0.5")
     procs = [subprocess.Popen(_cmd("run", str(spec), "--tracking-uri", mlflow_uri), cwd=tmp_path, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
@@ -126,7 +120,7 @@ def test_two_concurrent_runs_leave_one_finished_run_per_config(tmp_path, glue_di
 
 def test_sigkill_of_run_then_run_again_closes_the_orphan(tmp_path, glue_dir, tiny_bert_dir, mlflow_uri):
     spec = _spec(tmp_path, glue_dir, tiny_bert_dir, "killed")
-    env = _env(tmp_path, KDP_FAULTS="sst2/kd/b32/s1:slow@0:5")
+    env = cli_env(tmp_path, KDP_FAULTS="sst2/kd/b32/s1:slow@0:5")
     proc = subprocess.Popen(_cmd("run", str(spec), "--tracking-uri", mlflow_uri), cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -149,7 +143,7 @@ def test_sigkill_of_run_then_run_again_closes_the_orphan(tmp_path, glue_dir, tin
 
 def test_two_concurrent_sweeps_leave_one_finished_run_per_config(tmp_path, glue_dir, tiny_bert_dir, mlflow_uri):
     spec = _spec(tmp_path, glue_dir, tiny_bert_dir, "sweeps")
-    env = _env(tmp_path, RAY_DEDUP_LOGS="0")
+    env = cli_env(tmp_path, RAY_DEDUP_LOGS="0")
     cmd = _cmd("sweep", str(spec), "--tracking-uri", mlflow_uri, "--num-cpus", "2")
     procs = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for _ in range(2)]

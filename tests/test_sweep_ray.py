@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import write_yaml
+from conftest import cli_env, kill_session, write_yaml
 from kdplatform.sweep.expand import plan_sweep
 from kdplatform.sweep.teachers import teacher_status
 
@@ -47,12 +47,6 @@ max_failures: 1
 EXPECTED_STEPS = {"kd": [2, 4, 6, 8], "pkd": [2, 4, 6, 8, 10, 12]}
 
 
-def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}  # as a user runs it
-    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "KDP_FAULTS_DIR": str(tmp_path / "faults"),
-                "KDP_FAULTS": "", "RAY_DEDUP_LOGS": "0"})
-    env.update(extra)
-    return env
 
 
 def _sweep_cmd(spec: Path, uri: str, *more: str) -> list[str]:
@@ -104,32 +98,13 @@ def _snapshot_after(checkpoint: str) -> bool:
     return bool(states) and max(os.path.getmtime(f) for f in states) > os.path.getmtime(checkpoint)
 
 
-def _kill_session(sid: int) -> None:
-    """SIGKILL every process left in the driver's session (Ray's agents outlive a killed driver)."""
-    for _ in range(50):
-        pids = []
-        for stat in glob.glob("/proc/[0-9]*/stat"):
-            try:
-                fields = Path(stat).read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == sid and fields[0] != "Z":  # fields after ')': state ppid pgrp session
-                pids.append(int(Path(stat).parent.name))
-        if not pids:
-            return
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.2)
 
 
 def test_sweep_retries_a_crash_fails_a_divergence_then_runs_only_what_is_missing(
         tmp_path, glue_dir, tiny_bert_dir, mlflow_uri, monkeypatch):
     spec = write_yaml(tmp_path / "sweep.yaml", SPEC.format(name="faults", glue=glue_dir, teacher=tiny_bert_dir,
                                                            seeds="[1, 2]"))
-    env = _env(tmp_path, KDP_CACHE_DIR=str(tmp_path / "cache"),
+    env = cli_env(tmp_path, KDP_CACHE_DIR=str(tmp_path / "cache"),
                KDP_FAULTS="sst2/kd/b32/s1:raise@3;sst2/pkd/uniform/b32/s1:nan@6")
     first = _sweep(spec, mlflow_uri, env)
     assert first.returncode == 1, first.out[-4000:]  # one trial failed; the sweep still went through all
@@ -193,7 +168,7 @@ def test_sigkill_of_the_driver_then_resume_finishes_each_trial_in_its_own_run(
     spec = write_yaml(tmp_path / "sweep.yaml", SPEC.format(name="resume", glue=glue_dir, teacher=tiny_bert_dir,
                                                            seeds="[1]").replace(
         "teacher: {model: ", f"teacher: {{checkpoint: {_classifier(tiny_bert_dir, tmp_path)}, model: "))
-    slow = _env(tmp_path, KDP_FAULTS="sst2/*:slow@0:0.8")  # 0.8 s a step: the kill lands mid-trial
+    slow = cli_env(tmp_path, KDP_FAULTS="sst2/*:slow@0:0.8")  # 0.8 s a step: the kill lands mid-trial
     log = tmp_path / "killed_driver.log"
     with open(log, "w") as out:  # a file, not a pipe: a full pipe would block the driver
         driver = subprocess.Popen(_sweep_cmd(spec, mlflow_uri), cwd=tmp_path, env=slow, stdout=out,
@@ -210,7 +185,7 @@ def test_sigkill_of_the_driver_then_resume_finishes_each_trial_in_its_own_run(
         os.kill(driver.pid, signal.SIGKILL)  # the sweep driver dies mid-way, no cleanup of any kind
         driver.wait(timeout=30)
     finally:
-        _kill_session(driver.pid)
+        kill_session(driver.pid)
     killed_output = log.read_text()
 
     parents = _runs(mlflow_uri, "resume", "sweep")
@@ -219,7 +194,7 @@ def test_sigkill_of_the_driver_then_resume_finishes_each_trial_in_its_own_run(
     assert any(r.info.status == "RUNNING" for r in before.values()), "killed while trials were running"
     checkpointed = Path(checkpoints[0]).parent.name.split("_", 2)[2]  # <id>_<n>_sst2-kd-b32-s1
 
-    resumed = _sweep(spec, mlflow_uri, _env(tmp_path), "--resume")
+    resumed = _sweep(spec, mlflow_uri, cli_env(tmp_path), "--resume")
     assert resumed.returncode == 0, resumed.out[-4000:]
     assert "2 finished, 0 failed" in resumed.out, resumed.out[-4000:]
 
@@ -250,7 +225,7 @@ def test_sigkill_of_the_driver_then_resume_finishes_each_trial_in_its_own_run(
     assert {t.last_result["kdp_status"] for t in trials} <= {"FINISHED", "SKIPPED"}
 
     # The same command once more: every config has its FINISHED run, nothing starts, and it says so.
-    rerun = _sweep(spec, mlflow_uri, _env(tmp_path))
+    rerun = _sweep(spec, mlflow_uri, cli_env(tmp_path))
     assert rerun.returncode == 0 and "nothing new to run" in rerun.out, rerun.out[-4000:]
     assert len(_runs(mlflow_uri, "resume", "sweep")) == 1
 

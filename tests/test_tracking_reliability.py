@@ -22,7 +22,6 @@ import sys
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 from conftest import tiny_sst2

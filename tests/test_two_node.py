@@ -23,8 +23,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import write_yaml
-from test_sweep_ray import _env, _kill_session
+from conftest import cli_env, kill_session, write_yaml
 
 pytestmark = pytest.mark.slow
 
@@ -84,7 +83,7 @@ def _runs(uri: str, role: str) -> list:
 def test_a_sweep_runs_its_trials_on_a_node_that_joined_a_token_auth_cluster(
         tmp_path, glue_dir, tiny_bert_dir, mlflow_uri):
     spec = write_yaml(tmp_path / "sweep.yaml", SPEC.format(glue=glue_dir, teacher=tiny_bert_dir))
-    env = _env(tmp_path, KDP_CACHE_DIR=str(tmp_path / "cache"), RAY_AUTH_MODE="token",
+    env = cli_env(tmp_path, KDP_CACHE_DIR=str(tmp_path / "cache"), RAY_AUTH_MODE="token",
                RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0")
     address = f"127.0.0.1:{_free_port()}"
     temp_dir = tempfile.mkdtemp(prefix="kdpray", dir="/tmp")  # short: Ray's socket paths live under it
@@ -108,7 +107,7 @@ def test_a_sweep_runs_its_trials_on_a_node_that_joined_a_token_auth_cluster(
         assert "2 finished, 0 failed" in out, out[-4000:]
     finally:
         for sid in reversed(sessions):
-            _kill_session(sid)
+            kill_session(sid)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
     assert len(_runs(mlflow_uri, "teacher")) == 1, "the teacher is fine-tuned once, for both students"
