@@ -91,9 +91,9 @@ def test_run_logs_a_complete_student_run(tmp_path, glue_dir, tiny_bert_dir, mlfl
 
 def test_teacher_is_trained_once_and_reused(tmp_path, glue_dir, tiny_bert_dir, mlflow_uri):
     cfg = write_yaml(tmp_path / "trial.yaml", TINY_TRIAL.format(task="rte", glue=glue_dir, teacher=tiny_bert_dir))
-    first = _cli("teacher", str(cfg), "--tracking-uri", mlflow_uri, cwd=tmp_path)
+    first = _cli("teacher", str(cfg), "--tracking-uri", mlflow_uri, cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
     assert first.returncode == 0, first.stdout + first.stderr
-    second = _cli("run", str(cfg), "--tracking-uri", mlflow_uri, cwd=tmp_path)
+    second = _cli("run", str(cfg), "--tracking-uri", mlflow_uri, cwd=tmp_path, env={"OMP_NUM_THREADS": "2"})
     assert second.returncode == 0, second.stdout + second.stderr
     runs = _runs(mlflow_uri, "e2e")
     assert sorted(r.data.tags["kdp.role"] for r in runs) == ["student", "sweep", "teacher"]
@@ -101,6 +101,8 @@ def test_teacher_is_trained_once_and_reused(tmp_path, glue_dir, tiny_bert_dir, m
     student = next(r for r in runs if r.data.tags["kdp.role"] == "student")
     assert teacher.data.tags["kdp.teacher_hash"] == student.data.tags["kdp.teacher_hash"]
     assert Path(teacher.data.tags["kdp.checkpoint"], "kdp_teacher.json").is_file()
+    # the thread count each ran with (it orders float sums): what a bit-for-bit rerun must match
+    assert (teacher.data.tags["kdp.torch_threads"], student.data.tags["kdp.torch_threads"]) == ("1", "2")
 
 
 def test_bad_config_exits_2_without_traceback_or_store(tmp_path):

@@ -48,6 +48,9 @@ SEARCH, SEARCH_AXES = "kdp.search", "kdp.search_axes"  # an Optuna search: the r
 GIT_COMMIT = "kdp.git_commit"
 MODEL_TAG, MODEL_NOTE = "kdp.model.{which}", "kdp.model.note"  # a saved student folder's artifact URI (best/last)
 NODE = "kdp.node"  # the Ray node that trained a student run
+# torch's intra-op thread count: float sums are split by thread, so a config gives bit-identical numbers only
+# at the same count (a sweep's trial gets int(resources.cpu) threads from Ray, `kdplatform run` every core)
+TORCH_THREADS = "kdp.torch_threads"
 STUDENT, TEACHER, SWEEP_ROLE = "student", "teacher", "sweep"  # values of ROLE
 
 

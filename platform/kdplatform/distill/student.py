@@ -141,8 +141,8 @@ def _train(trial: ResolvedTrial, student: nn.Module, teacher: nn.Module, data: T
 # ------------------------------------------------------------------------------------- MLflow and hooks
 def _open_run(trial: ResolvedTrial, uri: str, run_id: str | None, parent_run_id: str | None,
               sweep_id: str | None) -> tracking.RunLogger:
-    return runs.open_run(uri, trial.name, trial.run_name, runs.student_tags(trial, sweep_id or parent_run_id),
-                         run_id=run_id, parent_run_id=parent_run_id)
+    tags = {**runs.student_tags(trial, sweep_id or parent_run_id), runs.TORCH_THREADS: str(torch.get_num_threads())}
+    return runs.open_run(uri, trial.name, trial.run_name, tags, run_id=run_id, parent_run_id=parent_run_id)
 
 
 def _log_setup(logger: tracking.RunLogger, trial: ResolvedTrial, data: TrialData, qreport) -> None:

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+
 from kdplatform import paths, runs, tracking
 from kdplatform.config import ResolvedLoss, ResolvedStage, ResolvedTrial
 from kdplatform.distill.data import prepare_data
@@ -231,8 +233,9 @@ def finetune_teacher(trial: ResolvedTrial, tracking_uri: str, folder: Path, pare
 
 def _teacher_run(trial: ResolvedTrial, tracking_uri: str, parent_run_id: str | None,
                  train_examples: int, source_used: str = "") -> tracking.RunLogger:
-    logger = runs.open_run(tracking_uri, trial.name, f"{trial.task}/teacher/{trial.teacher.model}",
-                           runs.teacher_tags(trial), parent_run_id=parent_run_id)
+    tags = {**runs.teacher_tags(trial), runs.TORCH_THREADS: str(torch.get_num_threads())}
+    logger = runs.open_run(tracking_uri, trial.name, f"{trial.task}/teacher/{trial.teacher.model}", tags,
+                           parent_run_id=parent_run_id)
     params = {"task": trial.task, "teacher.model": trial.teacher.model, "teacher.seed": trial.teacher.seed,
               "teacher_hash": trial.teacher_hash, "data.train_examples": train_examples,
               "data.source_used": source_used,
