@@ -28,6 +28,7 @@ keeps its arrays in memory only (the eval sets of a run without the disk cache).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -336,12 +337,14 @@ class TeacherCache:
 
     # ------------------------------------------------------------------------------------- writing
     def store(self, batch: dict[str, Tensor], feats: Features) -> Features:
-        """Record a fresh teacher forward for the batch's examples; returns `feats` unchanged."""
+        """Record a fresh teacher forward for the batch's examples. Returns the features as a later `lookup`
+        gives them back (storage dtype, zero at padding), so the trial that fills the cache computes exactly
+        what a trial reading it computes: a result must not depend on which trial of a sweep ran first."""
         idx = batch["idx"].numpy()
         self.misses += len(idx)
         todo = [n for n in self.features if n not in self.ready and n not in self.skipped]
         if not todo:
-            return feats
+            return self._as_read_back(feats, batch["attention_mask"])
         lens = self.lengths[idx]
         dest = None
         for name in todo:
@@ -368,7 +371,30 @@ class TeacherCache:
         self.filled[idx] = True
         if self.filling and self.filled.all():
             self._commit()
-        return feats
+        return self._as_read_back(feats, batch["attention_mask"])
+
+    def _as_read_back(self, feats: Features, mask: Tensor) -> Features:
+        """`feats` with every feature this cache keeps rounded to the storage dtype and zeroed at padding."""
+        out = dataclasses.replace(feats, q=dict(feats.q), k=dict(feats.k), v=dict(feats.v),
+                                  attn_out=dict(feats.attn_out))
+        hidden = list(feats.hidden) if feats.hidden is not None else None
+        valid = mask.bool()[..., None]
+        for name in self.features:
+            if name in self.skipped:  # never cached: every trial runs the teacher for it
+                continue
+            t = extract(name, feats).detach().to(self.torch_dtype)
+            if name == "logits":
+                out.logits = t
+                continue
+            t = torch.where(valid, t, torch.zeros((), dtype=t.dtype, device=t.device))
+            kind, layer = name.split(".")
+            if kind == "hidden":
+                hidden[int(layer)] = t
+            else:
+                getattr(out, kind)[int(layer)] = t
+        if hidden is not None:
+            out.hidden = tuple(hidden)
+        return out
 
     def _skip(self, name: str, why: str) -> None:
         """Never cache this feature in this run (batches that need it run the teacher)."""
