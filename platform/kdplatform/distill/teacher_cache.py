@@ -28,7 +28,6 @@ keeps its arrays in memory only (the eval sets of a run without the disk cache).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -374,27 +373,18 @@ class TeacherCache:
         return self._as_read_back(feats, batch["attention_mask"])
 
     def _as_read_back(self, feats: Features, mask: Tensor) -> Features:
-        """`feats` with every feature this cache keeps rounded to the storage dtype and zeroed at padding."""
-        out = dataclasses.replace(feats, q=dict(feats.q), k=dict(feats.k), v=dict(feats.v),
-                                  attn_out=dict(feats.attn_out))
-        hidden = list(feats.hidden) if feats.hidden is not None else None
+        """The features `lookup` would give back: each kept one in the storage dtype and zero at padding (a
+        feature never cached is passed through as computed: every trial runs the teacher for it)."""
         valid = mask.bool()[..., None]
+        out: dict[str, Tensor] = {}
         for name in self.features:
-            if name in self.skipped:  # never cached: every trial runs the teacher for it
-                continue
-            t = extract(name, feats).detach().to(self.torch_dtype)
-            if name == "logits":
-                out.logits = t
-                continue
-            t = torch.where(valid, t, torch.zeros((), dtype=t.dtype, device=t.device))
-            kind, layer = name.split(".")
-            if kind == "hidden":
-                hidden[int(layer)] = t
-            else:
-                getattr(out, kind)[int(layer)] = t
-        if hidden is not None:
-            out.hidden = tuple(hidden)
-        return out
+            t = extract(name, feats).detach()
+            if name not in self.skipped:
+                t = t.to(self.torch_dtype)
+                if name != "logits":
+                    t = torch.where(valid, t, torch.zeros((), dtype=t.dtype, device=t.device))
+            out[name] = t
+        return self._features(out, mask)
 
     def _skip(self, name: str, why: str) -> None:
         """Never cache this feature in this run (batches that need it run the teacher)."""
