@@ -52,6 +52,10 @@ def resolve_with_notes(cfg: TrialConfig, where: str = "", file: str | None = Non
     if cfg.data.label_noise > 0 and cfg.task in REGRESSION_TASKS:
         raise ConfigError(file, f"{where}data.label_noise", "label noise flips a label to another class, but "
                           f"{cfg.task} is a regression task (no classes)", f"set data.label_noise: 0 for {cfg.task}")
+    if cfg.data.hub_dataset and cfg.data.source == "glue_dir":  # hub_dataset would win and the folder go unread
+        raise ConfigError(file, f"{where}data.source", "'glue_dir' says read the GLUE folder, but data.hub_dataset "
+                          f"names another dataset ({cfg.data.hub_dataset}), which would be read instead",
+                          "drop data.hub_dataset to read the folder, or set data.source: auto to read hub_dataset")
     s_layers, t_layers = _depths(cfg, where, file)
     layer_map, cw, coeffs = _axes(cfg, preset, notes)
     ctx = _Context(cfg, file, where, s_layers, t_layers, layer_map, cw, coeffs, notes)
