@@ -61,6 +61,7 @@ def corpus_copy(tmp_path, monkeypatch) -> Path:
 
 def assert_untouched(tmp_path: Path, work: Path) -> None:
     assert not (tmp_path / "m.db").exists(), "the MLflow store was created"
+    assert not (tmp_path / "m.db.kdp-claims").exists(), "a claim folder was created beside the store"
     assert not (work / "mlflow.db").exists() and not (work / "mlruns").exists()
     assert not (tmp_path / "cache" / "teachers").exists(), "a teacher was started"
 

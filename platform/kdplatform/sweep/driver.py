@@ -79,6 +79,9 @@ def run_sweep(file: str | Path, *, tracking_uri: str | None = None, dry_run: boo
         raise SweepError("--max-concurrent cannot change a resumed sweep: Ray restores the limit it started with",
                          f"resume without --max-concurrent, or start again with: kdplatform sweep {file} --fresh "
                          f"--max-concurrent {max_concurrent} (finished trials are kept and skipped)")
+    # every data file and ready checkpoint the trials read, checked before anything is written (the spec's
+    # claim, the parent run, Ray)
+    preflight(plan.trials if plan.spec.search is not None else plan.to_run, runs_here=not address)
     waited: list[str] = []
     spec_claim = hold_spec(plan, console, on_wait=waited.append)
     try:
@@ -123,8 +126,6 @@ def _claimed_sweep(plan: SweepPlan, file: str | Path, exp_path: Path, *, resume:
     outcomes = [teacher_status(t, uri) for t in plan.teachers().values()]
     for r in plan_tables(plan, outcomes, uri)[:2 + len(plan.notes)]:
         console.print(r)  # the header and notes; the full tables are --dry-run's
-    # every data file and ready checkpoint the trials read, checked before the parent run or Ray exist
-    preflight(plan.trials if spec.search is not None else plan.to_run, runs_here=not address)
     parent, state = _open_parent(plan, state, exp_path, len(outcomes))
     console.print(f"parent run [bold]{parent.run_id}[/] (session {state['sessions']}), Ray experiment "
                   f"{escape(str(exp_path))}")

@@ -32,6 +32,9 @@ def run_local(plan: SweepPlan, file: str | Path, console: Console | None = None)
     console = console or Console()
     if plan.spec.search is not None or plan.spec.scheduler is not None:
         raise SweepError(f"{file}: `search:` and `scheduler:` need Ray", f"kdplatform sweep {file}")
+    from kdplatform.distill.preflight import preflight
+
+    preflight(plan.to_run)  # every file the trials read, checked before anything is written (claims included)
     waited: list[str] = []
     spec_claim = hold_spec(plan, console, on_wait=waited.append)
     try:
@@ -40,9 +43,6 @@ def run_local(plan: SweepPlan, file: str | Path, console: Console | None = None)
         close_orphans_of(plan, console)
         if not plan.to_run:
             return nothing_new(plan, file, console)
-        from kdplatform.distill.preflight import preflight
-
-        preflight(plan.to_run)
         parent = open_parent(plan, "run")
         console.print(f"parent run [bold]{parent.run_id}[/]")
         try:
