@@ -174,10 +174,10 @@ def log_train_input(logger: tracking.RunLogger, data: TrialData) -> None:
                           "label": rows.labels})
     kind, _, where = data.source_used.partition(":")
     source = where if kind != "hub" else f"hf://datasets/{where}"
-    with warnings.catch_warnings():  # mlflow's hints on source types and integer columns
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings():  # mlflow's hints on source types and integer columns (the schema is
+        warnings.simplefilter("ignore")  # inferred lazily, when the entity is made)
         ds = mlflow.data.from_pandas(frame, source=source, name=f"{rows.task}/train", targets="label")
-    entity = DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "train")])
+        entity = DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "train")])
     tracking.retry(lambda: logger.client.log_inputs(logger.run_id, datasets=[entity]), "log dataset input")
 
 
