@@ -39,7 +39,8 @@ def sweep_trials(args, teacher_dir: str, cache: bool):
         raw = {
             "name": "bench_sweep", "task": "sst2", "method": "custom", "seed": seed,
             "data": {"source": "glue_dir", "glue_dir": args.glue_dir, "max_train_examples": args.examples,
-                     "max_dev_examples": args.dev_examples, "train_eval_examples": 64, "max_seq_length": 128},
+                     "max_dev_examples": args.dev_examples, "train_eval_examples": 64, "max_seq_length": 128,
+                     "subsample_seed": "fixed"},  # one subset for every seed: the trials share teacher inputs
             "teacher": {"model": "minilm-l6", "checkpoint": teacher_dir},
             "student": {"init": "truncate", "layers": 2},
             "train": [{"name": "distill", "epochs": 2, "batch_size": 32, "lr": lr, "eval_every": 0,

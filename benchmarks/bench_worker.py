@@ -57,8 +57,9 @@ def trial_config(args, precision: str = "fp32", cache: bool = True, cache_dtype:
 
     raw = {
         "name": "bench_worker", "task": "sst2", "method": "custom", "seed": args.seed,
+        # subsample_seed fixed: the same subset (DATA_SEED) as the baselines' load_data and the teacher's
         "data": {"source": "glue_dir", "glue_dir": args.glue_dir, "max_train_examples": args.examples,
-                 "train_eval_examples": 64, "max_seq_length": args.max_len},
+                 "train_eval_examples": 64, "max_seq_length": args.max_len, "subsample_seed": "fixed"},
         "teacher": {"model": "minilm-l6", "finetune": {"epochs": 3, "lr": 1e-4, "batch_size": 32, "eval_every": 0}},
         "student": {"init": "truncate", "layers": 2},
         "train": [{"name": "distill", "epochs": args.epochs, "batch_size": args.batch, "lr": LR, "warmup": WARMUP,
