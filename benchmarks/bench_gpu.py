@@ -12,9 +12,13 @@ max length 128, batch 32, bf16 autocast, AdamW. Systems, each on the same exampl
   recomputed every step with all hidden states and attentions, `loss.item()` every step.
 - ceiling: the fixed-shape ceiling: 32 x 128 REAL tokens per batch (no padding), SDPA, teacher forward +
   student forward/backward with logit KD + hidden MSE (SDPA returns no attention maps): what this device
-  reaches on this model pair when every token is useful.
+  reaches on this model pair when every token is useful (fused AdamW, no per-step host sync).
+- worker_compiled, ceiling_compiled: the same with torch.compile (the worker: `speed.compile`, the student
+  with dynamic shapes; the ceiling: both models); the untimed first epoch pays for compiling. By default
+  on CUDA only (on a CPU compiling takes minutes).
 - packed xN: N worker trials (separate processes) sharing the device; aggregate samples/s = all their
-  timed samples / the span from the first trial's timed start to the last trial's timed end.
+  timed samples / the span from the first trial's timed start to the last trial's timed end; the trials wait
+  for each other at the start of their timed epoch (a file barrier), so their windows overlap.
 
 Each run trains 2 epochs; only the second is timed (the first warms up kernels and fills the teacher cache),
 from the first step to the last, device synchronised at both ends, evaluation excluded. Train samples/s =
@@ -39,6 +43,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -60,6 +65,7 @@ SHAPES = {  # teacher shape and student depth
     "small": {"layers": 2, "hidden": 128, "heads": 2, "intermediate": 512, "student_layers": 1},
 }
 LR, WARMUP, CLIP = 1e-4, 0.1, 1.0
+SYSTEMS = ("worker", "worker_nocache", "plain", "ceiling", "worker_compiled", "ceiling_compiled")
 
 
 # ------------------------------------------------------------------------------------------ setup
@@ -78,7 +84,7 @@ def build_teacher(folder: Path, shape: dict, tokenizer_dir: str) -> str:
     return str(folder)
 
 
-def trial_for(a, task: str, teacher_dir: str, cache: bool):
+def trial_for(a, task: str, teacher_dir: str, cache: bool, compiled: bool = False):
     from kdplatform.config import TrialConfig, resolve_trial
 
     raw = {"name": "bench_gpu", "task": task, "method": "custom", "seed": 1, "layer_map": "uniform",
@@ -91,7 +97,8 @@ def trial_for(a, task: str, teacher_dir: str, cache: bool):
                       "losses": [{"name": "logit_kd", "temperature": 1.0},
                                  {"name": "hidden_mse", "include_embeddings": True},
                                  {"name": "attention_kl"}]}],
-           "speed": {"device": a.device, "precision": "bf16", "teacher_cache": {"enabled": cache}}}
+           "speed": {"device": a.device, "precision": "bf16", "teacher_cache": {"enabled": cache},
+                     "compile": compiled}}
     return resolve_trial(TrialConfig.model_validate(raw))
 
 
@@ -115,10 +122,12 @@ def metrics_without_sklearn() -> None:
 
 
 class Window:
-    """Times steps [start, stop) of a run: device synchronised at both ends; `lengths` of those batches."""
+    """Times steps [start, stop) of a run: device synchronised at both ends. With a `barrier` (packed trials),
+    the timed window opens only once every trial has reached it, so the trials' windows overlap instead of
+    following each other as their start-up times happen to fall."""
 
-    def __init__(self, device, start: int, stop: int):
-        self.device, self.start, self.stop = device, start, stop
+    def __init__(self, device, start: int, stop: int, barrier: Barrier | None = None):
+        self.device, self.start, self.stop, self.barrier = device, start, stop, barrier
         self.t0 = self.t1 = None
 
     def _sync(self) -> None:
@@ -130,11 +139,29 @@ class Window:
     def __call__(self, step: int) -> float:  # the engine's on_step hook (before each step)
         if step in (self.start, self.stop):
             self._sync()
+            if step == self.start and self.barrier is not None:
+                self.barrier.wait()
             if step == self.start:
                 self.t0, self.t0_wall = time.perf_counter(), time.time()
             else:
                 self.t1, self.t1_wall = time.perf_counter(), time.time()
         return 1.0
+
+
+class Barrier:
+    """`n` processes wait in `folder` until all have arrived (a file each); SystemExit after `timeout` s."""
+
+    def __init__(self, folder: str, n: int, timeout: float = 600.0):
+        self.folder, self.n, self.timeout = Path(folder), n, timeout
+
+    def wait(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / str(os.getpid())).touch()
+        deadline = time.monotonic() + self.timeout
+        while len(list(self.folder.iterdir())) < self.n:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"bench_gpu: packed trial waited {self.timeout:.0f} s for the others at the barrier")
+            time.sleep(0.005)
 
 
 def reset_peak(device) -> None:
@@ -153,7 +180,7 @@ def peak_mb(device) -> float:
 
 
 # ------------------------------------------------------------------------------------------ systems
-def run_worker(a, task: str, teacher_dir: str, cache: bool) -> dict:
+def run_worker(a, task: str, teacher_dir: str, cache: bool, compiled: bool = False) -> dict:
     """kdplatform's engine on one trial; epoch 2 timed (all its steps but the last, whose end has no hook)."""
     import torch
 
@@ -163,23 +190,24 @@ def run_worker(a, task: str, teacher_dir: str, cache: bool) -> dict:
 
     metrics_without_sklearn()
     device = torch.device(a.device)
-    trial = trial_for(a, task, teacher_dir, cache)
+    trial = trial_for(a, task, teacher_dir, cache, compiled)
     torch.manual_seed(1)
     data = prepare_data(trial, load_tokenizer(teacher_dir))
     teacher = freeze(load_classifier(teacher_dir, data.num_labels))
     student = load_classifier(teacher_dir, data.num_labels, num_layers=a.shape["student_layers"])
     stage = trial.train[0]
     spe = -(-len(data.train) // stage.batch_size)
-    window = Window(device, spe, 2 * spe - 1)
+    window = Window(device, spe, 2 * spe - 1, Barrier(a.barrier, a.barrier_n) if a.barrier else None)
     settings = StageSettings(task=task, seed=trial.seed, device=device, precision="bf16",
                              n_student=a.shape["student_layers"], max_seq_length=128,
-                             teacher_cache=trial.speed.teacher_cache)
+                             teacher_cache=trial.speed.teacher_cache, compile=trial.speed.compile)
     reset_peak(device)
     train_stage(stage, 0, settings, student=student, teacher=teacher, data=data, state=LoopState(),
                 hooks=Hooks(on_step=window))
     order = train_loader(data.train, stage.batch_size, data.collator, seed=trial.seed * 1000 + 0 * 100 + 1)
     batches = [b["attention_mask"].sum(1).tolist() for b in order][:spe - 1]  # the timed steps' batches
-    return result(a, "worker" if cache else "worker_nocache", task, batches, window, peak_mb(device),
+    name = ("worker" if cache else "worker_nocache") + ("_compiled" if compiled else "")
+    return result(a, name, task, batches, window, peak_mb(device),
                   teacher_ran=not cache)  # with the cache, epoch 2 reads every teacher output from it
 
 
@@ -214,9 +242,10 @@ def tinybert_losses(s_out, t_out, with_attention: bool, n_student: int):
     return loss
 
 
-def run_plain(a, task: str, teacher_dir: str, full_length: bool = False) -> dict:
+def run_plain(a, task: str, teacher_dir: str, full_length: bool = False, compiled: bool = False) -> dict:
     """The reference-style loop (pad to 128, eager attention, teacher every step, loss.item() every step),
-    or with `full_length` the fixed-shape ceiling (every one of the 128 tokens real, SDPA, no attention KL)."""
+    or with `full_length` the fixed-shape ceiling (every one of the 128 tokens real, SDPA, no attention KL,
+    fused AdamW, no per-step host sync); `compiled`: both models through torch.compile (inductor)."""
     import torch
     from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
 
@@ -233,8 +262,10 @@ def run_plain(a, task: str, teacher_dir: str, full_length: bool = False) -> dict
     torch.manual_seed(1)
     student = AutoModelForSequenceClassification.from_pretrained(
         teacher_dir, num_hidden_layers=n_student, attn_implementation=attn).to(device)
+    opt = torch.optim.AdamW(student.parameters(), lr=LR, weight_decay=0.01, fused=full_length)
+    if compiled:  # the first epoch (untimed) pays for the compilation
+        teacher, student = torch.compile(teacher), torch.compile(student)
     spe = -(-len(data.train) // a.batch)
-    opt = torch.optim.AdamW(student.parameters(), lr=LR, weight_decay=0.01)
     sched = get_linear_schedule_with_warmup(opt, int(WARMUP * 2 * spe), 2 * spe)
     window, timed, step = Window(device, spe, 2 * spe - 1), [], 0
     reset_peak(device)
@@ -254,9 +285,11 @@ def run_plain(a, task: str, teacher_dir: str, full_length: bool = False) -> dict
             torch.nn.utils.clip_grad_norm_(student.parameters(), CLIP)
             opt.step()
             sched.step()
-            loss.item()  # the reference logs every step: a host sync
+            if not full_length:
+                loss.item()  # the reference logs every step: a host sync
             step += 1
-    return result(a, "ceiling" if full_length else "plain", task, timed, window, peak_mb(device))
+    name = ("ceiling" if full_length else "plain") + ("_compiled" if compiled else "")
+    return result(a, name, task, timed, window, peak_mb(device))
 
 
 def padded(batch: dict, device, full_length: bool) -> dict:
@@ -283,7 +316,10 @@ def packed(a, task: str, teacher_dir: str, n: int) -> dict:
     samples / (last timed step of any - first of any); `window_overlap` says how much the windows overlapped
     (1: fully, 0: one after the other, when the aggregate is no more than one trial's rate)."""
     outs = [Path(a.work) / f"packed_{task}_{n}_{i}.json" for i in range(n)]
-    cmd = [sys.executable, __file__, "--child", task, "--teacher-dir", teacher_dir, *a.passthrough]
+    barrier = Path(a.work) / f"barrier_{task}_{n}"
+    shutil.rmtree(barrier, ignore_errors=True)  # arrivals left by an earlier run in the same --work
+    cmd = [sys.executable, __file__, "--child", task, "--teacher-dir", teacher_dir, "--barrier", str(barrier),
+           "--barrier-n", str(n), *a.passthrough]
     procs = [subprocess.Popen([*cmd, "--json", str(o)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for o in outs]
     logs = [p.communicate()[0] for p in procs]
@@ -299,7 +335,8 @@ def packed(a, task: str, teacher_dir: str, n: int) -> dict:
     return {"system": f"packed x{n}", "task": task, "trials": n,
             "samples_per_s": sum(r["samples"] for r in rows) / span, "useful_flops": useful,
             "mfu": useful / a.peak, "executed_of_peak": executed, "peak_mem_mb": max(r["peak_mem_mb"] for r in rows),
-            "mean_tokens": rows[0]["mean_tokens"], "window_overlap": overlap}
+            "mean_tokens": rows[0]["mean_tokens"], "window_overlap": overlap,
+            "start_spread_s": max(starts) - min(starts)}
 
 
 def device_peak(a) -> tuple[float, str]:
@@ -326,7 +363,8 @@ def parse(argv=None):
     p.add_argument("--examples", type=int, default=None, help="train examples per task (default 2048; small 64)")
     p.add_argument("--batch", type=int, default=None, help="default 32; small 16")
     p.add_argument("--trials", default=None, help="packed trial counts (default 1,4,8; small 2)")
-    p.add_argument("--systems", default="worker,worker_nocache,plain,ceiling")
+    p.add_argument("--systems", default=None, help=f"any of {','.join(SYSTEMS)} (default: all but the "
+                   "_compiled ones on CPU, where compiling costs minutes)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (CPU)")
     p.add_argument("--cpu-peak", type=float, default=None, help="CPU bf16 peak in GFLOP/s (bench_cpu_peak.py)")
     p.add_argument("--glue-dir", default=os.environ.get("KDP_GLUE_DIR", str(HERE.parents[1] / "shared/data/glue")))
@@ -335,10 +373,16 @@ def parse(argv=None):
     p.add_argument("--json", default=None)
     p.add_argument("--teacher-dir", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--barrier", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--barrier-n", type=int, default=0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     a.examples = a.examples or (128 if a.small else 2048)
     a.batch = a.batch or (16 if a.small else 32)
     a.trials = a.trials or ("2" if a.small else "1,4,8")
+    a.systems = a.systems or ",".join(s for s in SYSTEMS if a.device == "cuda" or not s.endswith("_compiled"))
+    unknown = set(a.systems.split(",")) - set(SYSTEMS)
+    if unknown:
+        p.error(f"unknown systems {sorted(unknown)}: choose from {','.join(SYSTEMS)}")
     a.shape = SHAPES["small" if a.small else "base"]
     a.teacher_shape = {k: a.shape[k] for k in ("layers", "hidden", "intermediate")}
     a.student_shape = {**a.teacher_shape, "layers": a.shape["student_layers"]}
@@ -373,10 +417,12 @@ def run_all(a, teacher_dir: str) -> list[dict]:
     rows = []
     for task in [t.strip() for t in a.tasks.split(",") if t.strip()]:
         for s in systems:
-            if s in ("worker", "worker_nocache"):
-                rows.append(run_worker(a, task, teacher_dir, cache=s == "worker"))
-            elif s in ("plain", "ceiling"):
-                rows.append(run_plain(a, task, teacher_dir, full_length=s == "ceiling"))
+            compiled = s.endswith("_compiled")
+            if s.startswith("worker"):
+                rows.append(run_worker(a, task, teacher_dir, cache=not s.startswith("worker_nocache"),
+                                       compiled=compiled))
+            else:
+                rows.append(run_plain(a, task, teacher_dir, full_length=s.startswith("ceiling"), compiled=compiled))
             print(f"  {task} {s}: {rows[-1]['samples_per_s']:.1f} samples/s", flush=True)
         for n in [int(x) for x in a.trials.split(",") if x.strip()]:
             if n > 1:

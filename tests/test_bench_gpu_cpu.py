@@ -9,8 +9,10 @@ samples/s, useful FLOP/s, MFU and peak memory.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -82,3 +84,27 @@ def test_bench_gpu_runs_on_the_cpu_and_reports_every_system(tmp_path, glue_dir, 
     assert rows["worker"]["mean_tokens"] == rows["plain"]["mean_tokens"] < 128, "the same real SST-2 batches"
     for column in ("samples_per_s", "useful_TFLOP/s", "mfu", "peak_mem_mb"):
         assert column in proc.stdout, column
+
+
+def _arrive(folder: str, delay: float, out) -> None:
+    from bench_gpu import Barrier
+
+    time.sleep(delay)
+    Barrier(folder, n=2, timeout=60).wait()
+    out.put(time.time())
+
+
+def test_packed_trials_start_their_timed_windows_together(tmp_path):
+    """The barrier before the timed epoch: a trial that arrives first waits for the late one, so packed trials
+    are timed while they share the device, not one after the other."""
+    ctx = multiprocessing.get_context("fork")  # the children only wait and touch files
+    out = ctx.Queue()
+    start = time.time()
+    procs = [ctx.Process(target=_arrive, args=(str(tmp_path / "barrier"), delay, out)) for delay in (0.0, 1.5)]
+    for p in procs:
+        p.start()
+    passed = sorted(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert passed[0] - start >= 1.4, "the early trial went on without waiting for the late one"
+    assert passed[1] - passed[0] < 0.5
