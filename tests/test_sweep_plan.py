@@ -22,7 +22,7 @@ from kdplatform.sweep.expand import apply_sample, plan_sweep, spec_hash
 SPEC = """
 name: plantest
 task: sst2
-data: {{glue_dir: /nowhere, source: glue_dir, max_train_examples: 64}}
+data: {{glue_dir: {glue}, source: glue_dir, max_train_examples: 64}}
 teacher: {{model: {teacher}}}
 student: {{layers: 2}}
 grid:
@@ -47,8 +47,13 @@ def _teacher_folder(tmp_path: Path) -> Path:
     return folder
 
 
-def _spec(tmp_path: Path, extra: str = "") -> Path:
-    return write_yaml(tmp_path / "spec.yaml", SPEC.format(teacher=_teacher_folder(tmp_path)) + extra)
+GLUE_OK = Path(__file__).resolve().parent / "bad_inputs" / "glue_ok"  # a small valid SST-2 folder
+
+
+def _spec(tmp_path: Path, extra: str = "", glue: str | Path = "/nowhere") -> Path:
+    """The plan-test spec; its data folder does not exist unless `glue` says otherwise (planning never reads
+    it; a sweep that gets past planning checks it first, before anything is written)."""
+    return write_yaml(tmp_path / "spec.yaml", SPEC.format(teacher=_teacher_folder(tmp_path), glue=glue) + extra)
 
 
 def test_dry_run_prints_plan_and_starts_nothing(tmp_path, monkeypatch):
@@ -276,7 +281,7 @@ def test_live_view_renders_in_a_terminal():
 
 
 def test_resume_without_a_previous_run_is_a_clear_error(tmp_path, monkeypatch):
-    spec = _spec(tmp_path)
+    spec = _spec(tmp_path, glue=GLUE_OK)
     monkeypatch.chdir(tmp_path)
     res = CliRunner().invoke(app, ["sweep", str(spec), "--resume", "--tracking-uri",
                                    f"sqlite:///{tmp_path / 'm.db'}"])
@@ -301,7 +306,7 @@ def test_an_interrupted_sweep_is_not_silently_restarted(tmp_path, monkeypatch, s
     """Its parent run is still RUNNING: a plain re-run refuses and points at --resume (or --fresh)."""
     from kdplatform.sweep.driver import STATE_FILE
 
-    spec = _spec(tmp_path)
+    spec = _spec(tmp_path, glue=GLUE_OK)
     monkeypatch.chdir(tmp_path)
     plan = plan_sweep(spec, store)
     c = MlflowClient(store)
