@@ -56,3 +56,21 @@ def test_sweep_view_shows_each_running_trials_stage_and_step(monkeypatch) -> Non
     monitor.trial_started("t1", "sst2/kd/b32/s1")
     monitor.trial_steps("t1", {"label": "sst2/kd/b32/s1 ild", "step": 7, "total": 9})
     assert pbuf.getvalue().splitlines() == ["  running sst2/kd/b32/s1: ild 7/9"]
+
+
+def test_sweep_view_shows_a_training_teachers_step(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    teacher = SimpleNamespace(teacher_hash="0123456789abcdef", trial=SimpleNamespace(task="rte"), error=None)
+    console, buf = _console(True)
+    monitor = SweepMonitor(console, total=4)
+    monitor.teacher_update(teacher, "running")
+    monitor.teacher_steps(teacher, {"label": "fine-tuning teacher rte/minilm-l6", "step": 30, "total": 117})
+    console.print(monitor.render())
+    assert "teacher 01234567 (rte): fine-tuning, step 30/117" in buf.getvalue()
+
+    plain, pbuf = _console(False)
+    monkeypatch.setattr(progress, "STEP_LINES_S", 0.0)
+    monitor = SweepMonitor(plain, total=4)
+    monitor.teacher_steps(teacher, {"label": "fine-tuning teacher rte/minilm-l6", "step": 117, "total": 117})
+    assert pbuf.getvalue().splitlines() == ["  teacher 01234567 (rte): fine-tuning, step 117/117"]

@@ -144,9 +144,14 @@ def test_sweep_retries_a_crash_fails_a_divergence_then_runs_only_what_is_missing
 
     exp_path = Path(parent.data.tags["kdp.ray_experiment"])
     # each trial wrote its live step count for the driver's view (at least at every stage end)
-    live = [json.loads(f.read_text()) for f in (exp_path / "kdp_progress").glob("*.json")]
+    files = list((exp_path / "kdp_progress").glob("*.json"))
+    live = [json.loads(f.read_text()) for f in files if not f.name.startswith("teacher-")]
     assert len(live) == 4
     assert sum(s["label"].endswith(" pred") and s["step"] == s["total"] for s in live) == 3, live
+    # and the teacher, a Ray task, its fine-tune's steps (shown while the students wait for it)
+    teacher_steps = json.loads((exp_path / "kdp_progress" / f"teacher-{teachers[0].data.tags['kdp.teacher_hash']}.json")
+                               .read_text())
+    assert teacher_steps["label"].startswith("fine-tuning teacher") and teacher_steps["step"] == teacher_steps["total"]
     seen = _read_without_kdplatform(exp_path, mlflow_uri, "faults")
     assert {k: v[1] for k, v in seen["ray"].items()} == {
         "sst2/kd/b32/s1": "FINISHED", "sst2/kd/b32/s2": "FINISHED", "sst2/pkd/uniform/b32/s1": "FAILED",

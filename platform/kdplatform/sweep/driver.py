@@ -345,7 +345,8 @@ def _run_stages(plan: SweepPlan, parent: tracking.RunLogger, state: dict, exp_pa
         # ---- teacher stage: every teacher the remaining trials need, once, before any student starts
         outcomes = [teacher_status(t, uri) for t in plan.teachers().values()]
         outcomes = train_teachers(outcomes, spec=spec, tracking_uri=uri, parent_run_id=parent.run_id,
-                                  max_concurrent=concurrency, on_update=monitor.teacher_update)
+                                  max_concurrent=concurrency, on_update=monitor.teacher_update,
+                                  steps_dir=str(exp_path / "kdp_progress"), on_steps=monitor.teacher_steps)
         failed_teachers = {o.teacher_hash: o for o in outcomes if o.status == "failed"}
         rows = [_teacher_failure_row(t, failed_teachers[t.teacher_hash]) for t in plan.to_run
                 if t.teacher_hash in failed_teachers]

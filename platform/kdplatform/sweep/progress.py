@@ -147,6 +147,16 @@ class SweepMonitor:
         self._line(escape(self.teacher_line + extra))
         self.refresh()
 
+    def teacher_steps(self, outcome, steps: dict) -> None:
+        """A training teacher's live step count (sweep/teachers.py): in the view's header on a terminal, a
+        line every STEP_LINES_S seconds otherwise."""
+        self.teacher_line = (f"teacher {outcome.teacher_hash[:8]} ({outcome.trial.task}): fine-tuning, "
+                             f"step {steps.get('step')}/{steps.get('total')}")
+        if self.live is None and time.monotonic() - self.steps_line_at >= STEP_LINES_S:
+            self.steps_line_at = time.monotonic()
+            self._line(escape(f"  {self.teacher_line}"))
+        self.refresh()
+
     def already_ended(self, n: int) -> None:
         """Trials a resumed sweep finds ended in Ray's saved state (they fire no events this session)."""
         for i in range(n):

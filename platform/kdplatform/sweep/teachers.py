@@ -16,6 +16,7 @@ from pathlib import Path
 
 from kdplatform import runs, tracking
 from kdplatform.config import ResolvedTrial, SweepSpec
+from kdplatform.sweep.live_steps import StepWriter, read_steps, step_file
 
 GIVEN, CACHED, FROM_MLFLOW, TO_TRAIN = "checkpoint", "cached", "from MLflow", "to train"
 
@@ -53,19 +54,27 @@ def link_from_mlflow(outcome: TeacherOutcome) -> None:
     link_into_cache(outcome.trial, Path(outcome.folder))
 
 
-def _fine_tune(trial_json: dict, tracking_uri: str, parent_run_id: str | None, cwd: str) -> str:
-    """Ray task body: fine-tune one teacher (or find it ready); returns its folder."""
+def _fine_tune(trial_json: dict, tracking_uri: str, parent_run_id: str | None, cwd: str,
+               steps_path: str | None = None) -> str:
+    """Ray task body: fine-tune one teacher (or find it ready), its step count written to `steps_path`;
+    returns its folder."""
     from kdplatform.config import ResolvedTrial
     from kdplatform.distill.teacher import ensure_teacher
 
     if os.path.isdir(cwd):
         os.chdir(cwd)  # relative paths in the spec mean the driver's working directory
-    return str(ensure_teacher(ResolvedTrial.model_validate(trial_json), tracking_uri, parent_run_id))
+    on_progress = StepWriter(Path(steps_path)) if steps_path else None
+    return str(ensure_teacher(ResolvedTrial.model_validate(trial_json), tracking_uri, parent_run_id, on_progress))
 
 
 def train_teachers(outcomes: list[TeacherOutcome], *, spec: SweepSpec, tracking_uri: str,
-                   parent_run_id: str | None, max_concurrent: int | None, on_update=None) -> list[TeacherOutcome]:
-    """Fine-tune the teachers marked TO_TRAIN as Ray tasks (Ray must be initialised); others pass through."""
+                   parent_run_id: str | None, max_concurrent: int | None, on_update=None,
+                   steps_dir: str | None = None, on_steps=None) -> list[TeacherOutcome]:
+    """Fine-tune the teachers marked TO_TRAIN as Ray tasks (Ray must be initialised); others pass through.
+
+    `on_update(outcome, state)` at each start and end; with `steps_dir`, each teacher writes its step count
+    to `<steps_dir>/teacher-<hash>.json` and `on_steps(outcome, {label, step, total})` hears it about once a
+    second while it trains."""
     import ray
 
     res = spec.resources
@@ -86,11 +95,19 @@ def train_teachers(outcomes: list[TeacherOutcome], *, spec: SweepSpec, tracking_
     while queue or running:
         while queue and len(running) < limit:
             o = queue.pop(0)
-            ref = task.remote(o.trial.model_dump(mode="json"), tracking_uri, parent_run_id, os.getcwd())
+            path = step_file(steps_dir, f"teacher-{o.teacher_hash}")
+            ref = task.remote(o.trial.model_dump(mode="json"), tracking_uri, parent_run_id, os.getcwd(),
+                              str(path) if path else None)
             running[ref] = o
             if on_update:
                 on_update(o, "running")
-        ready, _ = ray.wait(list(running), num_returns=1)
+        ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+        if not ready:  # still training: pass on their step counts
+            for o in running.values():
+                steps = read_steps(step_file(steps_dir, f"teacher-{o.teacher_hash}"))
+                if steps is not None and on_steps:
+                    on_steps(o, steps)
+            continue
         o = running.pop(ready[0])
         try:
             o.folder = ray.get(ready[0])

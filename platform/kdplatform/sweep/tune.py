@@ -32,9 +32,9 @@ from ray import tune
 from kdplatform import runs, tracking
 from kdplatform.config import ResolvedTrial
 from kdplatform.distill.heap import release_memory
+from kdplatform.sweep.live_steps import StepWriter, read_steps, step_file
 
 STATUS, REASON, RUN_ID = "kdp_status", "kdp_failure_reason", "mlflow_run_id"
-PROGRESS_EVERY_S = 2.0
 EARLY_STOPPED = runs.EARLY_STOPPED
 NODE = runs.NODE
 
@@ -52,10 +52,7 @@ class TrialContext:
     trials: dict[str, dict] = field(default_factory=dict)  # cfg_hash -> ResolvedTrial JSON (grid)
     bases: dict[str, dict] = field(default_factory=dict)  # cfg_hash -> raw TrialConfig (search)
     force: bool = False  # --force: run configs that already have a FINISHED run again
-    # live step counts: each trial writes <progress_dir>/<trial id>.json every PROGRESS_EVERY_S seconds
-    # (a side channel read by the driver's view; a tune.report per step would add a result row per step
-    # and advance `training_iteration`, which ASHA counts). Not visible across nodes: the view then falls
-    # back to the step of the last eval report.
+    # live step counts: each trial writes <progress_dir>/<trial id>.json (sweep/live_steps.py)
     progress_dir: str | None = None
 
     def resolve(self, config: dict[str, Any]) -> ResolvedTrial:
@@ -80,8 +77,7 @@ class _Reporter:
     reported together with that epoch's checkpoint (reports are held back by one eval for that)."""
 
     def __init__(self, trial: ResolvedTrial, workdir: Path, progress_file: Path | None = None):
-        self.progress_file = progress_file
-        self.progress_at = 0.0
+        self.on_progress = StepWriter(progress_file)  # the live step count, to the driver's view
         self.ids = {"kdp_cfg_hash": trial.cfg_hash, "kdp_run_name": trial.run_name, "kdp_task": trial.task,
                     "kdp_method": trial.method}
         self.workdir = workdir
@@ -94,19 +90,6 @@ class _Reporter:
         if self.run_id:
             out[RUN_ID] = self.run_id
         return out
-
-    def on_progress(self, label: str, step: int, total: int) -> None:
-        """At most every PROGRESS_EVERY_S seconds (and at a stage's last step): the step count to the driver."""
-        now = time.monotonic()
-        if self.progress_file is None or (now - self.progress_at < PROGRESS_EVERY_S and step < total):
-            return
-        self.progress_at = now
-        tmp = self.progress_file.with_suffix(".tmp")
-        try:
-            tmp.write_text(json.dumps({"label": label, "step": step, "total": total}))
-            os.replace(tmp, self.progress_file)
-        except OSError:  # the view is a nicety: never fail a trial over it
-            pass
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
         if self.pending is not None:
@@ -190,23 +173,12 @@ def _run_claimed(trial: ResolvedTrial, ctx: TrialContext, reporter: _Reporter, w
 
 def progress_file(ctx: TrialContext, trial_id: str | None) -> Path | None:
     """Where a trial's live step count is written (None: no live steps for this sweep)."""
-    if not ctx.progress_dir or not trial_id:
-        return None
-    folder = Path(ctx.progress_dir)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError:  # e.g. another node without that path
-        return None
-    return folder / f"{trial_id}.json"
+    return step_file(ctx.progress_dir, trial_id)
 
 
 def read_progress(ctx: TrialContext, trial_id: str) -> dict[str, Any] | None:
     """A running trial's last written step count ({label, step, total}), or None."""
-    path = progress_file(ctx, trial_id)
-    try:
-        return json.loads(path.read_text()) if path is not None else None
-    except (OSError, ValueError):
-        return None
+    return read_steps(progress_file(ctx, trial_id))
 
 
 def _tag_node(uri: str, run_id: str) -> None:
