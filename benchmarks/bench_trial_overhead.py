@@ -9,9 +9,15 @@ records the sweep already keeps (no instrumentation):
 - train: the MLflow run's start to its end (all steps, evaluations, the final eval and closing the run);
 - teardown: the run's end to the trial's last Ray report (the trainable's last act).
 
-The teacher is fine-tuned once, before the trials (not counted here).
+The teacher is fine-tuned once, before the trials (not counted here). Also printed: the span from the first
+student run's start to the last one's end in MLflow, and that span per trial per slot (2 slots).
+
+`--cold-workers` runs the same sweep with Ray's actor reuse off (`reuse_actors=False`, patched into the
+sweep's TuneConfig for this run only): every trial then starts a fresh worker process (imports, models,
+data), which is what the sweep's warm workers save.
 
     KDP_GLUE_DIR=../shared/data/glue python benchmarks/bench_trial_overhead.py --work /tmp/kdp_overhead
+    KDP_GLUE_DIR=../shared/data/glue python benchmarks/bench_trial_overhead.py --work /tmp/kdp_cold --cold-workers
 """
 
 from __future__ import annotations
@@ -72,12 +78,39 @@ def per_trial(exp_path: str, uri: str) -> list[dict]:
     return rows
 
 
+# `kdplatform sweep` with Ray's actor reuse forced off: the "before" of the warm-worker comparison
+COLD_SWEEP = """
+from ray import tune
+
+warm_config = tune.TuneConfig
+
+def cold_config(*args, **kwargs):
+    kwargs["reuse_actors"] = False
+    return warm_config(*args, **kwargs)
+
+tune.TuneConfig = cold_config
+from kdplatform.cli import main
+main()
+"""
+
+
+def student_span(uri: str) -> tuple[float, int]:
+    """Seconds from the first student run's start to the last one's end, and how many student runs."""
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name("overhead")
+    runs = c.search_runs([exp.experiment_id], "tags.`kdp.role` = 'student'", max_results=1000)
+    return (max(r.info.end_time for r in runs) - min(r.info.start_time for r in runs)) / 1000, len(runs)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", default="/tmp/kdp_overhead")
     p.add_argument("--trials", type=int, default=16)
     p.add_argument("--glue-dir", default=os.environ.get("KDP_GLUE_DIR", "../shared/data/glue"))
     p.add_argument("--json", default=None)
+    p.add_argument("--cold-workers", action="store_true", help="Ray's actor reuse off: a fresh worker per trial")
     a = p.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -88,21 +121,26 @@ def main() -> None:
     uri = f"sqlite:///{work / 'mlflow.db'}"
     env = {**os.environ, "KDP_CACHE_DIR": str(work / "cache"), "HF_HUB_OFFLINE": "1"}
     load0, t0 = os.getloadavg(), time.time()
-    proc = subprocess.run([sys.executable, "-m", "kdplatform.cli", "sweep", str(spec), "--tracking-uri", uri,
-                           "--num-cpus", "2", "--storage", str(work / "ray_results")], cwd=work, env=env,
-                          capture_output=True, text=True)
+    launch = [sys.executable, "-c", COLD_SWEEP] if a.cold_workers else [sys.executable, "-m", "kdplatform.cli"]
+    proc = subprocess.run([*launch, "sweep", str(spec), "--tracking-uri", uri, "--num-cpus", "2", "--storage",
+                           str(work / "ray_results")], cwd=work, env=env, capture_output=True, text=True)
     wall, load1 = time.time() - t0, os.getloadavg()
     if proc.returncode != 0:
         raise SystemExit(proc.stdout[-3000:] + proc.stderr[-3000:])
     exp = max((work / "ray_results").iterdir(), key=lambda d: d.stat().st_mtime)
     rows = per_trial(str(exp), uri)
-    print(f"{len(rows)} trials, sweep wall {wall:.0f} s (teacher fine-tune included); load average "
-          f"{load0[0]:.1f} at start, {load1[0]:.1f} at end")
+    span, n_runs = student_span(uri)
+    print(f"{len(rows)} trials ({'a fresh worker per trial' if a.cold_workers else 'warm workers reused'}), "
+          f"sweep wall {wall:.0f} s (teacher fine-tune included); load average {load0[0]:.1f} at start, "
+          f"{load1[0]:.1f} at end")
+    print(f"{n_runs} student runs opened and closed within {span:.1f} s on 2 slots: "
+          f"{span * 2 / n_runs:.2f} s per trial per slot")
     for key in ("setup_s", "train_s", "teardown_s", "total_s"):
         vals = [r[key] for r in rows]
         print(f"{key:11s} median {statistics.median(vals):6.2f}  min {min(vals):6.2f}  max {max(vals):6.2f}")
     if a.json:
-        Path(a.json).write_text(json.dumps({"wall_s": wall, "load": [load0, load1], "trials": rows}, indent=1))
+        Path(a.json).write_text(json.dumps({"wall_s": wall, "load": [load0, load1], "student_span_s": span,
+                                            "cold_workers": a.cold_workers, "trials": rows}, indent=1))
 
 
 if __name__ == "__main__":
