@@ -37,3 +37,33 @@ def test_freed_heap_goes_back_to_the_os():
     assert trimmed == "True"
     assert int(freed) > 400, out.stdout
     assert int(after) < int(freed) - 350, out.stdout
+
+
+FREEZE = textwrap.dedent("""
+    import gc
+    import weakref
+    from kdplatform.distill.heap import release_memory
+
+    class Node:
+        pass
+
+    def trial():  # a trial's garbage in a reference cycle: only the collector frees it
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+        return weakref.ref(a)
+
+    gc.disable()  # no automatic collection: only release_memory's
+    first = trial()
+    release_memory()
+    print(first() is None, gc.get_freeze_count() > 0)
+    second = trial()
+    release_memory()
+    print(second() is None)
+""")
+
+
+def test_surviving_state_is_frozen_and_later_trials_garbage_is_still_collected():
+    """release_memory freezes what survives a collection (the worker's modules and caches), so the next
+    trial's collection scans only that trial's objects; a later trial's cycles must still be freed."""
+    out = subprocess.run([sys.executable, "-c", FREEZE], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.split() == ["True", "True", "True"], out.stdout
