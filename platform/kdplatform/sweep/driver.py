@@ -340,13 +340,14 @@ def _run_stages(plan: SweepPlan, parent: tracking.RunLogger, state: dict, exp_pa
     if restorable:
         n_trials, ended = _ray_trial_counts(exp_path)
         total = max(total, n_trials)
+    live_steps = str(exp_path / "kdp_progress")  # teachers' and trials' step files (sweep/live_steps.py)
     with SweepMonitor(console, total, concurrency or 1) as monitor:
         monitor.already_ended(ended)
         # ---- teacher stage: every teacher the remaining trials need, once, before any student starts
         outcomes = [teacher_status(t, uri) for t in plan.teachers().values()]
         outcomes = train_teachers(outcomes, spec=spec, tracking_uri=uri, parent_run_id=parent.run_id,
                                   max_concurrent=concurrency, on_update=monitor.teacher_update,
-                                  steps_dir=str(exp_path / "kdp_progress"), on_steps=monitor.teacher_steps)
+                                  steps_dir=live_steps, on_steps=monitor.teacher_steps)
         failed_teachers = {o.teacher_hash: o for o in outcomes if o.status == "failed"}
         rows = [_teacher_failure_row(t, failed_teachers[t.teacher_hash]) for t in plan.to_run
                 if t.teacher_hash in failed_teachers]
@@ -357,7 +358,7 @@ def _run_stages(plan: SweepPlan, parent: tracking.RunLogger, state: dict, exp_pa
                                     sweep_id=parent.run_id, cwd=os.getcwd(), spec_file=spec.source_file,
                                     trials={t.cfg_hash: t.model_dump(mode="json") for t in plan.trials},
                                     bases=plan.bases, force=plan.force,
-                                    progress_dir=str(exp_path / "kdp_progress"))
+                                    progress_dir=live_steps)
         results = _fit(plan, ctx, monitor, exp_path, restorable, run_trials, concurrency)
     if results is not None:
         rows += _result_rows(results)

@@ -91,11 +91,12 @@ def train_teachers(outcomes: list[TeacherOutcome], *, spec: SweepSpec, tracking_
     task = ray.remote(_fine_tune).options(num_cpus=cpu, num_gpus=gpu, max_retries=spec.max_failures,
                                          retry_exceptions=_retryable(), name="kdp_teacher")
     running: dict = {}
+    steps_at: dict[str, Path | None] = {}  # teacher hash -> its step file
     queue = list(todo)
     while queue or running:
         while queue and len(running) < limit:
             o = queue.pop(0)
-            path = step_file(steps_dir, f"teacher-{o.teacher_hash}")
+            path = steps_at[o.teacher_hash] = step_file(steps_dir, f"teacher-{o.teacher_hash}")
             ref = task.remote(o.trial.model_dump(mode="json"), tracking_uri, parent_run_id, os.getcwd(),
                               str(path) if path else None)
             running[ref] = o
@@ -104,7 +105,7 @@ def train_teachers(outcomes: list[TeacherOutcome], *, spec: SweepSpec, tracking_
         ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
         if not ready:  # still training: pass on their step counts
             for o in running.values():
-                steps = read_steps(step_file(steps_dir, f"teacher-{o.teacher_hash}"))
+                steps = read_steps(steps_at[o.teacher_hash])
                 if steps is not None and on_steps:
                     on_steps(o, steps)
             continue
