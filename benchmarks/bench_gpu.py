@@ -7,7 +7,10 @@ max length 128, batch 32, bf16 autocast, AdamW. Systems, each on the same exampl
 
 - worker, worker_nocache: kdplatform's training engine (`distill.engine.train_stage`: dynamic padding,
   length-grouped batches, SDPA, the teacher under inference mode, its outputs served from the teacher
-  output cache from the second epoch on; `_nocache`: teacher computed every step).
+  output cache from the second epoch on; `_nocache`: teacher computed every step). On a GPU the complete
+  cache moves into GPU memory when it fits and times a few reads against the teacher forward they replace,
+  then keeps the faster (`speed.teacher_cache.source: auto`); the row says which (`cache_source`, with the
+  timed `cache_read_ms` / `cache_forward_ms` a batch).
 - plain: a loop in the style of the reference code: every batch padded to 128, eager attention, the teacher
   recomputed every step with all hidden states and attentions, `loss.item()` every step.
 - ceiling: the fixed-shape ceiling: 32 x 128 REAL tokens per batch (no padding), SDPA, teacher forward +
@@ -97,7 +100,8 @@ def trial_for(a, task: str, teacher_dir: str, cache: bool, compiled: bool = Fals
                       "losses": [{"name": "logit_kd", "temperature": 1.0},
                                  {"name": "hidden_mse", "include_embeddings": True},
                                  {"name": "attention_kl"}]}],
-           "speed": {"device": a.device, "precision": "bf16", "teacher_cache": {"enabled": cache},
+           "speed": {"device": a.device, "precision": "bf16",
+                     "teacher_cache": {"enabled": cache, "source": a.cache_source},
                      "compile": compiled}}
     return resolve_trial(TrialConfig.model_validate(raw))
 
@@ -202,13 +206,18 @@ def run_worker(a, task: str, teacher_dir: str, cache: bool, compiled: bool = Fal
                              n_student=a.shape["student_layers"], max_seq_length=128,
                              teacher_cache=trial.speed.teacher_cache, compile=trial.speed.compile)
     reset_peak(device)
+    last: dict = {}  # the final evaluation's metrics: what the teacher cache chose, from its timed reads
     train_stage(stage, 0, settings, student=student, teacher=teacher, data=data, state=LoopState(),
-                hooks=Hooks(on_step=window))
+                hooks=Hooks(on_step=window, on_eval=lambda step, metrics: last.update(metrics)))
     order = train_loader(data.train, stage.batch_size, data.collator, seed=trial.seed * 1000 + 0 * 100 + 1)
     batches = [b["attention_mask"].sum(1).tolist() for b in order][:spe - 1]  # the timed steps' batches
     name = ("worker" if cache else "worker_nocache") + ("_compiled" if compiled else "")
-    return result(a, name, task, batches, window, peak_mb(device),
-                  teacher_ran=not cache)  # with the cache, epoch 2 reads every teacher output from it
+    recomputed = last.get("cache/recompute") == 1.0  # timed: the teacher forward beat reading the cache
+    row = result(a, name, task, batches, window, peak_mb(device), teacher_ran=not cache or recomputed)
+    if cache:
+        row.update(cache_source="recompute" if recomputed else "read",
+                   cache_read_ms=last.get("cache/read_ms"), cache_forward_ms=last.get("cache/forward_ms"))
+    return row
 
 
 def result(a, system: str, task: str, batches: list[list[int]], window: Window, mem_mb: float,
@@ -366,6 +375,8 @@ def parse(argv=None):
     p.add_argument("--systems", default=None, help=f"any of {','.join(SYSTEMS)} (default: all but the "
                    "_compiled ones on CPU, where compiling costs minutes)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (CPU)")
+    p.add_argument("--cache-source", default="auto", choices=["auto", "timed", "read", "recompute"],
+                   help="speed.teacher_cache.source of the worker (auto: timed on a GPU, read on a CPU)")
     p.add_argument("--cpu-peak", type=float, default=None, help="CPU bf16 peak in GFLOP/s (bench_cpu_peak.py)")
     p.add_argument("--glue-dir", default=os.environ.get("KDP_GLUE_DIR", str(HERE.parents[1] / "shared/data/glue")))
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the offline MiniLM package's)")
@@ -388,7 +399,8 @@ def parse(argv=None):
     a.student_shape = {**a.teacher_shape, "layers": a.shape["student_layers"]}
     a.work = a.work or tempfile.mkdtemp(prefix="kdp_bench_gpu_")
     a.passthrough = ["--device", a.device, "--examples", str(a.examples), "--batch", str(a.batch), "--glue-dir",
-                     a.glue_dir, "--threads", str(a.threads), "--work", a.work] + (["--small"] if a.small else [])
+                     a.glue_dir, "--threads", str(a.threads), "--work", a.work, "--cache-source", a.cache_source
+                     ] + (["--small"] if a.small else [])
     return a
 
 

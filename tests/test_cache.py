@@ -6,6 +6,7 @@ Small on purpose (a tiny random BERT, a few dozen examples): speed is measured i
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,8 @@ from kdplatform.distill import objective
 from kdplatform.distill import worker
 from kdplatform.distill.objective import StageLosses
 from kdplatform.distill.taps import forward_features
-from kdplatform.distill.teacher_cache import extract, TeacherCache, cache_size, evict, teacher_identity
+from kdplatform.distill.teacher_cache import (TIMED_READS, TeacherCache, cache_size, evict, extract,
+                                               teacher_identity)
 from kdplatform.distill.models import freeze, load_classifier
 from kdplatform.distill.tasks import Collator
 
@@ -143,6 +145,67 @@ def test_the_trial_filling_the_cache_computes_what_a_later_trial_reads(models, e
         s = losses.student(student, b)
         assert torch.equal(losses.weighted(losses.terms(s, got, b["labels"])),
                            losses.weighted(losses.terms(s, read, b["labels"])))
+
+
+def test_a_complete_cache_times_reads_against_the_forward_and_keeps_the_faster(models, examples, tmp_path):
+    teacher, student = models
+    losses = StageLosses(_stage(), student, teacher, n_student=2)
+    order = list(range(len(examples)))
+    _fill(_open(examples, losses, teacher, tmp_path), losses, teacher, examples, order)
+    cache = _open(examples, losses, teacher, tmp_path, source="timed")  # auto times on a GPU only
+    assert cache.complete and cache.source is None
+    calls = []
+
+    def slow_forward(b):  # a teacher forward far slower than reading a few dozen cached rows
+        calls.append(1)
+        time.sleep(0.1)
+        return forward_features(teacher, b, losses.t_tap, True)
+
+    batches = _batches(examples, order, bs=2)  # 6 batches: TIMED_READS after one warm-up, then one more
+    got = [cache.fetch(b, lambda b=b: slow_forward(b)) for b in batches]
+    assert len(cache.timings) == TIMED_READS + 1 and len(calls) == TIMED_READS + 1  # the last batch was read
+    assert cache.source == "read" and cache.forward_s > 0.1 > cache.read_s
+    for b, g in zip(batches, got):
+        _assert_same_features(g, cache.lookup(b), b["attention_mask"])
+    assert cache.hits == 2 * len(examples) and cache.misses == 0
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_recomputing_gives_back_what_a_read_gives_and_writes_nothing(models, examples, tmp_path, dtype):
+    teacher, student = models
+    losses = StageLosses(_stage(), student, teacher, n_student=2)
+    order = list(range(len(examples)))
+    _fill(_open(examples, losses, teacher, tmp_path / "filled", dtype=dtype), losses, teacher, examples, order)
+    reading = _open(examples, losses, teacher, tmp_path / "filled", dtype=dtype, source="read")
+    recomputing = _open(examples, losses, teacher, tmp_path / "recomputed", dtype=dtype, source="recompute")
+    for b in _batches(examples, order):
+        got = recomputing.fetch(b, lambda b=b: forward_features(teacher, b, losses.t_tap, True))
+        _assert_same_features(got, reading.fetch(b, lambda: pytest.fail("a complete cache read ran the teacher")),
+                              b["attention_mask"])
+        for name in losses.t_features:
+            assert extract(name, got).dtype == extract(name, reading.lookup(b)).dtype, name
+    assert recomputing.misses == len(examples) and recomputing.hits == 0 and not recomputing.timings
+    assert not (tmp_path / "recomputed").exists()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_a_cache_placed_on_the_device_reads_what_the_host_arrays_give(models, examples, tmp_path, dtype):
+    # on a GPU a complete cache that fits moves into GPU memory; the same gather runs on the CPU device here
+    teacher, student = models
+    losses = StageLosses(_stage(), student, teacher, n_student=2)
+    order = list(range(len(examples)))
+    _fill(_open(examples, losses, teacher, tmp_path, dtype=dtype), losses, teacher, examples, order)
+    host = _open(examples, losses, teacher, tmp_path, dtype=dtype)
+    placed = _open(examples, losses, teacher, tmp_path, dtype=dtype)
+    assert not placed.place(torch.device("cpu"), free_bytes=placed.bytes)  # needs 4x its size free: stays
+    assert placed.place(torch.device("cpu"), free_bytes=4 * placed.bytes)
+    rng = np.random.default_rng(1)
+    for b in _batches(examples, rng.permutation(len(examples)).tolist(), bs=5):
+        got, want = placed.lookup(b), host.lookup(b)
+        for name in losses.t_features:
+            g, w = extract(name, got), extract(name, want)
+            assert g.dtype == w.dtype and torch.equal(g.view(torch.int16) if dtype == "bfloat16" else g,
+                                                      w.view(torch.int16) if dtype == "bfloat16" else w), name
 
 
 def test_16bit_storage_is_close_and_half_the_bytes(models, examples, tmp_path):
@@ -285,11 +348,32 @@ def test_run_trial_same_losses_with_and_without_cache(glue_dir, tiny_bert_dir, m
     assert _history(mlflow_uri, on.run_id, "cache/misses") == [(3, 96.0), (6, 96.0)]
     assert _history(mlflow_uri, on.run_id, "cache/hits") == [(3, 0.0), (6, 96.0)]
     assert _history(mlflow_uri, on.run_id, "cache/bytes")[-1][1] > 0
+    assert _history(mlflow_uri, on.run_id, "cache/read_ms") == []  # auto on a CPU reads without timing
 
     # a second trial of the sweep (another seed and lr): every teacher output comes from the cache
-    again = worker.run_trial(_trial(glue_dir, tiny_bert_dir, seed=7, speed=exact), tracking_uri=mlflow_uri)
+    read = {**exact, "teacher_cache": {"dtype": "float32", "source": "read"}}
+    again = worker.run_trial(_trial(glue_dir, tiny_bert_dir, seed=7, speed=read), tracking_uri=mlflow_uri)
     assert _history(mlflow_uri, again.run_id, "cache/misses")[-1][1] == 0
     assert _history(mlflow_uri, again.run_id, "cache/hits")[-1][1] == 2 * 96
+
+    # timed (the default on a GPU): a complete cache times reads against the teacher forward, logs its choice
+    timing = {**exact, "teacher_cache": {"dtype": "float32", "source": "timed"}}
+    timed = worker.run_trial(_trial(glue_dir, tiny_bert_dir, seed=7, speed=timing), tracking_uri=mlflow_uri)
+    (_, read_ms), = _history(mlflow_uri, timed.run_id, "cache/read_ms")  # decided in epoch 2 (6 train batches)
+    (_, forward_ms), = _history(mlflow_uri, timed.run_id, "cache/forward_ms")
+    (_, recompute), = _history(mlflow_uri, timed.run_id, "cache/recompute")
+    assert read_ms > 0 and forward_ms > 0 and recompute == float(read_ms > forward_ms)
+    for key in ("loss/total", "dev/distill_loss", "dev/accuracy"):  # the choice changes speed, not results
+        a, b = _history(mlflow_uri, timed.run_id, key), _history(mlflow_uri, again.run_id, key)
+        np.testing.assert_allclose([v for _, v in a], [v for _, v in b], rtol=1e-4, atol=1e-6, err_msg=key)
+
+    # recompute: the teacher runs every batch and the trial computes what the cache-less run computed
+    recompute = {"precision": "fp32", "teacher_cache": {"dtype": "float32", "source": "recompute"}}
+    fresh = worker.run_trial(_trial(glue_dir, tiny_bert_dir, speed=recompute), tracking_uri=mlflow_uri)
+    assert _history(mlflow_uri, fresh.run_id, "cache/hits")[-1][1] == 0
+    for key in ("loss/total", "dev/distill_loss", "dev/accuracy"):
+        np.testing.assert_allclose([v for _, v in _history(mlflow_uri, fresh.run_id, key)],
+                                   [v for _, v in _history(mlflow_uri, off.run_id, key)], rtol=1e-4, atol=1e-6)
 
 
 def test_mixup_stages_bypass_the_cache(glue_dir, tiny_bert_dir, mlflow_uri, trial_cache_dir, monkeypatch):

@@ -184,6 +184,14 @@ def test_teacher_cache_precision_enters_the_hash_when_a_stage_reads_the_cache(tm
     assert "teacher_outputs" not in f16.hashed_dict()  # the float16 default keeps earlier hashes
 
 
+def test_whether_the_cache_is_read_or_recomputed_is_not_hashed(tmp_path):
+    # both give the teacher outputs in the storage dtype (tests/test_cache.py): a speed choice, not a result
+    default, _ = one(tmp_path, "method: kd\n", "a.yaml")
+    for source in ("auto", "timed", "read", "recompute"):
+        trial, _ = one(tmp_path, f"method: kd\nspeed: {{teacher_cache: {{source: {source}}}}}\n", f"{source}.yaml")
+        assert trial.speed.teacher_cache.source == source and trial.cfg_hash == default.cfg_hash
+
+
 def test_teacher_cache_precision_is_a_no_op_when_every_stage_uses_mixup(tmp_path):
     stage = "train: [{name: s1, mixup: true, losses: [{name: relation_kl, layer_map: last}]}]\n"
     a, _ = one(tmp_path, "method: custom\n" + stage, "a.yaml")

@@ -164,6 +164,12 @@ class TeacherCacheConfig(Strict):
     # storage of the cached outputs: float16 halves the bytes at the same dev accuracy (benchmarks/README.md);
     # a feature that overflows float16 is not cached. float32 reproduces a run without the cache exactly.
     dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+    # how a complete cache gives outputs back: timed times a few reads against the teacher forward they replace
+    # and keeps the faster (on a GPU the forward can beat reading many per-token features from host memory);
+    # auto is timed on a GPU and read on a CPU (there a read measured 35-200x faster than a MiniLM-L6 forward,
+    # and timing cost 5-8% of a short run); read / recompute fix it. Values are the same up to float rounding
+    # either way (not in the cfg hash).
+    source: Literal["auto", "timed", "read", "recompute"] = "auto"
 
 
 class SpeedConfig(Strict):

@@ -209,7 +209,8 @@ class StageRun:
                                      num_heads=teacher.config.num_attention_heads,
                                      identity=teacher_identity(getattr(teacher, "name_or_path", None)),
                                      precision=self.settings.precision, max_seq_length=self.settings.max_seq_length,
-                                     dtype=tc.dtype, max_bytes=int(tc.max_gb * 1e9), persistent=persistent)
+                                     dtype=tc.dtype, max_bytes=int(tc.max_gb * 1e9), persistent=persistent,
+                                     source=tc.source)
 
         self.train_cache = open_cache(self.train_set, True) if tc.enabled and not self.stage.mixup else None
         self.eval_caches = {"train": open_cache(self.data.train_eval, tc.enabled),
@@ -280,6 +281,10 @@ class StageRun:
             metrics["cache/hits"] = state.cache_hits + sum(c.hits for c in self.caches)
             metrics["cache/misses"] = state.cache_misses + sum(c.misses for c in self.caches)
             metrics["cache/bytes"] = sum(c.bytes for c in self.caches)
+        if self.train_cache is not None and math.isfinite(self.train_cache.read_s):  # what timing chose, and why
+            metrics["cache/read_ms"] = 1e3 * self.train_cache.read_s
+            metrics["cache/forward_ms"] = 1e3 * self.train_cache.forward_s
+            metrics["cache/recompute"] = float(self.train_cache.source == "recompute")
         return metrics
 
     def log_eval(self, state: LoopState, hooks: Hooks) -> None:

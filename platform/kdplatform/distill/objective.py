@@ -100,10 +100,7 @@ class StageLosses:
             return None
         if cache is None or mask is not None:
             return forward_features(model, batch, self.t_tap, self.t_hidden, mask)
-        hit = cache.lookup(batch)
-        if hit is not None:
-            return hit
-        return cache.store(batch, forward_features(model, batch, self.t_tap, self.t_hidden))
+        return cache.fetch(batch, lambda: forward_features(model, batch, self.t_tap, self.t_hidden))
 
     def terms(self, s: Features, t: Features | None, labels: Tensor | None,
               include_ce: bool = True) -> dict[str, Tensor]:

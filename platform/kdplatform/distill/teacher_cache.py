@@ -23,7 +23,7 @@ keeps its arrays in memory only (the eval sets of a run without the disk cache).
 
 >>> cache = TeacherCache.open(examples, features=["logits", "hidden.6"], num_heads=12,      # doctest: +SKIP
 ...                           identity=teacher_identity(folder), precision="fp32")
->>> t = cache.lookup(batch) or cache.store(batch, forward_features(teacher, batch, ...))   # doctest: +SKIP
+>>> t = cache.fetch(batch, lambda: forward_features(teacher, batch, ...))                # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -31,12 +31,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +50,14 @@ from kdplatform.distill.losses import Features
 
 log = logging.getLogger(__name__)
 
+SOURCES = ("auto", "timed", "read", "recompute")  # how a complete cache gives features back: TeacherCache.fetch
+TIMED_READS = 4  # batches timed, after one warm-up, before a complete cache picks read or recompute
+DEVICE_SHARE = 0.25  # a complete cache moves to the GPU when it needs at most this share of its free memory
 CACHE_FORMAT = 1  # bump when the layout or the meaning of a feature changes
 STALE_PARTIAL_S = 6 * 3600  # a .partial this old belongs to a dead writer on another host
 _STORAGE = {"float32": (np.float32, torch.float32), "float16": (np.float16, torch.float16),
             "bfloat16": (np.int16, torch.bfloat16)}  # numpy has no bfloat16: its bits are kept as int16
+_TORCH_BITS = {np.float32: torch.float32, np.float16: torch.float16, np.int16: torch.int16}
 _TOKEN_KEYS = ("input_ids", "token_type_ids", "attention_mask")
 
 
@@ -169,16 +174,19 @@ def evict(root: str | os.PathLike, max_bytes: int, keep: str | None = None) -> l
 class TeacherCache:
     """The teacher features of one example set, by example index (`batch["idx"]`).
 
-    `lookup(batch)` returns the batch's Features padded to its width, or None when any example is missing;
-    `store(batch, feats)` records a fresh forward's features and returns `feats`. Counters: `hits` and
-    `misses` (examples), `bytes` (on disk, or in memory without a root).
+    `fetch(batch, forward)` gives the batch's Features padded to its width, read back or computed by
+    `forward` and stored; underneath, `lookup(batch)` reads (None when an example is missing) and
+    `store(batch, feats)` records a fresh forward. Counters: `hits` and `misses` (examples), `bytes` (on
+    disk, or in memory without a root); once timed, `source`, `read_s` and `forward_s`.
     """
 
     def __init__(self, *, lengths: np.ndarray, features: Sequence[str], num_heads: int, key: str,
                  root: Path | None, dtype: str = "float32", max_bytes: int | None = None,
-                 meta: dict | None = None):
+                 meta: dict | None = None, source: str = "auto"):
         if dtype not in _STORAGE:
             raise ValueError(f"teacher cache dtype must be one of {sorted(_STORAGE)}, got {dtype!r}")
+        if source not in SOURCES:
+            raise ValueError(f"teacher cache source must be one of {SOURCES}, got {source!r}")
         self.key = key
         self.lengths = np.asarray(lengths, dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64)
@@ -194,6 +202,12 @@ class TeacherCache:
         self.skipped: set[str] = set()  # features too big for the bound: never cached
         self.filled = np.zeros(self.n, dtype=bool)
         self.hits = self.misses = 0
+        self.resident: dict[str, Tensor] = {}  # the ready features in GPU memory, when they fit
+        self.timings: list[tuple[float, float]] = []  # (read, forward) seconds of the timed batches
+        # "read" or "recompute": fixed by the caller, or chosen by timing once complete (None until then)
+        self.source = None if source in ("auto", "timed") else source
+        self.always_timed = source == "timed"  # auto reads without timing on a CPU
+        self.read_s = self.forward_s = math.nan
         if self.dir is not None:
             try:
                 self._open(meta or {})
@@ -205,17 +219,17 @@ class TeacherCache:
     @classmethod
     def open(cls, examples: Sequence[dict], *, features: Sequence[str], num_heads: int, identity: str | None,
              precision: str, max_seq_length: int, dtype: str = "float32", root: str | os.PathLike | None = None,
-             max_bytes: int | None = None, persistent: bool = True) -> TeacherCache:
+             max_bytes: int | None = None, persistent: bool = True, source: str = "auto") -> TeacherCache:
         """The cache entry of `examples` for a teacher (`identity`: see `teacher_identity`). Without an
         identity, or with `persistent=False`, the cache lives in memory for this object only."""
         lengths = np.fromiter((len(e["input_ids"]) for e in examples), dtype=np.int64, count=len(examples))
         meta = {"format": CACHE_FORMAT, "teacher": identity, "examples": examples_digest(examples),
                 "n": len(examples), "max_seq_length": int(max_seq_length), "precision": precision, "dtype": dtype}
         key = _sha(meta)[:32]
-        use_disk = persistent and identity is not None
+        use_disk = persistent and identity is not None and source != "recompute"  # recompute never reads it
         where = (Path(root) if root is not None else default_root()) if use_disk else None
         return cls(lengths=lengths, features=features, num_heads=num_heads, key=key, root=where, dtype=dtype,
-                   max_bytes=max_bytes, meta=meta)
+                   max_bytes=max_bytes, meta=meta, source=source)
 
     def _open(self, meta: dict) -> None:
         d = self.dir
@@ -295,8 +309,75 @@ class TeacherCache:
             return self.filling[name]
         return None
 
+    @property
+    def complete(self) -> bool:
+        """Every feature is cached for every example (a skipped feature never is)."""
+        return not self.skipped and len(self.ready) == len(self.features)
+
+    def fetch(self, batch: dict[str, Tensor], forward: Callable[[], Features]) -> Features:
+        """The batch's teacher features: read back when cached, else `forward()` (then stored).
+
+        Once complete, a cache with `source="timed"` (`"auto"` on a GPU; on a CPU auto means read) times a
+        few reads against the forward they replace and keeps whichever is faster for the rest of its life
+        (`source` becomes "read" or "recompute"): on a GPU a teacher forward takes milliseconds, and reading
+        many per-token features from host memory can take longer. A recomputed batch is given back as a
+        read would give it (storage dtype, zero at padding), so the choice changes speed, not results: values
+        differ only by the float rounding of a forward over another batch's padding, as they do between a run
+        with the cache and one without."""
+        if self.source == "recompute":
+            self.misses += len(batch["idx"])
+            return self._as_read_back(forward(), batch["attention_mask"])
+        if self.source is None and self.complete:
+            device = batch["attention_mask"].device
+            if device.type == "cpu" and not self.always_timed:
+                self.source = "read"  # on a CPU a read measured 35-200x faster than the forward it replaces
+            else:
+                if not self.timings:
+                    self._place(device)
+                return self._timed(batch, forward)
+        hit = self.lookup(batch)
+        if hit is not None:
+            return hit
+        return self.store(batch, forward())
+
+    def _timed(self, batch: dict[str, Tensor], forward: Callable[[], Features]) -> Features:
+        sync = _synchronizer(batch["attention_mask"].device)
+        t0 = time.perf_counter()
+        hit = self.lookup(batch)
+        sync()
+        t1 = time.perf_counter()
+        self._as_read_back(forward(), batch["attention_mask"])
+        sync()
+        self.timings.append((t1 - t0, time.perf_counter() - t1))
+        if len(self.timings) > TIMED_READS:  # the first pair warms up (page cache, kernels) and is dropped
+            self.read_s, self.forward_s = np.median(np.array(self.timings[1:]), axis=0).tolist()
+            self.source = "recompute" if self.read_s > self.forward_s else "read"
+            log.info("teacher cache %s: read %.2f ms vs forward %.2f ms a batch -> %s", self.key[:8],
+                     1e3 * self.read_s, 1e3 * self.forward_s, self.source)
+        return hit
+
+    def _place(self, device: torch.device) -> None:
+        """On a GPU, the complete cache moves into its memory when it fits (reads are then a gather there).
+        On a CPU reads gather from the host arrays: there numpy's gather beat torch's (measured)."""
+        if device.type == "cuda":
+            self.place(device, free_bytes=torch.cuda.mem_get_info(device)[0])
+
+    def place(self, device: torch.device, free_bytes: int) -> bool:
+        """Copy the complete cache onto `device` once, when it takes at most a quarter of `free_bytes` (trials
+        packed on one GPU each take their share); later reads gather there. Returns whether it moved."""
+        if self.resident:
+            return True
+        need = sum(a.nbytes for a in self.ready.values())
+        if not self.complete or need > free_bytes * DEVICE_SHARE:
+            log.info("teacher cache %s: %.2f GB stays on the host (a quarter of the device's free memory is "
+                     "%.2f GB)", self.key[:8], need / 1e9, free_bytes * DEVICE_SHARE / 1e9)
+            return False
+        for name, arr in self.ready.items():
+            self.resident[name] = _as_tensor(np.array(arr), self.torch_dtype).to(device)  # a writable copy
+        return True
+
     def lookup(self, batch: dict[str, Tensor]) -> Features | None:
-        """The batch's teacher Features from the cache, or None (then run the teacher and `store`)."""
+        """The batch's teacher Features from the cache, or None when an example is missing."""
         idx = batch["idx"].numpy()
         arrays = {}
         for name in self.features:
@@ -305,23 +386,47 @@ class TeacherCache:
                 return None
             arrays[name] = arr
         mask = batch["attention_mask"]
-        width = mask.shape[1]
         device = mask.device
-        out: dict[str, Tensor] = {}
-        for name, arr in arrays.items():
-            if name == "logits":
-                rows = arr[idx]
-            else:
-                rows = np.zeros((len(idx), width, arr.shape[1]), dtype=arr.dtype)
-                for j, i in enumerate(idx):
-                    a, b = self.offsets[i], self.offsets[i + 1]
-                    rows[j, :b - a] = arr[a:b]
-            t = torch.from_numpy(np.ascontiguousarray(rows))
-            if self.torch_dtype == torch.bfloat16:
-                t = t.view(torch.bfloat16)
-            out[name] = t.to(device, non_blocking=True)
+        rows, valid = self._token_rows(idx, mask.shape[1])
+        if self.resident:
+            out = self._gather_on_device(idx, rows, mask)
+        else:
+            out = {name: _to_device(self._gather_on_host(arr, name, idx, rows, valid, device), device)
+                   for name, arr in arrays.items()}
         self.hits += len(idx)
         return self._features(out, mask)
+
+    def _token_rows(self, idx: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """(B, width) row of each batch token in the per-token arrays (0 at padding) and which are tokens."""
+        pos = np.arange(width)
+        valid = pos[None, :] < self.lengths[idx][:, None]
+        return np.where(valid, self.offsets[idx][:, None] + pos[None, :], 0), valid
+
+    def _gather_on_host(self, arr: np.ndarray, name: str, idx: np.ndarray, rows: np.ndarray,
+                        valid: np.ndarray, device: torch.device) -> Tensor:
+        """One gather per feature into a fresh buffer; pinned when a GPU receives it, so the copy is
+        asynchronous (torch's host allocator keeps the buffer until the copy is done)."""
+        take = idx if name == "logits" else rows
+        buf = torch.empty((*take.shape, arr.shape[1]), dtype=_TORCH_BITS[self.np_dtype],
+                          pin_memory=device.type == "cuda")
+        out = buf.numpy()
+        np.take(arr, take, axis=0, out=out, mode="clip")  # mode clip: unbuffered (rows are in range)
+        if name != "logits":
+            out[~valid] = 0
+        return buf.view(self.torch_dtype) if self.torch_dtype == torch.bfloat16 else buf
+
+    def _gather_on_device(self, idx: np.ndarray, rows: np.ndarray, mask: Tensor) -> dict[str, Tensor]:
+        device = mask.device
+        rows_d = torch.from_numpy(rows).to(device, non_blocking=True)
+        idx_d = torch.from_numpy(idx).to(device, non_blocking=True)
+        valid = mask.bool()[..., None]
+        out = {}
+        for name, t in self.resident.items():
+            if name == "logits":
+                out[name] = t[idx_d]
+            else:
+                out[name] = torch.where(valid, t[rows_d], torch.zeros((), dtype=t.dtype, device=device))
+        return out
 
     def _features(self, out: dict[str, Tensor], mask: Tensor) -> Features:
         feats = Features(logits=out["logits"], attention_mask=mask, num_heads=self.num_heads)
@@ -454,6 +559,22 @@ class TeacherCache:
             path.unlink(missing_ok=True)
         self._partials.clear()
         self.filling.clear()
+
+
+def _as_tensor(arr: np.ndarray, dtype: torch.dtype) -> Tensor:
+    t = torch.from_numpy(arr)
+    return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
+
+
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    return t if device.type == "cpu" else t.to(device, non_blocking=True)
+
+
+def _synchronizer(device: torch.device) -> Callable[[], None]:
+    """Wait for the device's queued work (timings on a GPU would otherwise measure only the launches)."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
 
 
 def _alive(pid: int) -> bool:
