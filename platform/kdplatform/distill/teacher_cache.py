@@ -203,6 +203,7 @@ class TeacherCache:
         self.filled = np.zeros(self.n, dtype=bool)
         self.hits = self.misses = 0
         self.resident: dict[str, Tensor] = {}  # the ready features in GPU memory, when they fit
+        self.placement_decided = False
         self.timings: list[tuple[float, float]] = []  # (read, forward) seconds of the timed batches
         # "read" or "recompute": fixed by the caller, or chosen by timing once complete (None until then)
         self.source = None if source in ("auto", "timed") else source
@@ -327,18 +328,20 @@ class TeacherCache:
         if self.source == "recompute":
             self.misses += len(batch["idx"])
             return self._as_read_back(forward(), batch["attention_mask"])
+        device = batch["attention_mask"].device
         if self.source is None and self.complete:
-            device = batch["attention_mask"].device
             if device.type == "cpu" and not self.always_timed:
                 self.source = "read"  # on a CPU a read measured 35-200x faster than the forward it replaces
             else:
-                if not self.timings:
-                    self._place(device)
+                self._place(device)  # (a cache found complete at open)
                 return self._timed(batch, forward)
         hit = self.lookup(batch)
         if hit is not None:
             return hit
-        return self.store(batch, forward())
+        out = self.store(batch, forward())
+        if self.complete:
+            self._place(device)  # in the batch that completed it, not in the first timed read
+        return out
 
     def _timed(self, batch: dict[str, Tensor], forward: Callable[[], Features]) -> Features:
         sync = _synchronizer(batch["attention_mask"].device)
@@ -357,9 +360,10 @@ class TeacherCache:
         return hit
 
     def _place(self, device: torch.device) -> None:
-        """On a GPU, the complete cache moves into its memory when it fits (reads are then a gather there).
-        On a CPU reads gather from the host arrays: there numpy's gather beat torch's (measured)."""
-        if device.type == "cuda":
+        """On a GPU, the complete cache moves into its memory when it fits (reads are then a gather there),
+        decided once. On a CPU reads gather from the host arrays: there numpy's gather beat torch's (measured)."""
+        if device.type == "cuda" and not self.placement_decided:
+            self.placement_decided = True
             self.place(device, free_bytes=torch.cuda.mem_get_info(device)[0])
 
     def place(self, device: torch.device, free_bytes: int) -> bool:
