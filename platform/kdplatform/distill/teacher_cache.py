@@ -557,7 +557,9 @@ class TeacherCache:
         return sum(a.nbytes for a in self.ready.values()) + sum(a.nbytes for a in self.filling.values())
 
     def close(self) -> None:
-        """Drop an unfinished fill (a stage that ended before seeing every example) and its files."""
+        """Drop an unfinished fill (a stage that ended before seeing every example) and its files, and free
+        the GPU copy for the next stage or trial."""
+        self.resident.clear()
         for name, path in self._partials.items():
             self.filling.pop(name, None)
             path.unlink(missing_ok=True)
