@@ -140,6 +140,13 @@ class SweepMonitor:
         if self.live is None:
             self.console.print(text, highlight=False)
 
+    def _steps_line_due(self) -> bool:
+        """Without a terminal, step counts are printed as lines: at most every STEP_LINES_S seconds."""
+        if self.live is not None or time.monotonic() - self.steps_line_at < STEP_LINES_S:
+            return False
+        self.steps_line_at = time.monotonic()
+        return True
+
     # events
     def teacher_update(self, outcome, state: str) -> None:
         self.teacher_line = f"teacher {outcome.teacher_hash[:8]} ({outcome.trial.task}): {state}"
@@ -152,8 +159,7 @@ class SweepMonitor:
         line every STEP_LINES_S seconds otherwise."""
         self.teacher_line = (f"teacher {outcome.teacher_hash[:8]} ({outcome.trial.task}): fine-tuning, "
                              f"step {steps.get('step')}/{steps.get('total')}")
-        if self.live is None and time.monotonic() - self.steps_line_at >= STEP_LINES_S:
-            self.steps_line_at = time.monotonic()
+        if self._steps_line_due():
             self._line(escape(f"  {self.teacher_line}"))
         self.refresh()
 
@@ -181,8 +187,7 @@ class SweepMonitor:
         """A running trial's live step count; without a terminal, one line per running trial every
         STEP_LINES_S seconds."""
         self.steps[trial_id] = steps
-        if self.live is None and time.monotonic() - self.steps_line_at >= STEP_LINES_S:
-            self.steps_line_at = time.monotonic()
+        if self._steps_line_due():
             for tid, (name, _) in list(self.running.items()):
                 if tid in self.steps:
                     self._line(escape(f"  running {name}: {self._step_text(tid)}"))
