@@ -18,14 +18,16 @@ from typing import Any
 EVERY_S = 2.0
 
 
-def step_file(folder: str | os.PathLike | None, name: str | None) -> Path | None:
-    """`<folder>/<name>.json`, the folder made if needed (None: no live steps, e.g. another node's path)."""
+def step_file(folder: str | os.PathLike | None, name: str | None, create: bool = True) -> Path | None:
+    """`<folder>/<name>.json`, the folder made if needed for a writer (None: no live steps, e.g. another
+    node's path); a reader (`create=False`) polling every second makes nothing."""
     if not folder or not name:
         return None
-    try:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return None
+    if create:
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        except OSError:
+            return None
     return Path(folder) / f"{name}.json"
 
 

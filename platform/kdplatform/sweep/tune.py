@@ -178,7 +178,7 @@ def progress_file(ctx: TrialContext, trial_id: str | None) -> Path | None:
 
 def read_progress(ctx: TrialContext, trial_id: str) -> dict[str, Any] | None:
     """A running trial's last written step count ({label, step, total}), or None."""
-    return read_steps(progress_file(ctx, trial_id))
+    return read_steps(step_file(ctx.progress_dir, trial_id, create=False))
 
 
 def _tag_node(uri: str, run_id: str) -> None:
