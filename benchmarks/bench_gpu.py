@@ -420,11 +420,17 @@ def main(argv=None) -> None:
     os.environ["KDP_BENCH_PEAK"] = str(a.peak)
     tokenizer = a.tokenizer or default_tokenizer()
     teacher_dir = build_teacher(Path(a.work) / "teacher", a.shape, tokenizer)
-    rows = run_all(a, teacher_dir)
+    rows = run_all(a, teacher_dir, device_name)
     report(a, rows, device_name)
 
 
-def run_all(a, teacher_dir: str) -> list[dict]:
+def save(a, rows: list[dict], device_name: str) -> None:
+    """The rows so far to --json: a run cut short by a time limit (a lent GPU's) still leaves what it measured."""
+    if a.json:
+        Path(a.json).write_text(json.dumps({"device": device_name, "rows": rows, "args": a.passthrough}, indent=1))
+
+
+def run_all(a, teacher_dir: str, device_name: str) -> list[dict]:
     systems = [s.strip() for s in a.systems.split(",") if s.strip()]
     rows = []
     for task in [t.strip() for t in a.tasks.split(",") if t.strip()]:
@@ -435,11 +441,13 @@ def run_all(a, teacher_dir: str) -> list[dict]:
                                        compiled=compiled))
             else:
                 rows.append(run_plain(a, task, teacher_dir, full_length=s.startswith("ceiling"), compiled=compiled))
-            print(f"  {task} {s}: {rows[-1]['samples_per_s']:.1f} samples/s", flush=True)
+            print(f"  {task} {s}: {rows[-1]['samples_per_s']:.1f} samples/s, MFU {rows[-1]['mfu']:.3f}", flush=True)
+            save(a, rows, device_name)
         for n in [int(x) for x in a.trials.split(",") if x.strip()]:
             if n > 1:
                 rows.append(packed(a, task, teacher_dir, n))
                 print(f"  {task} packed x{n}: {rows[-1]['samples_per_s']:.1f} samples/s", flush=True)
+                save(a, rows, device_name)
     return rows
 
 
@@ -468,8 +476,7 @@ def report(a, rows: list[dict], device_name: str) -> None:
         for sysname, r in rate.items():
             if sysname.startswith("packed x") and "worker" in rate:
                 print(f"{task}: {sysname} aggregate / one trial = {r / rate['worker']:.2f}x")
-    if a.json:
-        Path(a.json).write_text(json.dumps({"device": device_name, "rows": rows, "args": a.passthrough}, indent=1))
+    save(a, rows, device_name)
 
 
 if __name__ == "__main__":
