@@ -160,16 +160,24 @@ def test_optuna_sweep_tags_its_search_and_the_report_draws_importance(tmp_path, 
                                                                         mlflow_uri):
     from kdplatform.report.render import generate
 
+    # cr_ild: two stages, and the first (ild) reports no dev score, which Optuna must wait through
     spec = _spec(tmp_path, glue_dir, tiny_bert_dir, "optuna",
-                 "search: {num_samples: 3, seed: 0, space: {train.pred.lr: "
-                 "{type: loguniform, low: 1.0e-4, high: 3.0e-1}}}\n")
+                 "search: {num_samples: 3, seed: 0, space: {consistency_weight: {type: uniform, low: 0, high: 1}, "
+                 "train.pred.lr: {type: loguniform, low: 1.0e-4, high: 3.0e-1}}}\n")
     # 64 dev examples and 4 steps, so the sampled learning rates give different scores (fANOVA needs variance)
-    spec.write_text(spec.read_text().replace("seeds: [1, 2]", "seeds: [1]").replace(
-        "max_dev_examples: 32", "max_dev_examples: 64").replace("max_steps: 2, eval_every: 1", "max_steps: 4, eval_every: 2"))
+    spec.write_text(spec.read_text().replace("seeds: [1, 2]", "seeds: [1]").replace("method: kd", "method: cr_ild")
+                    .replace("max_dev_examples: 32", "max_dev_examples: 64")
+                    .replace("  - {name: pred, max_steps: 2, eval_every: 1",
+                             "  - {name: ild, max_steps: 2, eval_every: 1, batch_size: 16}\n"
+                             "  - {name: pred, max_steps: 4, eval_every: 2"))
     proc = _cli(tmp_path, "sweep", str(spec), "--tracking-uri", mlflow_uri, "--num-cpus", "2")
     assert proc.returncode == 0, proc.out[-3000:]
     [parent] = [r for r in _all_runs(mlflow_uri, "optuna") if r.data.tags.get("kdp.role") == "sweep"]
-    assert parent.data.tags["kdp.search"] == "optuna" and parent.data.tags["kdp.search_axes"] == "train.pred.lr"
+    assert parent.data.tags["kdp.search"] == "optuna"
+    assert parent.data.tags["kdp.search_axes"] == "consistency_weight,train.pred.lr"
+    students = _students(mlflow_uri, "optuna")
+    assert len(students) == 3 and {r.info.status for r in students} == {"FINISHED"}
+    assert len({r.data.params["consistency_weight"] for r in students}) == 3  # sampled, one value per trial
     summary = generate(mlflow_uri, tmp_path / "report", experiment="optuna", sweep=parent.info.run_id,
                        dashboards=["sweep_overview"], formats="html")
     html = Path(summary["index"]).read_text()

@@ -233,6 +233,13 @@ def test_sigkill_of_the_driver_then_resume_finishes_each_trial_in_its_own_run(
     rerun = _sweep(spec, mlflow_uri, cli_env(tmp_path))
     assert rerun.returncode == 0 and "nothing new to run" in rerun.out, rerun.out[-4000:]
     assert len(_runs(mlflow_uri, "resume", "sweep")) == 1
+    # ... and leaves the finished sweep's Ray folder where its parent run says it is (no archive renaming),
+    # so `--resume` still finds it and says that it ended
+    folder = Path(parents[0].data.tags["kdp.ray_experiment"])
+    assert (folder / "kdp_sweep.json").is_file() and not list(folder.parent.glob(f"{folder.name}.*"))
+    again = _sweep(spec, mlflow_uri, cli_env(tmp_path), "--resume")
+    assert again.returncode == 0 and "nothing to resume: the last run of this sweep ended" in again.out, \
+        again.out[-4000:]
 
 
 def _classifier(tiny_bert_dir: Path, tmp_path: Path) -> Path:

@@ -43,7 +43,8 @@ OBJECT_STORE_BYTES = 1 << 30  # the sweep ships configs, not tensors: 1 GiB is p
 # Environment a trial needs on every node (a local cluster inherits it anyway; --address does not).
 ENV_PREFIXES = ("KDP_", "HF_", "TRANSFORMERS_", "MLFLOW_", "TOKENIZERS_")
 DRIVER_ENV = {
-    # the trial function reports dev/score only in stages that train the head: ASHA/Optuna skip the others
+    # the trial function reports dev/score only in stages that train the head: ASHA skips the others, and
+    # so does our Optuna searcher (sweep/optuna_search.py)
     "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1",
     # num_to_keep=1 snapshots the experiment at every checkpoint on purpose (resume consistency)
     "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
@@ -116,11 +117,15 @@ def _claimed_sweep(plan: SweepPlan, file: str | Path, exp_path: Path, *, resume:
         if interrupted and not fresh:
             raise SweepError(f"an interrupted run of this sweep exists ({exp_path}, parent run "
                              f"{state.get('parent_run_id')})", "continue it with --resume, or abandon it with --fresh")
-        if state is not None:
+        nothing_to_run = not plan.to_run and spec.search is None
+        # a new run takes the folder (the last one is archived); a rerun with nothing new leaves the finished
+        # sweep's folder where its parent run's kdp.ray_experiment tag says it is (--fresh still abandons an
+        # interrupted one)
+        if state is not None and (interrupted or not nothing_to_run):
             _retire_previous(state, exp_path, uri)
             state = None
         close_orphans_of(plan, console)
-        if not plan.to_run and spec.search is None:
+        if nothing_to_run:
             return nothing_new(plan, file, console)
 
     outcomes = [teacher_status(t, uri) for t in plan.teachers().values()]

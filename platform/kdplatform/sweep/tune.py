@@ -238,9 +238,10 @@ def tune_config(spec, max_concurrent: int | None) -> tune.TuneConfig:
     search_alg, scheduler, num_samples = None, None, 1
     namer, dirnamer = trial_namers()
     if spec.search is not None:
-        from ray.tune.search.optuna import OptunaSearch
+        from kdplatform.sweep.optuna_search import StageAwareOptunaSearch
 
-        search_alg = OptunaSearch(metric=spec.search.metric, mode=spec.search.mode, seed=spec.search.seed)
+        search_alg = StageAwareOptunaSearch(metric=spec.search.metric, mode=spec.search.mode,
+                                            seed=spec.search.seed)
         num_samples = spec.search.num_samples
     if spec.scheduler is not None:
         from ray.tune.schedulers import ASHAScheduler
