@@ -8,6 +8,9 @@ Layers are 1-based (layer 0 is the embedding output, used only by hidden-state l
 - a list of teacher layers, one per student layer, e.g. ``[2, 4, 6]`` or the string ``"2,4,6"``;
 - explicit pairs ``"student:teacher"``, e.g. ``"1:3,2:6"`` (a subset of student layers).
 
+A trial's map is hashed in one spelling per mapping (`canonical_layer_map`): ``[3, 6]`` on a 2-layer student
+of a 6-layer teacher is ``"uniform"``.
+
 >>> resolve_layer_map("uniform", n_student=2, n_teacher=6)
 [(1, 3), (2, 6)]
 >>> resolve_layer_map("last", 2, 6)
@@ -75,6 +78,49 @@ def resolve_layer_map(spec: LayerMapSpec, n_student: int, n_teacher: int) -> lis
     if len({s for s, _ in pairs}) != len(pairs):
         raise LayerMapError("a student layer appears twice in the layer map")
     return pairs
+
+
+NAMED_MAPS = ("uniform", "last")  # in order of preference when both give the same pairs (a 1-layer student)
+
+
+def canonical_layer_map(spec: LayerMapSpec, n_student: int, n_teacher: int) -> LayerMapSpec:
+    """One spelling per mapping of these two depths.
+
+    Why: the config hash is of the spelling, and the grid collapses trials by hash, so `[3, 6]`, `"3,6"`,
+    `"1:3,2:6"` and `"2:6, 1:3"` (all 'uniform' on a 2-layer student of a 6-layer teacher) would be four
+    trials with four hashes that compute the same thing. Rules, chosen so that no trial already written in
+    the canonical spelling changes its hash (MLflow stores dedupe finished runs by it):
+
+    - 'uniform' and 'last' are kept as written;
+    - an explicit map with the pairs of 'uniform' (else of 'last') becomes that name;
+    - any other explicit map: the list of teacher layers when it maps every student layer, else the
+      's:t' pairs without spaces; in both, pairs ordered by student layer (the order they are written in
+      means nothing: each student layer appears once).
+
+    A map that does not fit the two models is returned as written: resolving it raises the error.
+
+    >>> canonical_layer_map([3, 6], 2, 6), canonical_layer_map("2:6", 2, 6)
+    ('uniform', 'last')
+    >>> canonical_layer_map("2, 6", 2, 6), canonical_layer_map("2:5 ,1:1", 2, 6)
+    ([2, 6], [1, 5])
+    >>> canonical_layer_map("1:2", 2, 6), canonical_layer_map("1:9", 2, 6)
+    ('1:2', '1:9')
+    """
+    if isinstance(spec, str) and spec in NAMED_MAPS:
+        return spec
+    try:
+        pairs = sorted(resolve_layer_map(spec, n_student, n_teacher))
+    except LayerMapError:
+        return spec
+    for name in NAMED_MAPS:
+        try:
+            if pairs == resolve_layer_map(name, n_student, n_teacher):
+                return name
+        except LayerMapError:  # 'uniform' with a student deeper than the teacher
+            continue
+    if [s for s, _ in pairs] == list(range(1, n_student + 1)):
+        return [t for _, t in pairs]
+    return ",".join(f"{s}:{t}" for s, t in pairs)
 
 
 def with_embeddings(pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kdplatform.config.errors import ConfigError
-from kdplatform.config.layer_map import LayerMapError, resolve_layer_map, with_embeddings
+from kdplatform.config.layer_map import LayerMapError, canonical_layer_map, resolve_layer_map, with_embeddings
 from kdplatform.config.models import MODEL_ALIASES, model_depth
 from kdplatform.config.normalise import normalise_no_ops
 from kdplatform.config.presets import (DEFAULT_CONSISTENCY_WEIGHT, PRESETS, STAGE_DEFAULTS, Preset,
@@ -58,11 +58,16 @@ def resolve_with_notes(cfg: TrialConfig, where: str = "", file: str | None = Non
                           "drop data.hub_dataset to read the folder, or set data.source: auto to read hub_dataset")
     s_layers, t_layers = _depths(cfg, where, file)
     layer_map, cw, coeffs = _axes(cfg, preset, notes)
+    written = layer_map
+    if layer_map is not None:  # equal mappings hash equal: see canonical_layer_map
+        layer_map = canonical_layer_map(layer_map, s_layers, t_layers)
     ctx = _Context(cfg, file, where, s_layers, t_layers, layer_map, cw, coeffs, notes)
     stages = [_resolve_stage(ctx, name, tpl, ov) for name, tpl, ov in _stage_plan(cfg, preset, where, file)]
     uses_map = any(t.layer_map is not None and t.layer_map == _label(layer_map) for s in stages for t in s.losses)
     if cfg.layer_map is not None and layer_map is not None and not uses_map:
         notes.append(f"layer_map has no effect on method {cfg.method} (its terms do not take the trial's map)")
+    elif uses_map and layer_map != written:
+        notes.append(_respelled("layer_map", written, layer_map, s_layers, t_layers))
     trial = ResolvedTrial(
         name=cfg.name, tracking_uri=cfg.tracking_uri, task=cfg.task, method=cfg.method,
         layer_map=layer_map if uses_map else None, consistency_weight=cw, bits=cfg.bits, act_bits=cfg.act_bits,
@@ -209,6 +214,10 @@ def _resolve_term(ctx: _Context, term: LossTermConfig, weight: float, tpath: str
     if spec is None:
         raise ConfigError(ctx.file, f"{tpath}.layer_map", f"loss '{term.name}' needs a layer map",
                           "set layer_map: uniform|last|...")
+    if term.layer_map is not None:  # a term's own map: equal mappings hash equal (see canonical_layer_map)
+        spec = canonical_layer_map(term.layer_map, ctx.s_layers, ctx.t_layers)
+        if spec != term.layer_map:
+            ctx.notes.append(_respelled(path, term.layer_map, spec, ctx.s_layers, ctx.t_layers))
     try:
         pairs = resolve_layer_map(spec, ctx.s_layers, ctx.t_layers)
     except LayerMapError as e:
@@ -252,6 +261,11 @@ def _stage_consistency(ctx: _Context, tpl: StageTemplate | None, ov: StageConfig
                          "(the clean targets come from the student itself; not recorded)")
     return ResolvedConsistency(weight=weight, losses=list(c.losses), ramp=c.ramp, target=c.target,
                                ema_decay=c.ema_decay if c.target == "ema" else None)
+
+
+def _respelled(path: str, written: Any, canonical: Any, s_layers: int, t_layers: int) -> str:
+    return (f"{path} {written!r} maps the layers as {canonical!r} does for a {s_layers}-layer student of a "
+            f"{t_layers}-layer teacher (hashed and named as {canonical!r})")
 
 
 def _label(spec: Any) -> str | None:

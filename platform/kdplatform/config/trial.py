@@ -3,6 +3,8 @@
 Config hash policy: the hash is of exactly the settings that take effect.
 - Settings that have no effect are normalised to their defaults by `resolve.py` before hashing (with a note),
   so a no-op setting never makes an identical trial look new.
+- Spellings of the same layer map (`[3, 6]`, `'1:3,2:6'` and `uniform` on a 2-layer student of a 6-layer
+  teacher) are written one way by `resolve.py` before hashing (`layer_map.canonical_layer_map`).
 - What does not change results is left out: the experiment name, the tracking store, the run-name suffix,
   which trained models are kept (`output`), where the GLUE files sit, device, compile and the teacher
   cache's size bound.
