@@ -235,3 +235,22 @@ def test_conditional_overrides_set_values_for_matching_trials(tmp_path):
 def test_bad_overrides_are_refused_with_their_path(tmp_path, overrides, path):
     e = refused(tmp_path, f"method: kd\noverrides: {overrides}\ngrid: {{task: [cola, rte]}}\n")
     assert e.path.startswith(path), str(e)
+
+
+# ------------------------------------------------------------------------------ stage settings no trial trains
+def test_a_stage_setting_no_method_of_the_file_trains_is_noted_and_changes_no_hash(tmp_path):
+    kd, _ = one(tmp_path, "method: kd\n", "plain.yaml")
+    trial, notes = one(tmp_path, """\
+        method: kd
+        train:
+          - {name: qat, eval_every: 50}
+          - {name: pred, lr: 1.0e-4}
+        """)
+    assert notes == ["train[0] (stage 'qat') has no effect: none of this file's methods (kd) trains a stage 'qat'"]
+    assert trial.train[0].lr == 1.0e-4  # the stage that runs still takes its setting
+    _, same, _ = trials_of(tmp_path, "method: kd\ntrain:\n  - {name: pred, lr: 1.0e-4}\n", "pred_only.yaml")
+    assert trial.cfg_hash == same[0].cfg_hash != kd.cfg_hash
+    # a grid over methods where one of them trains the stage: no note
+    _, _, grid_notes = trials_of(tmp_path, "grid: {method: [kd, cr_ild]}\ntrain:\n  - {name: ild, epochs: 1}\n",
+                                 "grid.yaml")
+    assert not [n for n in grid_notes if "has no effect: none of" in n]

@@ -239,7 +239,18 @@ def expand(spec: SweepSpec, lines: dict | None = None) -> tuple[list[ResolvedTri
                           line=(lines or {}).get(("overrides", i, "when")))
     out = [f"{k} trial(s) collapsed: {why}" for why, k in collapsed.items()]
     out += [f"{k} trial(s) normalised: {why}" for why, k in normalised.items() if why not in collapsed]
+    out += unused_stage_notes(spec, list(trials.values()))
     return list(trials.values()), out
+
+
+def unused_stage_notes(spec: SweepSpec, trials: list[ResolvedTrial]) -> list[str]:
+    """A note for each `train:` entry that no trial trains (a `qat` stage in a file of kd and cr_ild): it is
+    fine in a file whose grid is narrowed on the command line (`grid.method=[kd]`), so not an error, but it
+    must not do nothing in silence."""
+    trained = {st.name for t in trials for st in t.train}
+    methods = ", ".join(sorted({t.method for t in trials}))
+    return [f"train[{i}] (stage '{st.name}') has no effect: none of this file's methods ({methods}) trains a "
+            f"stage '{st.name}'" for i, st in enumerate(spec.train) if st.name not in trained]
 
 
 def raw_trials(spec: SweepSpec, wanted: set[str]) -> dict[str, dict[str, Any]]:
