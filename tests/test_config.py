@@ -367,6 +367,8 @@ def test_zero_loss_weight_is_refused(tmp_path):
 def _cli(args, cwd):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)  # the default store would be ./mlflow.db in cwd
+    # a dry run reads the SST-2 files as a real run would: the corpus's small valid folder when no GLUE is set
+    env.setdefault("KDP_GLUE_DIR", str(Path(__file__).resolve().parent / "bad_inputs" / "glue_ok"))
     script = Path(sys.executable).parent / "kdplatform"  # the console script of this environment
     cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "kdplatform.cli"]
     return subprocess.run([*cmd, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)

@@ -57,7 +57,7 @@ def _spec(tmp_path: Path, extra: str = "", glue: str | Path = "/nowhere") -> Pat
 
 
 def test_dry_run_prints_plan_and_starts_nothing(tmp_path, monkeypatch):
-    spec = _spec(tmp_path)
+    spec = _spec(tmp_path, glue=GLUE_OK)  # a dry run checks the data files, as the sweep would
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     res = CliRunner().invoke(app, ["sweep", str(spec), "--dry-run", "--tracking-uri", uri])
@@ -78,7 +78,7 @@ def test_dry_run_prints_plan_and_starts_nothing(tmp_path, monkeypatch):
 
 
 def test_dedupe_counts_finished_runs_as_done(tmp_path, monkeypatch, store):
-    spec = _spec(tmp_path)
+    spec = _spec(tmp_path, glue=GLUE_OK)  # the dry run below checks the data files
     monkeypatch.chdir(tmp_path)
     uri = store
     _, trials, _ = load_trials(spec)
@@ -171,7 +171,13 @@ def test_ray_wiring_without_a_cluster(tmp_path):
     cfg = kdp_tune.tune_config(plan.spec, 2)
     assert cfg.num_samples == 5 and cfg.max_concurrent_trials == 2
     assert type(cfg.scheduler).__name__ == "AsyncHyperBandScheduler"
-    assert type(cfg.search_alg).__name__ == "OptunaSearch"
+    from ray.tune.search.optuna import OptunaSearch
+
+    assert isinstance(cfg.search_alg, OptunaSearch)
+    # a result without the metric (an ILD stage's eval) is passed over, not a KeyError that ends the sweep
+    cfg.search_alg.set_search_properties("dev/best_score", "max", {"x": tune.uniform(0, 1)})
+    assert cfg.search_alg.suggest("t1") is not None
+    cfg.search_alg.on_trial_result("t1", {"distill_loss": 0.5, "training_iteration": 1})
     rc = kdp_tune.run_config("x", tmp_path, plan.spec.max_failures)
     assert isinstance(rc, tune.RunConfig) and rc.failure_config.max_failures == 3
     grid = kdp_tune.param_space(plan.trials)["trial"]["grid_search"]

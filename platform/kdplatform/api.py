@@ -54,6 +54,7 @@ def run_trial(trial: ResolvedTrial, *, tracking_uri: str | None = None, parent_r
               callbacks: Callbacks | None = None) -> TrialResult:
     """Train one student (fine-tuning its teacher first if no cached one exists) as one MLflow run.
 
+    The store is `tracking_uri`, else MLFLOW_TRACKING_URI, else the trial's `tracking_uri`, else ./mlflow.db.
     Raises `DivergedError` (the run is FAILED with the reason), `DataError` / `TeacherError` on bad inputs.
     `callbacks.on_progress(label, step, total)` is called after every training step.
 

@@ -29,6 +29,9 @@ OverridesArg = typer.Argument(None, metavar="KEY=VALUE", show_default=False,
                               help="settings over the file's, e.g. train.pred.lr=1e-4 seeds=[1] (values are YAML)")
 TrackingOpt = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
                            "else sqlite:///./mlflow.db)")
+# Commands that read a YAML file: its `tracking_uri:` comes after the environment (tracking.pick_tracking_uri).
+FileTrackingOpt = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
+                               "else the file's tracking_uri:, else sqlite:///./mlflow.db)")
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -79,10 +82,9 @@ def _check_store(uri: str, file: Path) -> None:
 
 
 def _uri(tracking_uri: str | None, trials: list[ResolvedTrial] | None = None, file: Path | None = None) -> str:
-    uri = tracking_uri or (trials[0].tracking_uri if trials and trials[0].tracking_uri else None) \
-        or tracking.default_tracking_uri()
+    """The store: --tracking-uri, else MLFLOW_TRACKING_URI, else the file's tracking_uri:, else ./mlflow.db."""
     try:
-        return tracking.absolute_uri(uri)
+        return tracking.resolve_tracking_uri(tracking_uri, trials[0].tracking_uri if trials else None)
     except tracking.CredentialsInUri as e:
         _fail(f"{file}: {e}".replace("[", r"\[") if file else str(e))
 
@@ -107,12 +109,14 @@ ForceOpt = typer.Option(False, "--force", help="run configs that already have a 
 
 @app.command()
 def run(file: Path = typer.Argument(..., help="trial or sweep YAML"), overrides: Optional[list[str]] = OverridesArg,
-        tracking_uri: Optional[str] = TrackingOpt,
-        dry_run: bool = typer.Option(False, "--dry-run", help="validate and list the trials; run nothing"),
+        tracking_uri: Optional[str] = FileTrackingOpt,
+        dry_run: bool = typer.Option(False, "--dry-run", help="validate, check the local data files and "
+                                     "teacher checkpoints the run would read (nothing is downloaded), and list "
+                                     "the trials; run nothing"),
         force: bool = ForceOpt) -> None:
     """Run the file's missing trials in this process, one after the other (the sweep without Ray)."""
     from kdplatform.sweep.expand import plan_sweep
-    from kdplatform.sweep.local import run_local
+    from kdplatform.sweep.local import check_runnable_here, run_local
     from kdplatform.sweep.session import SweepError
 
     try:
@@ -123,6 +127,12 @@ def run(file: Path = typer.Argument(..., help="trial or sweep YAML"), overrides:
         console.print(f"[yellow]note:[/] {escape(n)}")
     console.print(trial_table(plan.trials, set(plan.done), title=f"{len(plan.trials)} trial(s) from {file}"))
     if dry_run:
+        try:  # the real run's refusals (search:/scheduler:, data files, checkpoints, device), nothing written
+            check_runnable_here(plan, file, fetch=False)
+        except SweepError as e:
+            _fail(str(e).replace("[", r"\["))
+        except _user_errors() as e:
+            _fail(f"{file}: {e}".replace("[", r"\["))
         for line in describe_trials(plan.trials):  # per stage: each loss term, its layer pairs and weight
             console.print(escape(line))
         return
@@ -141,7 +151,7 @@ def run(file: Path = typer.Argument(..., help="trial or sweep YAML"), overrides:
 
 @app.command()
 def teacher(file: Path = typer.Argument(..., help="trial or sweep YAML"),
-            tracking_uri: Optional[str] = TrackingOpt) -> None:
+            tracking_uri: Optional[str] = FileTrackingOpt) -> None:
     """Fine-tune (or find) every distinct teacher the file needs, once each."""
     _, trials, _ = _load(file)
     uri = _uri(tracking_uri, trials, file)
@@ -162,8 +172,9 @@ def teacher(file: Path = typer.Argument(..., help="trial or sweep YAML"),
 
 @app.command()
 def sweep(file: Path = typer.Argument(..., help="sweep YAML"), overrides: Optional[list[str]] = OverridesArg,
-          dry_run: bool = typer.Option(False, "--dry-run", help="print the trial table (count, teachers to train, "
-                                       "trials already done) and run nothing"),
+          dry_run: bool = typer.Option(False, "--dry-run", help="check the local data files and teacher "
+                                       "checkpoints (nothing is downloaded), print the trial table (count, teachers to train, trials already done) "
+                                       "and run nothing"),
           resume: bool = typer.Option(False, "--resume", help="continue an interrupted run of this sweep file"),
           fresh: bool = typer.Option(False, "--fresh", help="abandon an interrupted run of this file (its open "
                                      "runs become KILLED) and start again; finished trials are still skipped"),
@@ -172,7 +183,7 @@ def sweep(file: Path = typer.Argument(..., help="sweep YAML"), overrides: Option
           max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", min=1,
                                                        help="at most N trials at once"),
           force: bool = ForceOpt,
-          tracking_uri: Optional[str] = TrackingOpt,
+          tracking_uri: Optional[str] = FileTrackingOpt,
           storage: Optional[Path] = typer.Option(None, "--storage", help="Ray results folder (default: "
                                                  "./ray_results)"),
           num_cpus: Optional[int] = typer.Option(None, "--num-cpus", min=1, help="CPUs of the local Ray cluster"),
@@ -196,13 +207,20 @@ def sweep(file: Path = typer.Argument(..., help="sweep YAML"), overrides: Option
 
 
 @app.command(name="ls")
-def list_runs(tracking_uri: Optional[str] = TrackingOpt) -> None:
-    """List the store's sweeps and runs (parent runs) with their trial counts by status."""
+def list_runs(tracking_uri: Optional[str] = TrackingOpt,
+              sweep: Optional[str] = typer.Option(None, "--sweep", metavar="RUN_ID",
+                                                  help="a parent run id (from plain `ls`): list its student runs "
+                                                       "with their run ids (for `kdplatform export`)")) -> None:
+    """List the store's sweeps and runs (parent runs) with their trial counts by status; with --sweep, the
+    student runs of one of them."""
     from kdplatform import runs
 
     uri = _uri(tracking_uri)
     if runs.store_missing(uri):
         console.print(f"no runs yet: no store at {escape(tracking.redact(uri))}")
+        return
+    if sweep:
+        _list_students(uri, sweep)
         return
     rows = runs.list_sweeps(uri)
     table = Table(title=f"sweeps and runs in {escape(tracking.redact(uri))}", box=None, title_justify="left")
@@ -216,6 +234,31 @@ def list_runs(tracking_uri: Optional[str] = TrackingOpt) -> None:
         table.add_row(escape(r.experiment), r.runner, r.status, r.run_id, r.started, counts)
     out = console if console.is_terminal else Console(width=200)  # piped: one line per row, for grep
     out.print(table if rows else "no sweeps or runs in this store yet")
+    if rows:  # the ids `kdplatform export` takes are the students', one level down
+        out.print("a run's student runs and their run ids (what `kdplatform export` takes): "
+                  "kdplatform ls --sweep RUN_ID")
+
+
+def _list_students(uri: str, parent_id: str) -> None:
+    """`ls --sweep`: the student runs under one parent run, oldest first, with run ids and best dev scores."""
+    from kdplatform import runs
+
+    # a student names its parent run in MLflow's nesting tag and in kdp.sweep: either one finds it
+    found = {r.info.run_id: r for f in (runs.student_filter(parent=parent_id), runs.student_filter(sweep=parent_id))
+             for r in runs.search(uri, None, f)}
+    if not found:
+        _fail(f"no student runs under parent run {escape(parent_id)} in {escape(tracking.redact(uri))}\n"
+              "  fix: pass a parent run id from `kdplatform ls` (and the same --tracking-uri)")
+    table = Table(title=f"student runs of {escape(parent_id)}", box=None, title_justify="left")
+    for col in ("run id", "status", "dev best"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("run name", overflow="fold")
+    for r in sorted(found.values(), key=lambda r: r.info.start_time or 0):
+        score = r.data.metrics.get("dev/best_score")
+        table.add_row(r.info.run_id, r.info.status, "-" if score is None else f"{score:.4f}",
+                      escape(r.info.run_name or ""))
+    out = console if console.is_terminal else Console(width=200)  # piped: one line per row, for grep
+    out.print(table)
 
 
 @app.command()

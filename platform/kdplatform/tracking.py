@@ -31,12 +31,21 @@ T = TypeVar("T")
 PARENT = "mlflow.parentRunId"  # MLflow's own nesting tag (kdplatform's tag names live in runs.py)
 
 
-def default_tracking_uri() -> str:
-    """`MLFLOW_TRACKING_URI` if set, else a SQLite file `./mlflow.db` (absolute, so Ray trials find it)."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    return "sqlite:///" + str(Path("mlflow.db").resolve())
+def pick_tracking_uri(flag: str | None = None, file_uri: str | None = None) -> str:
+    """The store to log to or read from, the one place this order lives: `--tracking-uri` (`flag`), else
+    `MLFLOW_TRACKING_URI`, else the YAML file's `tracking_uri:` (`file_uri`), else `./mlflow.db`.
+
+    The environment beats the file so that one sweep file runs unchanged on a laptop (its own field, or the
+    default) and on a cluster whose deployment exports MLFLOW_TRACKING_URI for every process.
+    """
+    local = "sqlite:///" + str(Path("mlflow.db").resolve())  # absolute: trials run in other working directories
+    return flag or os.environ.get("MLFLOW_TRACKING_URI") or file_uri or local
+
+
+def resolve_tracking_uri(flag: str | None = None, file_uri: str | None = None) -> str:
+    """`pick_tracking_uri`, made absolute (`absolute_uri`: trials run in other working directories) and refused
+    when it holds a password (`CredentialsInUri`)."""
+    return absolute_uri(pick_tracking_uri(flag, file_uri))
 
 
 class CredentialsInUri(ValueError):

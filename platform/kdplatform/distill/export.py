@@ -141,7 +141,8 @@ def export_run_model(tracking_uri: str, run_id: str, dest: Path, which: str = "b
     try:
         run = c.get_run(run_id)
     except MlflowException as e:
-        raise ExportError(f"no run {run_id!r} in {where} (list them with `kdplatform ls`)") from e
+        raise ExportError(f"no run {run_id!r} in {where} (student run ids: `kdplatform ls --sweep PARENT_RUN_ID`; "
+                          "parent run ids: `kdplatform ls`)") from e
     path = ARTIFACT_DIR.format(which=which)
     if not c.list_artifacts(run_id, path):
         role = run.data.tags.get(runs.ROLE, "unknown")

@@ -27,6 +27,12 @@ def data_splits(trial: ResolvedTrial) -> list[tuple[str, str]]:
     return splits + [(extra, "train") for extra in trial.data.supplementary_tasks]
 
 
+def from_hub(trial: ResolvedTrial) -> bool:
+    """Whether the trial's data comes through `datasets` (a hub id or folder), not from GLUE TSV files."""
+    d = trial.data
+    return bool(d.hub_dataset) or d.source == "hub" or (d.source == "auto" and not (d.glue_dir or paths.glue_dir()))
+
+
 class DeviceError(ValueError):
     """A device the config asks for that this machine does not have (a user error: exit code 2)."""
 
@@ -43,12 +49,13 @@ def check_device(trials: Sequence[ResolvedTrial]) -> None:
                           "available) or cpu, or run on a machine with a GPU")
 
 
-def preflight(trials: Sequence[ResolvedTrial], *, runs_here: bool = True) -> None:
+def preflight(trials: Sequence[ResolvedTrial], *, runs_here: bool = True, fetch: bool = True) -> None:
     """Raise `DeviceError` / `TeacherError` / `DataError` (user errors: exit code 2) for the first unusable
     input.
 
     `runs_here=False` (a sweep on another Ray cluster, whose nodes have their own devices) skips the device
-    check. Each distinct checkpoint and each distinct (task, split, data source) is checked once. Teachers
+    check. `fetch=False` (`--dry-run`) skips data that would come from the hub: a dry run must not download
+    GLUE. Each distinct checkpoint and each distinct (task, split, data source) is checked once. Teachers
     that will be fine-tuned are not loaded here (that is the teacher stage's job); their data is checked.
     """
     if runs_here:
@@ -72,7 +79,7 @@ def preflight(trials: Sequence[ResolvedTrial], *, runs_here: bool = True) -> Non
         glue = t.data.glue_dir or paths.glue_dir()
         for task, split in data_splits(t):
             key = (task, split, t.data.source, glue, t.data.hub_dataset)
-            if key in seen_split:
+            if key in seen_split or (not fetch and from_hub(t)):
                 continue
             seen_split.add(key)
             load_split(task, split, source=t.data.source, glue_dir=t.data.glue_dir, hub_dataset=t.data.hub_dataset)

@@ -91,7 +91,7 @@ def run_trial(trial: ResolvedTrial, *, tracking_uri: str | None = None, parent_r
     """Run one student trial and log it as one MLflow run (reattached to `run_id` when resuming)."""
     started = time.time()
     callbacks = callbacks or Callbacks()
-    uri = tracking.absolute_uri(tracking_uri or trial.tracking_uri or tracking.default_tracking_uri())
+    uri = tracking.resolve_tracking_uri(tracking_uri, trial.tracking_uri)  # a sweep's trials get the driver's
     teacher_dir = ensure_teacher(trial, uri, on_progress=callbacks.on_progress)
     set_seed(trial.seed)  # after the teacher: a fine-tune in this process must not shift the student's RNG
     tokenizer = teacher_tokenizer(teacher_dir)

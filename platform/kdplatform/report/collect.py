@@ -16,7 +16,6 @@ Two ways to read, giving the same frames (a test holds them equal):
 
 from __future__ import annotations
 
-import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -51,14 +50,12 @@ class ReportError(Exception):
     """A user-facing problem (no runs, unknown experiment, bad option): printed without traceback, exit 2."""
 
 
-def default_tracking_uri() -> str:
-    """The same store `kdplatform run`/`sweep` write to: `MLFLOW_TRACKING_URI`, else ./mlflow.db."""
-    try:
-        from kdplatform.tracking import default_tracking_uri as shared
-    except ImportError:  # pragma: no cover - tracking.py is written in parallel with this module
-        uri = os.environ.get("MLFLOW_TRACKING_URI")
-        return uri or "sqlite:///" + str(Path("mlflow.db").resolve())
-    return shared()
+def default_tracking_uri(flag: str | None = None) -> str:
+    """The same store `kdplatform run`/`sweep` write to (`tracking.pick_tracking_uri`, the one place of the
+    order): `flag` (--tracking-uri), else `MLFLOW_TRACKING_URI`, else ./mlflow.db."""
+    from kdplatform.tracking import pick_tracking_uri
+
+    return pick_tracking_uri(flag)
 
 
 def redact(uri: str) -> str:
@@ -422,6 +419,29 @@ def _teacher_runs(client, hashes: set[str]) -> pd.DataFrame:
     return frame.merge(scores[["run_id", "best_score", "final_score"]], on="run_id", how="inner")
 
 
+def teacher_notes(students: pd.DataFrame, teachers: pd.DataFrame) -> list[str]:
+    """Why the teacher row is not drawn for a task: none of its students' teacher hashes has a finished
+    teacher run in this store (the report finds teachers by hash, in every experiment of the store)."""
+    found = set(teachers.teacher_hash)
+    given = students.get("params.teacher.checkpoint", pd.Series("", index=students.index)).fillna("").astype(str)
+    ready, cached = [], []
+    for task in sorted(set(students.task), key=task_sort_key):
+        mine = students.task == task
+        if found & set(students.teacher_hash[mine]):
+            continue
+        (ready if (given[mine] != "").all() else cached).append(task)
+    notes = []
+    if cached:
+        notes.append(f"teacher row not drawn for {', '.join(cached)}: no finished teacher run (tag {runs.ROLE} = "
+                     f"{runs.TEACHER}) with its teacher hash in this store; the teacher came from the teacher cache "
+                     f"(KDP_CACHE_DIR), and its fine-tune run is in the store that trained it (run id in the "
+                     f"cached teacher's kdp_teacher.json)")
+    if ready:
+        notes.append(f"teacher row not drawn for {', '.join(ready)}: the teacher is a ready checkpoint "
+                     f"(teacher.checkpoint), not fine-tuned in a run of this store, so no run holds its dev score")
+    return notes
+
+
 def _search_axes(sweep_runs: list) -> list[str]:
     out: list[str] = []
     for s in sweep_runs:
@@ -471,6 +491,7 @@ def collect_runs(tracking_uri: str, experiment: str | None = None, sweep: str | 
     df = sort_runs(df).reset_index(drop=True)
     history = history[history.run_id.isin(df.run_id)].reset_index(drop=True)
     teachers = _teacher_runs(client, set(df.teacher_hash) - {""})
+    notes += teacher_notes(df, teachers)
     majority, why = majority_levels(df)
     notes += why
     return ReportData(df, history, tracking_uri, {i: names.get(i, i) for i in df.experiment_id.unique()},

@@ -429,7 +429,7 @@ def report_command(experiment: str | None, sweep: str | None, dashboard: list[st
     from rich.markup import escape
 
     console, err = Console(), Console(stderr=True)
-    uri = tracking_uri or default_tracking_uri()
+    uri = default_tracking_uri(tracking_uri)
     try:
         summary = generate(uri, out, experiment=experiment, sweep=sweep, dashboards=dashboard, formats=formats,
                            console=err)

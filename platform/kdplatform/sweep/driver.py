@@ -30,8 +30,7 @@ from rich.markup import escape
 
 from kdplatform import runs, tracking
 from kdplatform.config import describe_trials
-from kdplatform.distill.preflight import preflight
-from kdplatform.sweep.expand import SweepPlan, plan_sweep
+from kdplatform.sweep.expand import SweepPlan, plan_sweep, preflight_plan
 from kdplatform.sweep.progress import SweepMonitor, plan_tables
 from kdplatform.sweep.session import (SweepError, SweepOutcome, close_orphans_of, close_parent, counts_of, hold_spec,
                                       nothing_new, open_parent, print_results, refresh_done)
@@ -64,8 +63,15 @@ def run_sweep(file: str | Path, *, tracking_uri: str | None = None, dry_run: boo
     `force` runs configs that already have a FINISHED run again (a new run each).
     """
     console = console or Console()
+    if resume and max_concurrent is not None:  # Tuner.restore keeps the saved TuneConfig: it would do nothing
+        raise SweepError("--max-concurrent cannot change a resumed sweep: Ray restores the limit it started with",
+                         f"resume without --max-concurrent, or start again with: kdplatform sweep {file} --fresh "
+                         f"--max-concurrent {max_concurrent} (finished trials are kept and skipped)")
     plan = plan_sweep(file, tracking_uri, force=force, overrides=overrides)
     exp_path = Path(storage or "ray_results").resolve() / plan.experiment_dir_name
+    # every data file and ready checkpoint the trials read, checked before anything is written (the spec's
+    # claim, the parent run, Ray); a dry run checks them too, without downloading hub data
+    preflight_plan(plan, runs_here=not address, fetch=not dry_run)
     if dry_run:
         for r in plan_tables(plan, [teacher_status(t, plan.tracking_uri) for t in plan.teachers().values()],
                              plan.tracking_uri):
@@ -76,13 +82,6 @@ def run_sweep(file: str | Path, *, tracking_uri: str | None = None, dry_run: boo
             console.print(f"Ray experiment folder exists: {escape(str(exp_path))}")
         console.print("[bold]dry run:[/] nothing was started.")
         return SweepOutcome(0, experiment_path=exp_path)
-    if resume and max_concurrent is not None:  # Tuner.restore keeps the saved TuneConfig: it would do nothing
-        raise SweepError("--max-concurrent cannot change a resumed sweep: Ray restores the limit it started with",
-                         f"resume without --max-concurrent, or start again with: kdplatform sweep {file} --fresh "
-                         f"--max-concurrent {max_concurrent} (finished trials are kept and skipped)")
-    # every data file and ready checkpoint the trials read, checked before anything is written (the spec's
-    # claim, the parent run, Ray)
-    preflight(plan.trials if plan.spec.search is not None else plan.to_run, runs_here=not address)
     waited: list[str] = []
     spec_claim = hold_spec(plan, console, on_wait=waited.append)
     try:

@@ -3,7 +3,7 @@
 `plan_sweep(path, tracking_uri)` reads and validates the YAML (`config.load_trials`: collapsed and dropped
 combinations come back as notes), asks MLflow once which config hashes already have a
 FINISHED run (dedupe), and for `search:` keeps the raw trial configs the sampled values are applied to.
-No Ray and no torch here: `--dry-run` is this plan printed.
+No Ray and no torch here: `--dry-run` is this plan printed, after `preflight_plan` (the real run's checks).
 
 >>> plan = plan_sweep("sweeps/quickstart.yaml", "sqlite:////abs/mlflow.db")    # doctest: +SKIP
 >>> len(plan.trials), len(plan.to_run), plan.experiment_dir_name                # doctest: +SKIP
@@ -81,10 +81,11 @@ def plan_sweep(path: str | Path, tracking_uri: str | None = None, query_done: bo
     """Validate and expand `path` (with command-line `key=value` overrides); with `query_done`, look up
     finished runs in the store (`force`: count none as done, so finished configs run again).
 
-    The store is `tracking_uri`, else the spec's `tracking_uri`, else the default (`./mlflow.db`).
+    The store is `tracking.resolve_tracking_uri`'s: `tracking_uri`, else MLFLOW_TRACKING_URI, else the spec's
+    `tracking_uri`, else `./mlflow.db`. Trials log to this URI, passed on to them (never re-resolved there).
     """
     spec, trials, notes = load_trials(path, overrides)
-    uri = tracking.absolute_uri(tracking_uri or spec.tracking_uri or tracking.default_tracking_uri())
+    uri = tracking.resolve_tracking_uri(tracking_uri, spec.tracking_uri)
     if query_done:
         check_store(uri)  # a store that is down, refuses us or is corrupt: exit 2 now, not after the teachers
     plan = SweepPlan(spec=spec, spec_file=Path(path).resolve(), spec_hash=spec_hash(spec), trials=trials,
@@ -95,6 +96,19 @@ def plan_sweep(path: str | Path, tracking_uri: str | None = None, query_done: bo
     if query_done and not spec.search and not force:
         plan.done = runs.finished_cfg_hashes(uri, spec.name, {t.cfg_hash for t in trials})
     return plan
+
+
+def preflight_plan(plan: SweepPlan, runs_here: bool = True, fetch: bool = True) -> None:
+    """Check every file the plan's trials will read (GLUE splits, teacher checkpoints) and, when they run on
+    this machine, its device: raises DataError / TeacherError / DeviceError. A real run calls this before it
+    writes anything, and `--dry-run` calls it too, so a dry run passes only when the run would start.
+
+    A search draws its samples from every base trial, so all of them are checked; a grid checks the trials
+    still to run (finished ones read nothing). `fetch=False` (a dry run) leaves out data from the hub.
+    """
+    from kdplatform.distill.preflight import preflight
+
+    preflight(plan.trials if plan.spec.search is not None else plan.to_run, runs_here=runs_here, fetch=fetch)
 
 
 def apply_sample(raw: dict[str, Any], values: dict[str, Any], file: str | None = None) -> ResolvedTrial:

@@ -20,7 +20,7 @@ from rich.markup import escape
 from kdplatform import runs, tracking
 from kdplatform.config import ResolvedTrial
 from kdplatform.distill.heap import release_memory
-from kdplatform.sweep.expand import SweepPlan
+from kdplatform.sweep.expand import SweepPlan, preflight_plan
 from kdplatform.sweep.session import (SweepError, SweepOutcome, close_orphans_of, close_parent, counts_of, hold_spec,
                                       nothing_new, open_parent, print_results, refresh_done)
 from kdplatform.sweep.step_view import StepProgress
@@ -30,11 +30,7 @@ def run_local(plan: SweepPlan, file: str | Path, console: Console | None = None)
     """Run the plan's missing trials in this process under one parent run; user errors raise (ConfigError,
     DataError, TeacherError, SweepError), Ctrl-C/SIGTERM raise KeyboardInterrupt with every run closed."""
     console = console or Console()
-    if plan.spec.search is not None or plan.spec.scheduler is not None:
-        raise SweepError(f"{file}: `search:` and `scheduler:` need Ray", f"kdplatform sweep {file}")
-    from kdplatform.distill.preflight import preflight
-
-    preflight(plan.to_run)  # every file the trials read, checked before anything is written (claims included)
+    check_runnable_here(plan, file)  # before anything is written (claims included)
     waited: list[str] = []
     spec_claim = hold_spec(plan, console, on_wait=waited.append)
     try:
@@ -58,6 +54,15 @@ def run_local(plan: SweepPlan, file: str | Path, console: Console | None = None)
         return SweepOutcome(1 if counts["failed"] else 0, parent.run_id, None, counts, rows)
     finally:
         spec_claim.release()
+
+
+def check_runnable_here(plan: SweepPlan, file: str | Path, fetch: bool = True) -> None:
+    """What `kdplatform run` refuses before it writes anything, and `run --dry-run` refuses too: `search:` and
+    `scheduler:` (they need Ray: SweepError), then every file the trials read and this machine's device
+    (`preflight_plan`: DataError, TeacherError, DeviceError; `fetch=False`: no hub downloads)."""
+    if plan.spec.search is not None or plan.spec.scheduler is not None:
+        raise SweepError(f"{file}: `search:` and `scheduler:` need Ray", f"kdplatform sweep {file}")
+    preflight_plan(plan, fetch=fetch)
 
 
 def _run_all(plan: SweepPlan, parent_id: str, console: Console) -> list[dict[str, Any]]:
