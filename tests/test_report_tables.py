@@ -7,6 +7,7 @@ import statistics
 
 import pandas as pd
 import pytest
+from mlflow.tracking import MlflowClient
 
 import report_fixtures as rf
 from kdplatform.report import collect as C
@@ -112,6 +113,28 @@ def test_missing_sqlite_file_is_not_created(tmp_path):
     assert not (tmp_path / "none.db").exists()
 
 
+def test_a_task_whose_teacher_run_is_not_in_the_store_gets_a_note(data):
+    """The fixture store holds a finished teacher run for rte's teacher hash, none for mrpc's (as when a
+    sweep takes its teacher from the teacher cache into a new store): the row is left out with a note."""
+    refs = accuracy_table(data).references
+    assert refs[refs.label == "teacher"].task.tolist() == ["rte"]
+    [note] = [n for n in data.notes if n.startswith("teacher row not drawn")]
+    assert note.startswith("teacher row not drawn for mrpc: no finished teacher run")
+    assert "teacher cache" in note and "rte" not in note
+
+
+def test_a_ready_teacher_checkpoint_gets_its_own_teacher_note(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("ready")
+    for seed in (42, 43):
+        rf.log_run(client, exp, rf.SynthRun("rte", "kd", seed, 0.6,
+                                            extra_params={"teacher.checkpoint": "/models/bert-rte"}))
+    got = collect_runs(uri, experiment="ready")
+    [note] = [n for n in got.notes if n.startswith("teacher row not drawn")]
+    assert note.startswith("teacher row not drawn for rte: the teacher is a ready checkpoint (teacher.checkpoint)")
+
+
 def test_ui_links_only_for_a_server():
     assert C.ui_base_url("sqlite:////x/mlflow.db") is None
     assert C.ui_base_url("http://alice:secret@mlflow.lab:5000/") == "http://mlflow.lab:5000"
@@ -184,6 +207,20 @@ def test_table_text_formats(data):
     row = csv[(csv.method == "kd") & (csv.task == "rte")].iloc[0]
     assert (row["mean"], row["std"], row["n"]) == (pytest.approx(62.0), pytest.approx(2.0), 3)
     assert csv.bold.sum() == 3
+
+
+def test_the_final_table_says_it_shows_the_last_score_and_has_no_reference_rows(data):
+    best, final = accuracy_table(data), accuracy_table(data, value="final", baseline=None)
+    assert len(best.references) and final.references is None  # the reference rows are in the best table only
+    for text in (final.to_markdown(), final.to_html(), final.to_latex()):
+        assert "How to read: last dev score of each run" in text and "best dev score" not in text
+        assert "the teacher and majority-class rows are references" not in text
+        assert "reference rows are in the best-score table only" in text
+    for text in (best.to_markdown(), best.to_html()):  # the best-score table keeps its caption
+        assert ("How to read: best dev score of each run, mean ± std over seeds (x100), (n) = number of seeds, "
+                "no std where n = 1; bold = best student per column; † = at or below the majority-class level "
+                "(the score of always predicting the most frequent dev label); the teacher and majority-class "
+                "rows are references.") in text
 
 
 def test_single_seed_cells_show_no_std_and_runs_at_the_majority_level_are_flagged_not_bold():

@@ -3,7 +3,8 @@
 A cell is mean +- std over seeds of each run's best (or final) dev score (x100, one decimal, as in the papers)
 and the number of seeds n (no std where n = 1); the best student of each column is bold (compared at the
 shown precision, so equal-looking cells are both bold), a cell at or below the majority-class level is
-flagged and never bold. A teacher row and a majority-class row give the reference points. When a row still
+flagged and never bold. A teacher row and a majority-class row give the reference points (in a table of best
+values; a table of final values has its own 'How to read' line and no reference rows). When a row still
 covers several configs (an Optuna search, or an axis left out of `rows`), the config with the best mean is
 shown, as the papers do. A second table gives each row's difference to a baseline method with a 95% interval
 (stats.py).
@@ -116,6 +117,10 @@ READ_TABLE = ("How to read: best dev score of each run, mean ± std over seeds (
               "std where n = 1; bold = best student per column; † = at or below the majority-class level "
               "(the score of always predicting the most frequent dev label); the teacher and majority-class "
               "rows are references.")
+READ_FINAL_TABLE = ("How to read: last dev score of each run (its final evaluation, not its best), mean ± std over "
+                    "seeds (x100), (n) = number of seeds, no std where n = 1; bold = best student per column; † = "
+                    "at or below the majority-class level (the score of always predicting the most frequent dev "
+                    "label); the teacher and majority-class reference rows are in the best-score table only.")
 READ_DIFF = ("How to read: mean per-seed difference to {baseline} (x100) with its 95% confidence interval (t "
              "distribution, paired by seed where both rows ran the same seeds, Welch otherwise); * = the "
              "interval excludes 0, so the difference is larger than the seed-to-seed noise; no interval "
@@ -150,6 +155,12 @@ class AccuracyTable:
     references: pd.DataFrame | None = None
     diffs: pd.DataFrame | None = None
     baseline: str | None = None
+    value: str = "best"  # each run's best dev value, or its final (last) one
+
+    @property
+    def how_to_read(self) -> str:
+        """The 'How to read' line under the table: READ_TABLE, or READ_FINAL_TABLE for final values."""
+        return READ_FINAL_TABLE if self.value == "final" else READ_TABLE
 
     # -------------------------------------------------------------------------------- display frames
     def _keys(self, frame: pd.DataFrame) -> list[tuple]:
@@ -221,7 +232,7 @@ class AccuracyTable:
         styler = styler.set_table_attributes('class="kdp-table"')
         if self.caption:
             styler = styler.set_caption(self.caption)
-        out = styler.to_html() + f'<p class="howto">{READ_TABLE}</p>'
+        out = styler.to_html() + f'<p class="howto">{self.how_to_read}</p>'
         diff = self.diff_frame()
         if diff is not None:
             out += (f'<h4>Difference to {html.escape(self.baseline or "")}</h4>'
@@ -237,7 +248,7 @@ class AccuracyTable:
         labels = [axis_label(c) for c in self.rows]
         styler = styler.format(escape="latex", subset=labels).format_index(escape="latex", axis=1)
         column_format = "l" * len(self.rows) + "c" * (len(text.columns) - len(self.rows))
-        caption = (self.caption + " " if self.caption else "") + READ_TABLE.replace("±", r"$\pm$").replace(
+        caption = (self.caption + " " if self.caption else "") + self.how_to_read.replace("±", r"$\pm$").replace(
             "†", r"$\dagger$")
         return styler.to_latex(hrules=True, column_format=column_format, caption=caption,
                                position_float="centering", environment="table")
@@ -245,7 +256,7 @@ class AccuracyTable:
     def to_markdown(self) -> str:
         text, bold = self.frames(" ± ")
         shown = text.mask(bold, "**" + text + "**")
-        out = shown.to_markdown(index=False) + "\n\n" + READ_TABLE
+        out = shown.to_markdown(index=False) + "\n\n" + self.how_to_read
         diff = self.diff_frame("-")
         if diff is not None:
             out += (f"\n\nDifference to {self.baseline}:\n\n" + diff.to_markdown(index=False) + "\n\n"
@@ -331,7 +342,7 @@ def accuracy_table(data: ReportData, rows: list[str] | None = None, metric: str 
         diffs = baseline_differences(scores, rows, baseline)
     refs = _reference_rows(data, tasks) if metric == "score" and value == "best" else None
     return AccuracyTable(rows, tasks, stats.reset_index(drop=True), caption, refs, diffs,
-                         baseline if diffs is not None else None)
+                         baseline if diffs is not None else None, value)
 
 
 def _with_average(stats: pd.DataFrame, rows: list[str], tasks: list[str]) -> pd.DataFrame:
