@@ -389,7 +389,8 @@ def test_mixup_stages_bypass_the_cache(glue_dir, tiny_bert_dir, mlflow_uri, tria
 
     monkeypatch.setattr(objective, "step_terms", spy)
     trial = _trial(glue_dir, tiny_bert_dir, method="cr_ild", consistency_weight=0.5,
-                   train=[dict(name="ild", max_steps=2, batch_size=16, eval_every=0),
+                   # ramp: step, since two steps are one epoch, where the paper's epoch ramp is 0 (refused)
+                   train=[dict(name="ild", max_steps=2, batch_size=16, eval_every=0, consistency={"ramp": "step"}),
                           dict(name="pred", max_steps=2, batch_size=16, eval_every=0)],
                    speed={"precision": "fp32"})
     worker.run_trial(trial, tracking_uri=mlflow_uri)

@@ -251,6 +251,6 @@ def test_a_stage_setting_no_method_of_the_file_trains_is_noted_and_changes_no_ha
     _, same, _ = trials_of(tmp_path, "method: kd\ntrain:\n  - {name: pred, lr: 1.0e-4}\n", "pred_only.yaml")
     assert trial.cfg_hash == same[0].cfg_hash != kd.cfg_hash
     # a grid over methods where one of them trains the stage: no note
-    _, _, grid_notes = trials_of(tmp_path, "grid: {method: [kd, cr_ild]}\ntrain:\n  - {name: ild, epochs: 1}\n",
+    _, _, grid_notes = trials_of(tmp_path, "grid: {method: [kd, cr_ild]}\ntrain:\n  - {name: ild, epochs: 2}\n",
                                  "grid.yaml")
     assert not [n for n in grid_notes if "has no effect: none of" in n]

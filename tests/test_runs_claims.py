@@ -168,7 +168,7 @@ def test_optuna_sweep_tags_its_search_and_the_report_draws_importance(tmp_path, 
     spec.write_text(spec.read_text().replace("seeds: [1, 2]", "seeds: [1]").replace("method: kd", "method: cr_ild")
                     .replace("max_dev_examples: 32", "max_dev_examples: 64")
                     .replace("  - {name: pred, max_steps: 2, eval_every: 1",
-                             "  - {name: ild, max_steps: 2, eval_every: 1, batch_size: 16}\n"
+                             "  - {name: ild, max_steps: 3, eval_every: 1, batch_size: 16}\n"  # 2 epochs
                              "  - {name: pred, max_steps: 4, eval_every: 2"))
     proc = _cli(tmp_path, "sweep", str(spec), "--tracking-uri", mlflow_uri, "--num-cpus", "2")
     assert proc.returncode == 0, proc.out[-3000:]

@@ -441,3 +441,37 @@ def test_default_consistency_is_last_layer_attention_kl_plus_hidden_mse(teacher_
                    + _ref_hidden_mse(mix.hidden[L], f(clean.hidden[L]), f(own)))
     want = lam * d(lambda x: x) + (1 - lam) * d(lambda x: x.flip(0))
     torch.testing.assert_close(vals["consistency"][1], want, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------- a ramp that stays at zero
+def test_an_epoch_ramp_over_one_epoch_is_refused_before_training(teacher_dir, teacher, student):
+    """w * epoch / E counts epochs from 0: over a stage of one epoch the consistency term is 0 at every step."""
+    from kdplatform.config import ConfigError
+    from kdplatform.distill.data import TrialData
+    from kdplatform.distill.engine import LoopState, StageSettings, train_stage
+    from kdplatform.distill.objective import TrialSetupError
+
+    with pytest.raises(ConfigError, match=r"train\[0\]\.epochs: .*0 at every step"):
+        stage_for(teacher_dir, consistency_weight=0.5, train=[{"name": "ild", "epochs": 1}])
+    assert stage_for(teacher_dir, consistency_weight=0.5, train=[{"name": "ild", "epochs": 2}]).epochs == 2
+    step_ramp = {"name": "ild", "epochs": 1, "consistency": {"ramp": "step"}}  # w * step / total: ramps up
+    assert stage_for(teacher_dir, consistency_weight=0.5, train=[step_ramp]).consistency.ramp == "step"
+
+    # max_steps within the first epoch: known only with the data (8 examples, batch 4: 2 steps an epoch)
+    from kdplatform.distill.tasks import Collator
+
+    g = torch.Generator().manual_seed(5)
+    examples = [{"input_ids": torch.randint(1, VOCAB, (n,), generator=g).tolist(), "attention_mask": [1] * n,
+                 "token_type_ids": [0] * n, "label": i % 2} for i, n in enumerate([6, 9, 5, 7, 8, 4, 10, 6])]
+    data = TrialData(train=examples, train_eval=examples[:4], dev={"dev": examples[:4]}, supplementary=[],
+                     collator=Collator(0, regression=False), num_labels=2)
+    settings = StageSettings(task="sst2", seed=0, device=torch.device("cpu"), precision="fp32", n_student=S_LAYERS,
+                             max_seq_length=16)
+    stage = stage_for(teacher_dir, consistency_weight=0.5, train=[{"name": "ild", "max_steps": 2, "batch_size": 4}])
+    with pytest.raises(TrialSetupError, match="2 steps of 2 a epoch .* never contributes"):
+        train_stage(stage, 0, settings, student=student, teacher=teacher, data=data, state=LoopState())
+    # three steps reach the second epoch, where the ramp is 1/2: the stage trains
+    stage = stage_for(teacher_dir, consistency_weight=0.5, train=[{"name": "ild", "max_steps": 3, "batch_size": 4}])
+    state = LoopState()
+    train_stage(stage, 0, settings, student=student, teacher=teacher, data=data, state=state)
+    assert state.global_step == 3

@@ -156,8 +156,14 @@ def _resolve_stage(ctx: _Context, name: str, tpl: StageTemplate | None, ov: Stag
         raise ConfigError(ctx.file, f"{ctx.where}data.supplementary_tasks", f"method '{ctx.cfg.method}' trains "
                           "on supplementary sentences, but none are configured, so that part never runs",
                           "list tasks, e.g. supplementary_tasks: [qnli, mrpc]")
+    values = _stage_values(tpl, ov, ctx.cfg.task)
+    if consistency is not None and consistency.ramp == "epoch" and values["max_steps"] is None \
+            and values["epochs"] < 2:
+        raise ConfigError(ctx.file, f"{spath}.epochs", f"consistency is ramped as w * epoch / E from epoch 0, so in "
+                          f"a stage of {values['epochs']} epoch it is 0 at every step and never contributes",
+                          "train this stage 2 epochs or more, or set its consistency: {ramp: step}")
     return ResolvedStage(name=name, losses=losses, mixup=mixup, consistency=consistency,
-                         supplementary=supplementary, **_stage_values(tpl, ov, ctx.cfg.task))
+                         supplementary=supplementary, **values)
 
 
 def _stage_values(tpl: StageTemplate | None, ov: StageConfig | None, task: str) -> dict[str, Any]:

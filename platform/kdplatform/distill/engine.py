@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from kdplatform.config import ResolvedStage, TeacherCacheConfig
 from kdplatform.distill import objective
 from kdplatform.distill.data import TrialData, eval_loader, train_loader
-from kdplatform.distill.objective import StageLosses, check_terms, consistency_ramp, ema_update
+from kdplatform.distill.objective import StageLosses, TrialSetupError, check_terms, consistency_ramp, ema_update
 from kdplatform.distill.tasks import compute_metrics
 from kdplatform.distill.teacher_cache import TeacherCache, teacher_identity
 
@@ -178,6 +178,12 @@ class StageRun:
         self.steps_per_epoch = math.ceil(len(self.train_set) / stage.batch_size)
         self.total = stage.max_steps or stage.epochs * self.steps_per_epoch
         self.epochs = math.ceil(self.total / self.steps_per_epoch)
+        cr = stage.consistency
+        if cr is not None and cr.ramp == "epoch" and self.epochs < 2:  # max_steps within one epoch
+            raise TrialSetupError(f"stage '{stage.name}': consistency is ramped as w * epoch / E from epoch 0, and "
+                                  f"this stage trains {self.total} steps of {self.steps_per_epoch} a epoch (1 epoch), "
+                                  "so it is 0 at every step and never contributes: raise max_steps above one epoch, "
+                                  "or set the stage's consistency: {ramp: step}")
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, int(stage.warmup * self.total), self.total)
         if resume is not None:
             self._resume(resume)
