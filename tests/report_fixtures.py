@@ -178,6 +178,38 @@ def create_sweep(client: MlflowClient, experiment_id: str, name: str = "sweep",
     return r.info.run_id
 
 
+def small_store(root: str | os.PathLike, experiment: str, runs: list[SynthRun]) -> tuple[str, MlflowClient, str]:
+    """A store of its own under `root` holding `runs` in `experiment`: (uri, client, experiment id)."""
+    uri = f"sqlite:///{Path(root) / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment(experiment)
+    for r in runs:
+        log_run(client, exp, r)
+    return uri, client, exp
+
+
+def log_teacher_run(client: MlflowClient, experiment_id: str, task: str, dev_scores: list[float]) -> str:
+    """A finished teacher fine-tune of `task` (teacher hash t-<task>, as the students of log_run name it), as
+    the worker logs it: dev/score at each evaluation, and the kdp.dev_score tag of the model it publishes,
+    the last one."""
+    tags = {"kdp.role": "teacher", "kdp.task": task, "kdp.teacher_hash": f"t-{task}",
+            "kdp.dev_score": f"{dev_scores[-1]:.4f}"}
+    t = client.create_run(experiment_id, run_name=f"{task}/teacher/minilm-l6", tags=tags)
+    client.log_batch(t.info.run_id, params=[Param("task", task)],
+                     metrics=[Metric("dev/score", v, i, 10 * (i + 1)) for i, v in enumerate(dev_scores)])
+    client.set_terminated(t.info.run_id)
+    return t.info.run_id
+
+
+def write_dev_tsv(glue_root: str | os.PathLike, labels: list[str]) -> Path:
+    """An RTE dev file with these labels under `glue_root` (the GLUE layout the report reads)."""
+    folder = Path(glue_root) / "RTE"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = ["index\tsentence1\tsentence2\tlabel"] + [f"{i}\ta\tb\t{y}" for i, y in enumerate(labels)]
+    (folder / "dev.tsv").write_text("\n".join(rows) + "\n")
+    return Path(glue_root)
+
+
 # ------------------------------------------------------------------------------ the test store
 MAIN = "synth"          # paper-style grid: several methods, tasks, seeds, bits
 OPTUNA = "synth_optuna"  # an Optuna search over consistency weight and learning rate

@@ -219,3 +219,17 @@ print(json.dumps([m for m in sys.modules if m == "torch" or m.startswith(("torch
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads(res.stdout.strip().splitlines()[-1]) == []
+
+
+def test_a_cell_flagged_at_the_majority_level_still_gets_its_latex_table(tmp_path):
+    """A cell at or below the majority-class level carries †, written `$\\dagger$` in LaTeX: the report with
+    tex among its formats is written whole (exit 0), with the mark in the .tex table."""
+    glue = rf.write_dev_tsv(tmp_path / "glue", ["not_entailment"] * 3 + ["entailment"])  # majority 75%
+    params = {"data.glue_dir": str(glue)}
+    uri, _, _ = rf.small_store(tmp_path, "flagged", [rf.SynthRun("rte", "kd", 42, 0.70, extra_params=params),
+                                                     rf.SynthRun("rte", "pkd", 42, 0.80, extra_params=params)])
+    out = tmp_path / "report"
+    assert render.report_command("flagged", None, ["paper_table"], str(out), "html,tex,md,csv", uri) == 0
+    tex = (out / "tables" / "paper_table-accuracy.tex").read_text()
+    assert r"70.0 (1) $\dagger$" in tex and r"\textbf{80.0 (1)}" in tex and r"75.0 (1)" in tex
+    assert "70.0 (1) †" in (out / "tables" / "paper_table-accuracy.md").read_text()

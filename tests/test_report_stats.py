@@ -5,6 +5,7 @@ the LaTeX table compiled by a real LaTeX."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from collections import Counter
@@ -164,15 +165,90 @@ def test_majority_level_is_read_from_the_dev_labels(tmp_path):
 PDFLATEX = shutil.which("pdflatex")
 
 
+def _compile_latex(table_tex: str, folder) -> None:
+    """Compile the table in a minimal document with a real pdflatex; fails the test on any LaTeX error."""
+    doc = ("\\documentclass{article}\n\\usepackage[T1]{fontenc}\n\\usepackage{booktabs}\n"
+           "\\usepackage[margin=1cm,landscape]{geometry}\n\\begin{document}\n" + table_tex +
+           "\n\\end{document}\n")
+    (folder / "t.tex").write_text(doc, encoding="utf-8")
+    res = subprocess.run([PDFLATEX, "-interaction=nonstopmode", "-halt-on-error", "t.tex"], cwd=folder,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout[-2000:]
+    assert (folder / "t.pdf").stat().st_size > 1000
+
+
 @pytest.mark.skipif(PDFLATEX is None, reason="no LaTeX (Debian: apt-get install texlive-latex-recommended)")
 def test_the_latex_table_compiles(data, tmp_path):
     table = accuracy_table(data)
-    doc = ("\\documentclass{article}\n\\usepackage[T1]{fontenc}\n\\usepackage{booktabs}\n"
-           "\\usepackage[margin=1cm,landscape]{geometry}\n\\begin{document}\n" + table.to_latex() +
-           "\n\\end{document}\n")
-    (tmp_path / "t.tex").write_text(doc, encoding="utf-8")
-    res = subprocess.run([PDFLATEX, "-interaction=nonstopmode", "-halt-on-error", "t.tex"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stdout[-2000:]
-    assert (tmp_path / "t.pdf").stat().st_size > 1000
+    _compile_latex(table.to_latex(), tmp_path)
     assert "Method & &" not in table.to_latex()
+
+
+@pytest.mark.skipif(PDFLATEX is None, reason="no LaTeX (Debian: apt-get install texlive-latex-recommended)")
+def test_the_latex_table_with_a_flagged_cell_compiles(tmp_path):
+    glue = rf.write_dev_tsv(tmp_path / "glue", ["not_entailment"] * 3 + ["entailment"])  # majority 75%
+    params = {"data.glue_dir": str(glue)}
+    uri, _, _ = rf.small_store(tmp_path, "flagged", [rf.SynthRun("rte", "kd", 42, 0.70, extra_params=params),
+                                                     rf.SynthRun("rte", "pkd", 42, 0.80, extra_params=params)])
+    tex = accuracy_table(C.collect_runs(uri, experiment="flagged")).to_latex()
+    assert r"70.0 (1) $\dagger$" in tex
+    _compile_latex(tex, tmp_path)
+
+
+def _worker_dev_level(glue, task: str, n: int | None) -> float:
+    """The majority share of the dev examples the worker scores a run on: its own loader and downsample
+    with its fixed data seed (the exact call of `prepare_data`)."""
+    from kdplatform.distill.data import DATA_SEED
+    from kdplatform.distill.tasks import downsample, load_split
+
+    labels = downsample(load_split(task, "dev", glue_dir=glue), n, DATA_SEED).labels
+    return Counter(labels).most_common(1)[0][1] / len(labels)
+
+
+def test_the_majority_level_is_that_of_the_downsampled_dev_set_the_runs_were_scored_on(glue_dir, tmp_path):
+    """SST-2 runs scored on 128 dev examples: the level of those 128 (52.3), not of the 872 (50.9); a run
+    at 51.6 lies above the full set's level but at or below its own, so it is flagged."""
+    level = _worker_dev_level(glue_dir, "sst2", 128)
+    full = _worker_dev_level(glue_dir, "sst2", None)
+    assert f"{level * 100:.1f}" == "52.3" and f"{full * 100:.1f}" == "50.9"  # the bug's example
+    params = {"data.glue_dir": str(glue_dir), "data.max_dev_examples": "128"}
+    uri, _, _ = rf.small_store(tmp_path, "dev128", [rf.SynthRun("sst2", "kd", 42, 0.515625, extra_params=params),
+                                                    rf.SynthRun("sst2", "pkd", 42, 0.60, extra_params=params)])
+    data = C.collect_runs(uri, experiment="dev128")
+    assert data.majority["sst2"] == pytest.approx(level, abs=1e-12)
+    table = accuracy_table(data)
+    refs = table.references.set_index("label")
+    assert refs.loc["majority class", "mean"] == pytest.approx(level * 100)
+    assert table.stats.set_index("method").loc["kd", "flag"]  # 51.6 <= 52.3 (but > 50.9)
+
+
+def test_runs_scored_on_different_dev_subsets_get_no_majority_level_but_a_note(glue_dir, tmp_path):
+    """Runs of one task scored on 64 and on 128 dev examples: no one level is right for both."""
+    runs = [rf.SynthRun("sst2", "kd", seed, 0.515625, extra_params={"data.glue_dir": str(glue_dir),
+                                                                    "data.max_dev_examples": n})
+            for seed, n in ((42, "64"), (43, "128"))]
+    uri, _, _ = rf.small_store(tmp_path, "mixed", runs)
+    data = C.collect_runs(uri, experiment="mixed")
+    assert "sst2" not in data.majority
+    [note] = [n for n in data.notes if n.startswith("majority-class level not drawn for sst2")]
+    for n in (64, 128):
+        assert f"{n}: {_worker_dev_level(glue_dir, 'sst2', n) * 100:.1f}" in note
+    assert not accuracy_table(data).stats.flag.any()
+
+
+def test_the_teacher_row_is_the_final_teacher_the_students_were_distilled_from(tmp_path):
+    """The fine-tune publishes its last model (kdp.dev_score = the last dev score): the teacher row and the
+    teacher line show that score (62.0), not the run's best evaluation (66.0)."""
+    uri, client, exp = rf.small_store(tmp_path, "teacher", [rf.SynthRun("rte", "kd", s, 0.6) for s in (42, 43)])
+    rid = rf.log_teacher_run(client, exp, "rte", [0.60, 0.66, 0.62])
+    assert client.get_run(rid).data.tags["kdp.dev_score"] == "0.6200"
+    data = C.collect_runs(uri, experiment="teacher")
+    table = accuracy_table(data)
+    teacher = table.references.set_index("label").loc["teacher"]
+    assert (teacher["mean"], teacher["n"]) == (pytest.approx(62.0), 1)
+    md = table.to_markdown()
+    assert re.search(r"\| teacher +\| 62\.0 \(1\) +\|", md)
+    assert "final dev score of the teacher model the students were distilled from" in md
+    fig = score_curves(data, ["method"])[0].fig
+    [line] = [t for t in fig.data if t.meta and t.meta.get("kind") == "teacher"]
+    assert list(line.y) == [pytest.approx(62.0)] * 2

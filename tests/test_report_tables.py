@@ -220,7 +220,8 @@ def test_the_final_table_says_it_shows_the_last_score_and_has_no_reference_rows(
         assert ("How to read: best dev score of each run, mean ± std over seeds (x100), (n) = number of seeds, "
                 "no std where n = 1; bold = best student per column; † = at or below the majority-class level "
                 "(the score of always predicting the most frequent dev label); the teacher and majority-class "
-                "rows are references.") in text
+                "rows are references (teacher: the final dev score of the teacher model the students were "
+                "distilled from).") in text
 
 
 def test_single_seed_cells_show_no_std_and_runs_at_the_majority_level_are_flagged_not_bold():
@@ -270,3 +271,31 @@ def test_auto_rows_find_dotted_grid_axes_but_not_seeds_or_per_run_values():
     for col in C.CONFIG_AXES[1:]:
         runs[col] = ""
     assert auto_rows(runs) == ["method", "params.data.max_train_examples"]
+
+
+def _two_bit_grid(root, seeds: tuple[int, ...]) -> ReportData:
+    """kdqat_output over student.two_bit [ternary, uniform] x `seeds`, logged as the worker does: each trial
+    with its own cfg_hash and run_suffix (identity params, never axes); the score tells the config apart."""
+    runs = []
+    for two_bit, best in (("ternary", 0.60), ("uniform", 0.70)):
+        for seed in seeds:
+            ident = {"cfg_hash": f"{two_bit}-{seed}", "run_suffix": f"student.two_bit={two_bit}"}
+            runs.append(rf.SynthRun("rte", "kdqat_output", seed, best + 0.01 * (seed - 42), bits="2", act_bits="8",
+                                    extra_params={"student.two_bit": two_bit, **ident}))
+    uri, _, _ = rf.small_store(root, "two_bit", runs)
+    return collect_runs(uri, experiment="two_bit")
+
+
+@pytest.mark.parametrize("seeds", [(42,), (42, 43)])
+def test_a_grid_axis_keeps_its_configs_apart_with_one_seed_or_several(tmp_path, seeds):
+    """Two configs of one seed each are two rows of n = 1, not one row averaged as if they were seeds; with
+    several seeds each config is a row of n = number of its seeds."""
+    table = accuracy_table(_two_bit_grid(tmp_path, seeds))
+    assert table.rows == ["method", "params.student.two_bit"]
+    cells = table.stats.set_index("params.student.two_bit")
+    assert sorted(cells.index) == ["ternary", "uniform"]
+    for two_bit, best in (("ternary", 60.0), ("uniform", 70.0)):
+        assert cells.loc[two_bit, "n"] == len(seeds) and cells.loc[two_bit, "n_configs"] == 1
+        assert cells.loc[two_bit, "mean"] == pytest.approx(statistics.mean(best + s - 42 for s in seeds))
+    csv = pd.read_csv(io.StringIO(table.to_csv()))
+    assert list(csv.n) == [len(seeds)] * 2

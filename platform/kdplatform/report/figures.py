@@ -110,11 +110,12 @@ def error_array(std: pd.Series, n: pd.Series) -> list:
 
 
 def _reference_lines(fig: go.Figure, data: ReportData, task: str, x_range: tuple[float, float]) -> None:
-    """Teacher dev score (best per teacher run) and the majority-class level as horizontal lines (x100)."""
+    """Teacher dev score (the final one of each teacher run: its last model is the one distilled) and the
+    majority-class level as horizontal lines (x100)."""
     t = data.teachers[data.teachers.task == task]
     for i, r in enumerate(t.itertuples()):
         name = "teacher (dev)" if len(t) == 1 else f"teacher {r.teacher_hash[:8]} (dev)"
-        fig.add_trace(go.Scatter(x=list(x_range), y=[r.best_score * 100] * 2, mode="lines", name=name,
+        fig.add_trace(go.Scatter(x=list(x_range), y=[r.final_score * 100] * 2, mode="lines", name=name,
                                  line={"color": "#000000", "dash": "dashdot", "width": 2},
                                  hovertemplate=f"{name}: %{{y:.2f}}<extra></extra>",
                                  meta={"kind": "teacher", "run_id": r.run_id}))

@@ -3,6 +3,10 @@
 Computed from the data, not assumed: the labels of the official GLUE dev TSV (read here with the csv module,
 so the report stays free of torch, which `kdplatform.distill.tasks` imports). The folder is the runs'
 `data.glue_dir` param, else KDP_GLUE_DIR; without a local copy the level is not drawn and a note says why.
+Runs scored on a downsampled dev set (`data.max_dev_examples`) get the level of that same subset: the rows the
+worker's `downsample` keeps with its fixed data seed (`dev_subset`). When runs of one task were scored on
+different subsets with different levels, no one level applies to all of them: it is not drawn, and a note
+says so.
 
 The level uses the task's own `score` (the mean of its GLUE metrics) for a constant prediction: accuracy =
 the majority share, F1 = 2p / (1 + p) when the majority is the positive class (p = its share) and 0
@@ -20,6 +24,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 # task -> (folder, dev file, label column (header name or index), has header, positive label for F1)
@@ -36,6 +41,11 @@ TASK_METRICS = {"cola": ("mcc",), "sst2": ("accuracy",), "mrpc": ("f1", "accurac
                 "qnli": ("accuracy",), "rte": ("accuracy",), "wnli": ("accuracy",)}
 
 
+# The worker's fixed data seed of the dev downsample (kdplatform.distill.data.DATA_SEED). Copied, not imported:
+# that module pulls in torch, which the report must not; a test holds `dev_subset` to the worker's subset.
+DATA_SEED = 0
+
+
 def dev_labels(task: str, glue_dir: str | os.PathLike) -> list[str]:
     """The raw label column of a task's GLUE dev file."""
     folder, name, column, header, _ = DEV_FILES[task]
@@ -47,6 +57,16 @@ def dev_labels(task: str, glue_dir: str | os.PathLike) -> list[str]:
             names = next(rows)
             column = names.index(column)
         return [r[column] for r in rows if len(r) > column]
+
+
+def dev_subset(labels: list[str], n: int | None, seed: int = DATA_SEED) -> list[str]:
+    """The dev labels a run with `data.max_dev_examples` = n was scored on: the rows the worker's
+    `kdplatform.distill.tasks.downsample(dev, n, DATA_SEED)` keeps (the first n of a numpy permutation with
+    that seed, in file order); all of them when n is None or not below their number."""
+    if n is None or n >= len(labels):
+        return labels
+    keep = np.sort(np.random.default_rng(seed).permutation(len(labels))[:n])
+    return [labels[i] for i in keep]
 
 
 def majority_score(task: str, labels: list[str]) -> float:
@@ -74,9 +94,29 @@ def _glue_dir(runs: pd.DataFrame) -> str | None:
     return os.environ.get("KDP_GLUE_DIR") or None
 
 
+def _max_dev(value) -> int | None:
+    """A run's `data.max_dev_examples` param as logged ('' or 'None': the whole dev set)."""
+    text = "" if value is None or pd.isna(value) else str(value).strip()
+    return int(text) if text.isdigit() else None
+
+
+def _dev_sizes(runs: pd.DataFrame, task: str) -> list[int | None]:
+    """The distinct `data.max_dev_examples` of the task's runs (None = the whole dev set)."""
+    col = "params.data.max_dev_examples"
+    if col not in runs.columns:
+        return [None]
+    values = {_max_dev(v) for v in runs.loc[runs.task == task, col]}
+    return sorted(values, key=lambda n: (n is None, n or 0))
+
+
+def _fmt_size(n: int | None) -> str:
+    return "all" if n is None else str(n)
+
+
 def majority_levels(runs: pd.DataFrame) -> tuple[dict[str, float], list[str]]:
-    """(task -> majority-class dev score, notes) for the tasks of `runs`. STS-B is a regression task: its
-    chance level (correlation 0) is given without reading data."""
+    """(task -> majority-class dev score, notes) for the tasks of `runs`, each on the dev subset its runs were
+    scored on (see the module doc). STS-B is a regression task: its chance level (correlation 0) is given
+    without reading data, whatever the subset."""
     out, notes = {}, []
     glue_dir = _glue_dir(runs)
     missing = []
@@ -87,12 +127,19 @@ def majority_levels(runs: pd.DataFrame) -> tuple[dict[str, float], list[str]]:
             out[task] = 0.0
             continue
         try:
-            out[task] = majority_score(task, dev_labels(task, glue_dir)) if glue_dir else None
+            labels = dev_labels(task, glue_dir) if glue_dir else None
         except (OSError, ValueError, IndexError):
-            out[task] = None
-        if out[task] is None:
+            labels = None
+        if labels is None:
             missing.append(task)
-            del out[task]
+            continue
+        levels = {n: majority_score(task, dev_subset(labels, n)) for n in _dev_sizes(runs, task)}
+        if len(set(levels.values())) == 1:
+            out[task] = next(iter(levels.values()))
+        else:  # the level of one subset would flag the runs of another wrongly
+            sizes = ", ".join(f"{_fmt_size(n)}: {v * 100:.1f}" for n, v in levels.items())
+            notes.append(f"majority-class level not drawn for {task}: its runs were scored on different dev "
+                         f"subsets (data.max_dev_examples {sizes}), and no one level applies to all of them")
     if missing:
         notes.append(f"majority-class level not drawn for {', '.join(missing)}: no GLUE dev file found "
                      f"(set KDP_GLUE_DIR to a local GLUE folder)")

@@ -3,8 +3,9 @@
 A cell is mean +- std over seeds of each run's best (or final) dev score (x100, one decimal, as in the papers)
 and the number of seeds n (no std where n = 1); the best student of each column is bold (compared at the
 shown precision, so equal-looking cells are both bold), a cell at or below the majority-class level is
-flagged and never bold. A teacher row and a majority-class row give the reference points (in a table of best
-values; a table of final values has its own 'How to read' line and no reference rows). When a row still
+flagged and never bold. A teacher row (the final dev score of the teacher model the students were distilled
+from) and a majority-class row give the reference points (in a table of best values; a table of final values
+has its own 'How to read' line and no reference rows). When a row still
 covers several configs (an Optuna search, or an axis left out of `rows`), the config with the best mean is
 shown, as the papers do. A second table gives each row's difference to a baseline method with a 95% interval
 (stats.py).
@@ -28,23 +29,40 @@ NA = "–"  # shown for an axis that does not apply (logged as '')
 AVG = "avg"
 
 
+# Params the worker logs that name a trial rather than set it: one value per config (cfg_hash; run_suffix, the
+# label of its grid values), per teacher (teacher_hash) or per experiment (name). The settings they stand for
+# are params of their own, so these are never axes (in a single-seed grid nothing else tells them apart).
+IDENTITY_PARAMS = ("cfg_hash", "teacher_hash", "run_suffix", "name")
+
+
 def _is_seed_like(param: str) -> bool:
     return "seed" in param.lower()
 
 
+def _candidate_params(runs: pd.DataFrame) -> list[str]:
+    """The dotted params that may be axes: not a seed, the task, a trial axis or an identity param."""
+    skip = ("task", *CONFIG_AXES, *IDENTITY_PARAMS)
+    return [c for c in runs.columns if c.startswith("params.") and not _is_seed_like(c)
+            and c[len("params."):] not in skip]
+
+
 def varying_params(runs: pd.DataFrame, group_cols: list[str]) -> list[str]:
     """Dotted params (`params.x.y`) that are real axes within `group_cols` groups: they take several values
-    in a group, and repeat across seeds (a value unique to every run, like a path, is not an axis)."""
-    cands = [c for c in runs.columns if c.startswith("params.") and not _is_seed_like(c)
-             and c[len("params."):] not in ("task", *CONFIG_AXES)]
+    in a group. Where a group holds several seeds, a value must also repeat in it (the seeds of one config
+    share it): a value unique to every run there, like a path, is per run, not an axis. Where a group holds
+    one seed, each run is a config of its own, so every param that varies is an axis (two single-seed
+    configs must not be averaged as if they were seeds)."""
+    cands = [c for c in _candidate_params(runs) if c not in group_cols]  # a group column cannot vary in its group
     if not cands or runs.empty:
         return []
     g = runs[[*group_cols, *cands]].fillna("").groupby(group_cols, dropna=False)
     nunique, size = g.nunique(), g.size()
+    one_seed = (runs.groupby(group_cols, dropna=False).seed.nunique() <= 1 if "seed" in runs.columns
+                else pd.Series(False, index=size.index))
     out = []
     for c in cands:
         varies = nunique[c] > 1
-        if varies.any() and (nunique[c][varies] < size[varies]).any():
+        if (varies & ((nunique[c] < size) | one_seed)).any():
             out.append(c)
     return sorted(out)
 
@@ -116,7 +134,8 @@ TEACHER, MAJORITY = "teacher", "majority class"
 READ_TABLE = ("How to read: best dev score of each run, mean ± std over seeds (x100), (n) = number of seeds, no "
               "std where n = 1; bold = best student per column; † = at or below the majority-class level "
               "(the score of always predicting the most frequent dev label); the teacher and majority-class "
-              "rows are references.")
+              "rows are references (teacher: the final dev score of the teacher model the students were "
+              "distilled from).")
 READ_FINAL_TABLE = ("How to read: last dev score of each run (its final evaluation, not its best), mean ± std over "
                     "seeds (x100), (n) = number of seeds, no std where n = 1; bold = best student per column; † = "
                     "at or below the majority-class level (the score of always predicting the most frequent dev "
@@ -243,7 +262,7 @@ class AccuracyTable:
 
     def to_latex(self) -> str:
         text, bold = self.frames(r" $\pm$ ")
-        text = text.replace({"†": r"$\dagger$"}, regex=True)
+        text = text.map(lambda cell: cell.replace("†", r"$\dagger$"))  # plain str.replace: no regex template
         styler = text.style.apply(lambda _: np.where(bold, "textbf:--rwrap;", ""), axis=None).hide(axis="index")
         labels = [axis_label(c) for c in self.rows]
         styler = styler.format(escape="latex", subset=labels).format_index(escape="latex", axis=1)
@@ -272,11 +291,12 @@ class AccuracyTable:
 
 
 def _reference_rows(data: ReportData, tasks: list[str]) -> pd.DataFrame:
-    """The teacher (mean of its best dev score over teacher runs) and the majority-class level, x100."""
+    """The teacher (mean over teacher runs of their final dev score) and the majority-class level, x100.
+    Final, not best: the fine-tune publishes its last model, and that is the teacher the students learn from."""
     rows = []
     t = data.teachers[data.teachers.task.isin(tasks)]
     for task, g in t.groupby("task"):
-        pct = g.best_score * 100
+        pct = g.final_score * 100
         rows.append((TEACHER, task, pct.mean(), pct.std(), len(pct)))
     rows += [(MAJORITY, task, level * 100, np.nan, 1) for task, level in data.majority.items() if task in tasks]
     return pd.DataFrame(rows, columns=["label", "task", "mean", "std", "n"])
