@@ -28,9 +28,9 @@ data: {{glue_dir: {glue}, source: glue_dir, max_train_examples: 96, max_dev_exam
 teacher: {{model: {teacher}, finetune: {{epochs: 1, max_steps: 4, batch_size: 16, lr: 1.0e-3}}}}
 student: {{init: truncate, layers: 2}}
 train:
-  - {{name: ild, max_steps: 4, eval_every: 2, batch_size: 16}}
+  - {{name: ild, max_steps: 4, eval_every: 2, batch_size: 16, consistency: {{ramp: step}}}}
   - {{name: pred, max_steps: 4, eval_every: 2, batch_size: 16}}
-"""
+"""  # ramp: step, since 4 steps are within the first epoch, where the paper's epoch ramp is 0 (refused)
 
 
 def _runs(uri: str, experiment: str) -> list:

@@ -92,7 +92,7 @@ def _run_claimed(trial: ResolvedTrial, held: runs.Claim, plan: SweepPlan, parent
                  console: Console) -> dict[str, Any]:
     """One trial, its config claimed (released here): skipped if FINISHED meanwhile, else run with a
     per-step progress bar (its teacher's fine-tune included)."""
-    from kdplatform.distill.worker import Callbacks, DivergedError, run_trial
+    from kdplatform.distill.worker import Callbacks, DivergedError, TrialSetupError, run_trial
 
     uri = plan.tracking_uri
     row: dict[str, Any] = {"run_name": trial.run_name, "task": trial.task, "method": trial.method,
@@ -109,6 +109,8 @@ def _run_claimed(trial: ResolvedTrial, held: runs.Claim, plan: SweepPlan, parent
                                 callbacks=Callbacks(on_progress=show))
         except DivergedError as e:  # the worker ended its run FAILED with the reason
             return {**row, "status": "FAILED", "reason": f"diverged: {e}"[:500]}
+        except TrialSetupError as e:  # likewise; a setting that cannot act, found once the data is known
+            return {**row, "status": "FAILED", "reason": f"cannot run: {e}"[:500]}
         return {**row, "status": "FINISHED", "run_id": res.run_id, "score": res.best.get("dev/best_score")}
     finally:
         held.release()
