@@ -35,7 +35,7 @@ BASE: dict[str, Any] = {
              "max_seq_length": 64, "label_noise": 0.0, "supplementary_tasks": []},
     "teacher": {"model": "minilm-l6", "finetune": {"epochs": 1, "lr": 1.0e-4, "batch_size": 16}, "seed": 42},
     "student": {"init": "truncate", "layers": 2, "two_bit": "ternary"},
-    "train": [{"name": "ild", "epochs": 1, "lr": 1.0e-4, "mixup": True, "eval_every": 10},
+    "train": [{"name": "ild", "epochs": 2, "lr": 1.0e-4, "mixup": True, "eval_every": 10},
               {"name": "pred", "epochs": 1, "batch_size": 16,
                "losses": [{"name": "logit_kd", "weight": 1.0, "temperature": 2.0}]}],
     "seeds": [42, 43],
