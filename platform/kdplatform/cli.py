@@ -206,6 +206,11 @@ def sweep(file: Path = typer.Argument(..., help="sweep YAML"), overrides: Option
         raise typer.Exit(outcome.exit_code)
 
 
+def _listing_console() -> Console:
+    """The console for `ls` tables: piped, wide enough for one line per row (for grep)."""
+    return console if console.is_terminal else Console(width=200)
+
+
 @app.command(name="ls")
 def list_runs(tracking_uri: Optional[str] = TrackingOpt,
               sweep: Optional[str] = typer.Option(None, "--sweep", metavar="RUN_ID",
@@ -232,7 +237,7 @@ def list_runs(tracking_uri: Optional[str] = TrackingOpt,
     for r in rows:
         counts = ", ".join(f"{n} {s}" for s, n in sorted(r.trials.items())) or "none"
         table.add_row(escape(r.experiment), r.runner, r.status, r.run_id, r.started, counts)
-    out = console if console.is_terminal else Console(width=200)  # piped: one line per row, for grep
+    out = _listing_console()
     out.print(table if rows else "no sweeps or runs in this store yet")
     if rows:  # the ids `kdplatform export` takes are the students', one level down
         out.print("a run's student runs and their run ids (what `kdplatform export` takes): "
@@ -257,7 +262,7 @@ def _list_students(uri: str, parent_id: str) -> None:
         score = r.data.metrics.get("dev/best_score")
         table.add_row(r.info.run_id, r.info.status, "-" if score is None else f"{score:.4f}",
                       escape(r.info.run_name or ""))
-    out = console if console.is_terminal else Console(width=200)  # piped: one line per row, for grep
+    out = _listing_console()
     out.print(table)
 
 

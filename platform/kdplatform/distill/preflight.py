@@ -27,12 +27,6 @@ def data_splits(trial: ResolvedTrial) -> list[tuple[str, str]]:
     return splits + [(extra, "train") for extra in trial.data.supplementary_tasks]
 
 
-def from_hub(trial: ResolvedTrial) -> bool:
-    """Whether the trial's data comes through `datasets` (a hub id or folder), not from GLUE TSV files."""
-    d = trial.data
-    return bool(d.hub_dataset) or d.source == "hub" or (d.source == "auto" and not (d.glue_dir or paths.glue_dir()))
-
-
 class DeviceError(ValueError):
     """A device the config asks for that this machine does not have (a user error: exit code 2)."""
 
@@ -60,7 +54,7 @@ def preflight(trials: Sequence[ResolvedTrial], *, runs_here: bool = True, fetch:
     """
     if runs_here:
         check_device(trials)
-    from kdplatform.distill.tasks import load_split
+    from kdplatform.distill.tasks import load_split, reads_hub
     from kdplatform.distill.teacher import TeacherError, check_checkpoint, teacher_dir
 
     seen_ckpt: set[str] = set()
@@ -76,10 +70,12 @@ def preflight(trials: Sequence[ResolvedTrial], *, runs_here: bool = True, fetch:
                     raise TeacherError(f"teacher.checkpoint: {e}") from None
     seen_split: set[tuple] = set()
     for t in trials:
+        if not fetch and reads_hub(t.data.source, t.data.glue_dir, t.data.hub_dataset):
+            continue
         glue = t.data.glue_dir or paths.glue_dir()
         for task, split in data_splits(t):
             key = (task, split, t.data.source, glue, t.data.hub_dataset)
-            if key in seen_split or (not fetch and from_hub(t)):
+            if key in seen_split:
                 continue
             seen_split.add(key)
             load_split(task, split, source=t.data.source, glue_dir=t.data.glue_dir, hub_dataset=t.data.hub_dataset)

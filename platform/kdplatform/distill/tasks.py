@@ -193,6 +193,13 @@ def _check_split(spec: TaskSpec, split: str) -> None:
                         fix="use split 'dev'")
 
 
+def reads_hub(source: str, glue_dir: str | os.PathLike | None = None, hub_dataset: str | None = None) -> bool:
+    """Whether `load_split` with these settings reads through `datasets` (a hub id or folder) rather than
+    GLUE TSV files: `hub_dataset` given, source "hub", or "auto" with no folder (argument or KDP_GLUE_DIR)."""
+    folder = glue_dir if glue_dir is not None else paths.glue_dir()
+    return bool(hub_dataset) or source == "hub" or (source == "auto" and folder is None)
+
+
 def load_split(task: str, split: str, *, source: str = "auto", glue_dir: str | os.PathLike | None = None,
                hub_dataset: str | None = None) -> TaskData:
     """Load `split` ("train", "dev", "dev_mm") of `task`.
@@ -207,9 +214,9 @@ def load_split(task: str, split: str, *, source: str = "auto", glue_dir: str | o
         raise DataError(f"unknown data source '{source}'", fix="use one of: auto, glue_dir, hub")
     if hub_dataset:
         return _load_hub(spec, split, hub_dataset)
-    folder = glue_dir if glue_dir is not None else paths.glue_dir()
-    if source == "hub" or (source == "auto" and folder is None):
+    if reads_hub(source, glue_dir):
         return _load_hub(spec, split)
+    folder = glue_dir if glue_dir is not None else paths.glue_dir()
     if folder is None:
         raise DataError(f"data.source is 'glue_dir' but no folder was given for task '{task}'", fix=_GLUE_DIR_FIX)
     return _load_tsv(spec, split, Path(folder).expanduser())
