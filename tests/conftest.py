@@ -79,6 +79,16 @@ def mlflow_uri(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
+GLUE_OK = Path(__file__).resolve().parent / "bad_inputs" / "glue_ok"  # a small valid SST-2 folder
+
+
+def small_kd_yaml(name: str, extra: str = "") -> str:
+    """A one-trial `kd` file on GLUE_OK (MiniLM-L6 teacher, 2-layer student), plus `extra` YAML lines: what
+    the CLI tests that plan, check or list runs (and never train) share."""
+    return (f"name: {name}\ntask: sst2\nmethod: kd\ndata: {{glue_dir: {GLUE_OK}, source: glue_dir}}\n"
+            f"teacher: {{model: minilm-l6}}\nstudent: {{layers: 2}}\n{extra}")
+
+
 def write_yaml(path: Path, text: str) -> Path:
     path.write_text(text)
     return path

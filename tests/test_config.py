@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import GLUE_OK
+
 from kdplatform.config import ConfigError, TrialConfig, load_trials, resolve_trial
 
 BASE = """\
@@ -368,7 +370,7 @@ def _cli(args, cwd):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)  # the default store would be ./mlflow.db in cwd
     # a dry run reads the SST-2 files as a real run would: the corpus's small valid folder when no GLUE is set
-    env.setdefault("KDP_GLUE_DIR", str(Path(__file__).resolve().parent / "bad_inputs" / "glue_ok"))
+    env.setdefault("KDP_GLUE_DIR", str(GLUE_OK))
     script = Path(sys.executable).parent / "kdplatform"  # the console script of this environment
     cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "kdplatform.cli"]
     return subprocess.run([*cmd, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from conftest import GLUE_OK
+
 from kdplatform.config import ConfigError, load_trials
 from kdplatform.config.overrides import apply_overrides, parse_override
 
@@ -36,7 +38,7 @@ def write(tmp_path: Path, text: str = FILE, name: str = "f.yaml") -> Path:
 def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'm.db'}", "HF_HUB_OFFLINE": "1"}
     # a dry run reads the SST-2 files as a real run would: the corpus's small valid folder when no GLUE is set
-    env.setdefault("KDP_GLUE_DIR", str(Path(__file__).resolve().parent / "bad_inputs" / "glue_ok"))
+    env.setdefault("KDP_GLUE_DIR", str(GLUE_OK))
     return subprocess.run([sys.executable, "-m", "kdplatform.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=180)
 

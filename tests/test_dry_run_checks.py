@@ -9,17 +9,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import write_yaml
+from conftest import GLUE_OK, small_kd_yaml, write_yaml
 
-GLUE_OK = Path(__file__).resolve().parent / "bad_inputs" / "glue_ok"  # a small valid SST-2 folder
-SPEC = f"""
-name: dry
-task: sst2
-method: kd
-data: {{glue_dir: {GLUE_OK}, source: glue_dir}}
-teacher: {{model: minilm-l6}}
-student: {{layers: 2}}
-"""
+SPEC = small_kd_yaml("dry")
 SEARCH = "search: {num_samples: 2, space: {train.pred.lr: {type: loguniform, low: 1.0e-5, high: 1.0e-3}}}\n"
 CASES = {  # what the file or its overrides get wrong -> (extra YAML, overrides, a fragment of the message)
     "checkpoint": ("", ["teacher.checkpoint=/nonexistent-kdp-ckpt"], "/nonexistent-kdp-ckpt: not a model folder"),

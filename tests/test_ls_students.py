@@ -7,21 +7,12 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from conftest import write_yaml
+from conftest import small_kd_yaml, write_yaml
 from kdplatform import runs
 from kdplatform.cli import app
 from kdplatform.config import load_trials
 
-GLUE_OK = Path(__file__).resolve().parent / "bad_inputs" / "glue_ok"
-SPEC = f"""
-name: lsx
-task: sst2
-method: kd
-data: {{glue_dir: {GLUE_OK}, source: glue_dir}}
-teacher: {{model: minilm-l6}}
-student: {{layers: 2}}
-seeds: [1, 2]
-"""
+SPEC = small_kd_yaml("lsx", "seeds: [1, 2]\n")
 
 
 def _store_with_one_run(tmp_path: Path) -> tuple[str, str, list[str]]:

@@ -13,7 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from conftest import REPO, write_yaml
+from conftest import GLUE_OK, REPO, write_yaml
 from kdplatform import runs, tracking
 from kdplatform.cli import app
 from kdplatform.config import ConfigError, load_trials
@@ -45,9 +45,6 @@ def _teacher_folder(tmp_path: Path) -> Path:
     folder.mkdir()
     (folder / "config.json").write_text('{"num_hidden_layers": 4, "model_type": "bert"}')
     return folder
-
-
-GLUE_OK = Path(__file__).resolve().parent / "bad_inputs" / "glue_ok"  # a small valid SST-2 folder
 
 
 def _spec(tmp_path: Path, extra: str = "", glue: str | Path = "/nowhere") -> Path:

@@ -7,30 +7,19 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from conftest import tiny_sst2, write_yaml
+from conftest import small_kd_yaml, tiny_sst2, write_yaml
 
-GLUE_OK = Path(__file__).resolve().parent / "bad_inputs" / "glue_ok"  # a small valid SST-2 folder
-SPEC = """
-name: order
-task: sst2
-method: kd
-data: {{glue_dir: {glue}, source: glue_dir}}
-teacher: {{model: minilm-l6}}
-student: {{layers: 2}}
-tracking_uri: {file_uri}
-"""
 
 
 def test_the_store_is_the_flag_then_the_environment_then_the_file_then_mlflow_db(tmp_path, monkeypatch):
     from kdplatform.sweep.expand import plan_sweep
 
     flag, env, file = (f"sqlite:///{tmp_path / n}.db" for n in ("flag", "env", "file"))
-    spec = write_yaml(tmp_path / "s.yaml", SPEC.format(glue=GLUE_OK, file_uri=file))
-    no_field = write_yaml(tmp_path / "plain.yaml", SPEC.format(glue=GLUE_OK, file_uri="null"))
+    spec = write_yaml(tmp_path / "s.yaml", small_kd_yaml("order", f"tracking_uri: {file}\n"))
+    no_field = write_yaml(tmp_path / "plain.yaml", small_kd_yaml("order", "tracking_uri: null\n"))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", env)
     assert plan_sweep(spec, query_done=False).tracking_uri == env, "the environment beats the file"
@@ -42,7 +31,7 @@ def test_the_store_is_the_flag_then_the_environment_then_the_file_then_mlflow_db
 
 def test_the_readme_dry_run_shows_the_environment_store(tmp_path):
     """The user's command: MLFLOW_TRACKING_URI=env.db kdplatform sweep FILE tracking_uri=file.db --dry-run."""
-    spec = write_yaml(tmp_path / "s.yaml", SPEC.format(glue=GLUE_OK, file_uri="null"))
+    spec = write_yaml(tmp_path / "s.yaml", small_kd_yaml("order", "tracking_uri: null\n"))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'env.db'}", "HF_HUB_OFFLINE": "1",
            "COLUMNS": "300"}  # the plan table on one line per row, paths unfolded
     proc = subprocess.run([sys.executable, "-m", "kdplatform.cli", "sweep", str(spec),
