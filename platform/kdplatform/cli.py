@@ -342,19 +342,29 @@ def report(experiment: Optional[str] = typer.Option(None, "--experiment", "-e",
 
 @app.command()
 def ui(tracking_uri: Optional[str] = TrackingOpt,
-       host: str = typer.Option("127.0.0.1", help="bind address (127.0.0.1: this machine only)"),
-       port: int = typer.Option(5000)) -> None:
+       host: str = typer.Option("127.0.0.1", help="bind address (127.0.0.1: this machine only; any other "
+                                "needs --read-only or --auth)"),
+       port: int = typer.Option(5000),
+       read_only: bool = typer.Option(False, "--read-only", help="refuse the UI's write endpoints (delete, "
+                                      "create, rename, log): browse only"),
+       auth: bool = typer.Option(False, "--auth", help="MLflow's basic-auth login (user admin, password from "
+                                 "$MLFLOW_AUTH_ADMIN_PASSWORD)"),
+       allowed_hosts: Optional[str] = typer.Option(None, "--allowed-hosts", help="Host headers the server "
+                                                   "accepts, comma-separated (passed to MLflow)")) -> None:
     """Start the MLflow UI on the store (bound to 127.0.0.1 unless told otherwise)."""
     from kdplatform import ui_server
 
     uri = _uri(tracking_uri)
+    access = ui_server.Access(auth=auth, read_only=read_only, allowed_hosts=allowed_hosts)
     try:
+        ui_server.check_access(host, access)
         ui_server.check_ui_store(uri)
         ui_server.check_port_free(host, port)
     except ui_server.UiError as e:
         _fail(str(e).replace("[", r"\["))
-    console.print(f"MLflow UI on http://{host}:{port} for {tracking.redact(uri)}")
-    raise typer.Exit(ui_server.serve(uri, host, port))
+    mode = " (read-only)" if read_only else " (login: admin)" if auth else ""
+    console.print(f"MLflow UI on {ui_server.url_of(host, port)} for {escape(tracking.redact(uri))}{mode}")
+    raise typer.Exit(ui_server.serve(uri, host, port, access))
 
 
 def main() -> None:  # pragma: no cover
