@@ -1,9 +1,12 @@
 """Is the tracking store usable? Checked once before any work, so a bad store fails in seconds with one line.
 
-`check_store(uri)` raises `StoreUnusable` (a user error: exit 2) for a server that does not answer or refuses
-the credentials, a database URI whose Python driver is missing, and a SQLite file that is not a database. It
-never creates a store: a SQLite file that does not exist yet is fine when its folder can hold it (the first
-run creates it).
+`check_store(uri, write=...)` raises `StoreUnusable` (a user error: exit 2) for a server that does not answer
+or refuses the credentials, a database URI whose Python driver is missing, a SQLite file that is not a
+database, is damaged, or is some other program's database (MLflow would add its tables to it), and, for the
+commands that write (`write=True`: run, sweep, teacher), a SQLite store on a read-only file or folder (SQLite's
+journal and kdplatform's claim files live beside it). Every command that opens a store calls it first; it
+only reads, and never creates a store: a SQLite file that does not exist yet is fine when its folder can hold
+it (the first run creates it).
 """
 
 from __future__ import annotations
@@ -27,11 +30,12 @@ class StoreUnusable(ValueError):
     """The tracking store cannot be used; the message names the store and the fix."""
 
 
-def check_store(uri: str) -> None:
-    """Raise StoreUnusable unless `uri` (absolute, from `tracking.absolute_uri`) can be read and written."""
+def check_store(uri: str, write: bool = True) -> None:
+    """Raise StoreUnusable unless `uri` (absolute, from `tracking.absolute_uri`) can be read, and written
+    when `write`."""
     scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else ""
     if scheme == "sqlite":
-        _check_sqlite(uri)
+        _check_sqlite(uri, write)
     elif scheme in ("postgresql", "mysql", "mssql"):
         _check_driver(uri, scheme)
         _probe_database(uri, scheme)
@@ -51,10 +55,13 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):].split("?", 1)[0])
 
 
-def _check_sqlite(uri: str) -> None:
+def _check_sqlite(uri: str, write: bool = True) -> None:
     path = sqlite_path(uri)
     if path is None:
         return
+    if path.exists() and not path.is_file():
+        raise StoreUnusable(f"the tracking store {path} is a folder, not an SQLite file.\n"
+                            f"  fix: pass --tracking-uri sqlite:///{path}/mlflow.db (a file inside it)")
     if not path.exists():
         if not path.parent.is_dir():
             raise StoreUnusable(f"the folder of the tracking store {path} does not exist.\n"
@@ -63,21 +70,44 @@ def _check_sqlite(uri: str) -> None:
             raise StoreUnusable(f"cannot create the tracking store {path}: its folder is not writable.\n"
                                 "  fix: pass a --tracking-uri in a folder you can write")
         return
-    with open(path, "rb") as fh:
-        head = fh.read(len(SQLITE_MAGIC))
-    problem = None
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(len(SQLITE_MAGIC))
+    except OSError as e:
+        raise StoreUnusable(f"cannot read the tracking store {path} ({e.strerror}).\n"
+                            "  fix: give yourself read access to it, or pass another --tracking-uri") from None
+    problem, tables = None, set()
     if head and head != SQLITE_MAGIC:  # an empty file is a valid empty database
         problem = "it is not an SQLite database"
     else:
         try:
             with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)) as db:
                 db.execute("PRAGMA quick_check(1)").fetchall()
+                tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         except sqlite3.DatabaseError as e:
             problem = f"SQLite cannot read it ({e})"
     if problem:
         raise StoreUnusable(f"the tracking store {path} is unusable: {problem}.\n"
                             f"  fix: move it aside (mv {path} {path}.broken) to start a new store, or restore it "
                             "from a backup")
+    if tables and not {"experiments", "runs"} <= tables:
+        raise StoreUnusable(f"{path} is an SQLite database but not an MLflow store (its tables: "
+                            f"{', '.join(sorted(tables)[:5])}); MLflow would add its own tables to it.\n"
+                            "  fix: pass --tracking-uri sqlite:///<path>/mlflow.db for a new file, or the store "
+                            "your runs were logged to")
+    if write:
+        _check_sqlite_writable(path)
+
+
+def _check_sqlite_writable(path: Path) -> None:
+    """SQLite writes a journal beside the file, and kdplatform its claim files (`<db>.kdp-claims/`)."""
+    claims = path.with_name(path.name + ".kdp-claims")
+    blocked = next((p for p in (path, path.parent, claims) if p.exists() and not os.access(p, os.W_OK)), None)
+    if blocked is not None:
+        raise StoreUnusable(f"the tracking store {path} is read-only ({blocked} cannot be written: SQLite's "
+                            "journal and kdplatform's claim files go beside the store).\n"
+                            f"  fix: copy it to a folder you can write (cp {path} <folder>/) and pass "
+                            "--tracking-uri sqlite:///<folder>/" + path.name + "; `ls` and `report` read it as is")
 
 
 def _check_driver(uri: str, scheme: str) -> None:

@@ -61,7 +61,7 @@ def check_ui_store(uri: str) -> None:
         raise UiError(f"no MLflow store at {uri[len('file://'):]}.\n  fix: pass the folder that holds your runs "
                       "as --tracking-uri")
     try:
-        check_store(uri)
+        check_store(uri, write=False)  # browsing a read-only store is fine
     except StoreUnusable as e:
         raise UiError(str(e)) from None
 

@@ -138,6 +138,12 @@ def _check_store(tracking_uri: str) -> None:
                               f"at your store")
     elif "://" not in tracking_uri and not Path(tracking_uri).exists():
         raise ReportError(f"no MLflow store at {tracking_uri}")
+    from kdplatform.store_check import StoreUnusable, check_store
+
+    try:  # damaged, not MLflow's, a server that does not answer: one message, the file untouched
+        check_store(tracking_uri, write=False)
+    except StoreUnusable as e:
+        raise ReportError(str(e)) from None
 
 
 def _client(tracking_uri: str):
