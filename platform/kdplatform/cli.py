@@ -81,6 +81,16 @@ def _check_store(uri: str, file: Path) -> None:
         _fail(f"{file}: {e}".replace("[", r"\["))
 
 
+def _readable_store(uri: str) -> None:
+    """`ls` and `export`: the store's check before MLflow opens it (a damaged or foreign file: exit 2, untouched)."""
+    from kdplatform.store_check import StoreUnusable, check_store
+
+    try:
+        check_store(uri, write=False)
+    except StoreUnusable as e:
+        _fail(escape(str(e)))
+
+
 def _uri(tracking_uri: str | None, trials: list[ResolvedTrial] | None = None, file: Path | None = None) -> str:
     """The store: --tracking-uri, else MLFLOW_TRACKING_URI, else the file's tracking_uri:, else ./mlflow.db."""
     try:
@@ -144,7 +154,11 @@ def run(file: Path = typer.Argument(..., help="trial or sweep YAML"), overrides:
     except _user_errors() as e:
         _fail(f"{file}: {e}".replace("[", r"\["))
     except KeyboardInterrupt:
-        err.print("interrupted: the open trial ended KILLED; finished trials are kept (run again to continue)")
+        from kdplatform.sweep.session import command
+
+        again = command("run", plan.spec_file, *plan.overrides, "--tracking-uri", tracking.redact(plan.tracking_uri))
+        err.print(f"interrupted: the open trial ended KILLED; finished trials are kept. Continue with: {again}",
+                  markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
     raise typer.Exit(outcome.exit_code)
 
@@ -224,6 +238,7 @@ def list_runs(tracking_uri: Optional[str] = TrackingOpt,
     if runs.store_missing(uri):
         console.print(f"no runs yet: no store at {escape(tracking.redact(uri))}")
         return
+    _readable_store(uri)
     if sweep:
         _list_students(uri, sweep)
         return
@@ -275,10 +290,14 @@ def export(run_id: str = typer.Argument(..., help="a student run's MLflow run id
     """Copy a student run's saved model into a folder `from_pretrained` loads (quantized: see its README.md)."""
     if which not in ("best", "last"):
         _fail(f"--which takes best or last, not {which!r}")
+    from kdplatform import runs
     from kdplatform.distill.export import ExportError, export_run_model
 
+    uri = _uri(tracking_uri)
+    if not runs.store_missing(uri):
+        _readable_store(uri)
     try:
-        folder = export_run_model(_uri(tracking_uri), run_id, dest, which)
+        folder = export_run_model(uri, run_id, dest, which)
     except ExportError as e:
         _fail(escape(str(e)))
     console.print(f"{which} student of run {run_id} -> {escape(str(folder))}")

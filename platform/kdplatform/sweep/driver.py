@@ -33,7 +33,7 @@ from kdplatform.config import describe_trials
 from kdplatform.sweep.expand import SweepPlan, plan_sweep, preflight_plan
 from kdplatform.sweep.progress import SweepMonitor, plan_tables
 from kdplatform.sweep.session import (SweepError, SweepOutcome, close_orphans_of, close_parent, counts_of, hold_spec,
-                                      nothing_new, open_parent, print_results, refresh_done)
+                                      nothing_new, open_parent, print_results, refresh_done, sweep_command)
 from kdplatform.sweep.teachers import TeacherOutcome, teacher_status, train_teachers
 
 STATE_FILE = "kdp_sweep.json"
@@ -63,12 +63,14 @@ def run_sweep(file: str | Path, *, tracking_uri: str | None = None, dry_run: boo
     `force` runs configs that already have a FINISHED run again (a new run each).
     """
     console = console or Console()
-    if resume and max_concurrent is not None:  # Tuner.restore keeps the saved TuneConfig: it would do nothing
-        raise SweepError("--max-concurrent cannot change a resumed sweep: Ray restores the limit it started with",
-                         f"resume without --max-concurrent, or start again with: kdplatform sweep {file} --fresh "
-                         f"--max-concurrent {max_concurrent} (finished trials are kept and skipped)")
     plan = plan_sweep(file, tracking_uri, force=force, overrides=overrides)
     exp_path = Path(storage or "ray_results").resolve() / plan.experiment_dir_name
+    if resume and max_concurrent is not None:  # Tuner.restore keeps the saved TuneConfig: it would do nothing
+        again = sweep_command(plan, "--fresh", "--max-concurrent", str(max_concurrent), storage=exp_path.parent,
+                              address=address)
+        raise SweepError("--max-concurrent cannot change a resumed sweep: Ray restores the limit it started with",
+                         f"resume without --max-concurrent, or start again with: {again} (finished trials are "
+                         "kept and skipped)")
     # every data file and ready checkpoint the trials read, checked before anything is written (the spec's
     # claim, the parent run, Ray); a dry run checks them too, without downloading hub data
     preflight_plan(plan, runs_here=not address, fetch=not dry_run)
@@ -140,8 +142,9 @@ def _claimed_sweep(plan: SweepPlan, file: str | Path, exp_path: Path, *, resume:
                       num_cpus=num_cpus, num_gpus=num_gpus, console=console)
     if outcome.exit_code == 130:
         _close_open_runs(parent, uri, spec.name, "KILLED", {runs.INTERRUPTED: time.strftime("%Y-%m-%d %H:%M:%S")})
-        console.print(f"[yellow]interrupted:[/] open runs closed KILLED. Continue with: [bold]kdplatform sweep "
-                      f"{escape(str(file))} --resume[/]")
+        resume_hint = sweep_command(plan, "--resume", storage=exp_path.parent, address=address)
+        console.print(f"[yellow]interrupted:[/] open runs closed KILLED. Continue with: [bold]{escape(resume_hint)}[/]",
+                      soft_wrap=True)  # one line however wide the terminal, to paste
     return outcome
 
 
@@ -213,14 +216,15 @@ def _on_ray(plan: SweepPlan, parent: tracking.RunLogger, state: dict, exp_path: 
         _close_open_runs(parent, uri, name, "FAILED", {runs.FAILURE_REASON: f"{type(e).__name__}: {e}"})
         if _disk_full(e) or _storage_full(exp_path):
             raise SweepError(f"the disk holding Ray's storage {exp_path.parent} is full ({type(e).__name__}: "
-                             f"{tracking.redact(str(e))[:200]}); the sweep's open runs were closed FAILED", f"free space under {exp_path.parent}, then continue with: kdplatform "
-                             f"sweep {plan.spec_file} --resume") from None
+                             f"{tracking.redact(str(e))[:200]}); the sweep's open runs were closed FAILED",
+                             f"free space under {exp_path.parent}, then continue with: "
+                             f"{sweep_command(plan, '--resume', storage=exp_path.parent, address=address)}") from None
         if _out_of_memory(e):  # Ray's memory monitor killed a trial's worker: Tune itself gives up
             raise SweepError("a trial's worker was killed by Ray's memory monitor (this node ran out of memory); "
                              "finished trials are kept, the open runs were closed FAILED",
-                             f"run fewer trials at once; a resumed sweep keeps its old limit, so start again: "
-                             f"kdplatform sweep {plan.spec_file} --fresh --max-concurrent 1 (finished trials "
-                             f"are kept and skipped)") from None
+                             "run fewer trials at once; a resumed sweep keeps its old limit, so start again: "
+                             f"{sweep_command(plan, '--fresh', '--max-concurrent', '1', storage=exp_path.parent, address=address)}"
+                             " (finished trials are kept and skipped)") from None
         raise
     finally:
         if started_ray:
@@ -339,7 +343,7 @@ def _run_stages(plan: SweepPlan, parent: tracking.RunLogger, state: dict, exp_pa
     total = spec.search.num_samples if spec.search is not None else len(plan.to_run)
     restorable = resume and ray_tune.Tuner.can_restore(str(exp_path))
     if restorable:
-        _check_restorable(exp_path, plan.spec_file)
+        _check_restorable(exp_path, sweep_command(plan, "--fresh", storage=exp_path.parent))
     ended = 0
     if restorable:
         n_trials, ended = _ray_trial_counts(exp_path)
@@ -405,8 +409,9 @@ def _fit(plan: SweepPlan, ctx, monitor: SweepMonitor, exp_path: Path, restorable
                                                resume_errored=True)
             except Exception as e:  # noqa: BLE001 - e.g. a state file truncated by a full disk
                 raise SweepError(f"cannot resume: Ray's saved state in {exp_path} is unreadable "
-                                 f"({type(e).__name__}: {str(e)[:200]})", f"start again with: kdplatform sweep "
-                                 f"{plan.spec_file} --fresh (finished trials are kept and skipped)") from None
+                                 f"({type(e).__name__}: {str(e)[:200]})", "start again with: "
+                                 f"{sweep_command(plan, '--fresh', storage=exp_path.parent)} (finished trials are "
+                                 "kept and skipped)") from None
             return tuner.fit()
         if run_trials or spec.search is not None:
             space = kdp_tune.param_space(run_trials if spec.search is None else plan.trials, spec.search)
@@ -450,7 +455,7 @@ def _unfinished_trials(exp_path: Path) -> int:
         return 0
 
 
-def _check_restorable(exp_path: Path, spec_file: Path) -> None:
+def _check_restorable(exp_path: Path, fresh_command: str) -> None:
     """Refuse to restore a Ray experiment whose saved state was cut short (a full disk): Ray would restore
     it without its trials' configs and run a phantom trial, then report the sweep done."""
     from ray.tune import ExperimentAnalysis
@@ -468,8 +473,8 @@ def _check_restorable(exp_path: Path, spec_file: Path) -> None:
             why = f"its experiment state is unreadable ({type(e).__name__}: {str(e)[:200]})"
     if why:
         raise SweepError(f"cannot resume: Ray's saved state in {exp_path} is damaged: {why}",
-                         f"start again with: kdplatform sweep {spec_file} --fresh (trials that FINISHED are "
-                         "kept and skipped; the others run again)")
+                         f"start again with: {fresh_command} (trials that FINISHED are kept and skipped; the "
+                         "others run again)")
 
 
 def _ray_trial_counts(exp_path: Path) -> tuple[int, int]:

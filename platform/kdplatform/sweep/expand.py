@@ -43,6 +43,7 @@ class SweepPlan:
     done: dict[str, str] = field(default_factory=dict)  # cfg_hash -> FINISHED run id
     bases: dict[str, dict[str, Any]] = field(default_factory=dict)  # search: cfg_hash -> raw TrialConfig
     force: bool = False  # --force: finished configs run again
+    overrides: list[str] = field(default_factory=list)  # the command line's key=value settings, for hints
 
     @property
     def to_run(self) -> list[ResolvedTrial]:
@@ -89,7 +90,7 @@ def plan_sweep(path: str | Path, tracking_uri: str | None = None, query_done: bo
     if query_done:
         check_store(uri)  # a store that is down, refuses us or is corrupt: exit 2 now, not after the teachers
     plan = SweepPlan(spec=spec, spec_file=Path(path).resolve(), spec_hash=spec_hash(spec), trials=trials,
-                     notes=notes, tracking_uri=uri, force=force)
+                     notes=notes, tracking_uri=uri, force=force, overrides=list(overrides))
     if spec.search is not None:
         plan.bases = raw_trials(spec, {t.cfg_hash for t in trials})  # the same grid walk as load_trials
         check_search_space(plan)

@@ -9,6 +9,7 @@ process (`runs.close_orphan_parents`).
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,24 @@ class SweepOutcome:
     experiment_path: Path | None = None
     counts: dict[str, int] = field(default_factory=dict)
     rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+def command(*args: object) -> str:
+    """A `kdplatform` command to print as a hint: each argument quoted for a POSIX shell, so pasting it runs
+    exactly this (a name with spaces or `;` stays one argument)."""
+    return shlex.join(["kdplatform", *map(str, args)])
+
+
+def sweep_command(plan: SweepPlan, *flags: str, storage: Path | None = None, address: str | None = None) -> str:
+    """`kdplatform sweep` of this plan again, with `flags`: the same file (absolute), overrides and store
+    (and Ray folder and cluster when given), so the pasted command finds the same sweep."""
+    args: list[object] = ["sweep", plan.spec_file, *plan.overrides, *flags,
+                          "--tracking-uri", tracking.redact(plan.tracking_uri)]
+    if storage is not None:
+        args += ["--storage", storage]
+    if address:
+        args += ["--address", address]
+    return command(*args)
 
 
 def hold_spec(plan: SweepPlan, console: Console, on_wait=None) -> runs.Claim:
@@ -134,5 +153,5 @@ def print_results(console: Console, plan: SweepPlan, parent_id: str, rows: list[
         console.print(trials_table(rows))
     redacted = tracking.redact(plan.tracking_uri)
     console.print(f"MLflow: parent run {parent_id} in experiment '{escape(spec.name)}' ({escape(redacted)})")
-    console.print(f"Open the report: [bold]kdplatform report --experiment {escape(spec.name)} --sweep "
-                  f"{parent_id} --tracking-uri {escape(redacted)}[/]")
+    report = command("report", "--experiment", spec.name, "--sweep", parent_id, "--tracking-uri", redacted)
+    console.print(f"Open the report: [bold]{escape(report)}[/]", soft_wrap=True)  # one line, to paste
