@@ -10,9 +10,14 @@ and nothing here runs at import time.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import tempfile
+import unicodedata
 from pathlib import Path
+
+FILE_NAME_MAX = 120  # characters of a name made from data (file systems allow 255 bytes)
 
 
 def cache_root() -> Path:
@@ -55,3 +60,15 @@ def quiet_transformers() -> None:
     model loads; a variable the user set wins)."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def safe_file_name(name: str, max_len: int = FILE_NAME_MAX) -> str:
+    """A file name made from data (a task, method or dashboard item name): only letters, digits, `.`, `_`
+    and `-`, never empty, hidden, `.`/`..` or an option (`-x`), at most `max_len` characters. Names that had
+    to change get a short hash of the original, so two different names never meet in one file."""
+    text = unicodedata.normalize("NFKD", str(name)).encode("ascii", "ignore").decode()
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip(".-") or "item"
+    if safe != name or len(safe) > max_len:
+        digest = hashlib.sha256(str(name).encode("utf-8", "surrogatepass")).hexdigest()[:8]
+        safe = f"{safe[:max_len - 9].rstrip('.-') or 'item'}-{digest}"
+    return safe

@@ -26,7 +26,7 @@ from typing import Annotated, Any, Literal, Union
 
 import pandas as pd
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from kdplatform.report.collect import ReportData, ReportError
 
@@ -42,12 +42,21 @@ class _Item(BaseModel):
 class AccuracyTableItem(_Item):
     """Paper table: rows = `rows` axes (default: method + every axis that varies), columns = tasks + Avg."""
     kind: Literal["accuracy_table"]
-    name: str = "accuracy"
+    name: str = "accuracy"  # the stem of its table files: tables/<page>-<name>.<format>
     rows: list[str] | None = None
     metric: str = "score"
     select: Literal["best", "all"] = "best"
     value: Literal["best", "final"] = "best"  # each run's best dev value, or its last one
     baseline: str | None = "kd"  # method the difference table compares every row with; null: no such table
+
+    @field_validator("name")
+    @classmethod
+    def _a_file_name(cls, v: str) -> str:
+        """It names files in the report folder: a path would write outside tables/ (or fail)."""
+        if not v or any(c in v for c in "/\\\0") or v in (".", "..") or v.startswith("."):
+            raise ValueError(f"name {v!r} names files in the report's tables/ folder: use letters, digits, '-', "
+                             "'_' and '.', without '/', '\\' or a leading '.'")
+        return v
 
 
 class ScoreCurvesItem(_Item):

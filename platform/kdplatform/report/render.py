@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from kdplatform.paths import safe_file_name
 from kdplatform.report import figures as F
 from kdplatform.report.collect import (AXIS_LABELS, CONFIG_AXES, DEFAULT_HISTORY_KEYS, ReportData, ReportError,
                                        collect_runs, default_tracking_uri, redact, run_url)
@@ -169,7 +170,7 @@ def build_report(data: ReportData, dashboards: list[Dashboard]) -> Report:
     sections = []
     for dash in dashboards:
         page, page_notes = apply_filters(data, dash.filters)
-        anchor = _unique(dash.name or "page", used_anchors)
+        anchor = _unique(safe_file_name(dash.name or "page"), used_anchors)
         blocks = []
         for item in dash.items:
             title = _item_title(item)
@@ -186,10 +187,10 @@ def build_report(data: ReportData, dashboards: list[Dashboard]) -> Report:
                     if what == "table":
                         block.html = built.to_html()
                         block.table = built
-                        block.table_name = _unique(f"{anchor}-{item.name}", used_figs)
+                        block.table_name = _unique(safe_file_name(f"{anchor}-{item.name}"), used_figs)
                     else:
                         for fig in built:
-                            fig.name = _unique(f"{anchor}-{fig.name}", used_figs)
+                            fig.name = _unique(safe_file_name(f"{anchor}-{fig.name}"), used_figs)
                         block.figures = built
             if item.filters:
                 block.title += f" ({describe_filters(item.filters)})"
