@@ -53,8 +53,18 @@ def parse_override(text: str, file: Any = None) -> Override:
     try:
         value, _ = load_yaml_text(value_text, file, what="the override")
     except ConfigError as e:
-        raise refuse(f"the value is not YAML ({e.message})", "quote text, e.g. name='my run'") from None
+        raise refuse(f"the value is not YAML ({e.message})", _yaml_fix(key, value_text)) from None
     return Override(text, key, value)
+
+
+def _yaml_fix(key: str, value_text: str) -> str:
+    """A fix for a value YAML cannot read: close an open list/mapping, else quote the text."""
+    v = value_text.strip()
+    for opening, closing in (("[", "]"), ("{", "}")):
+        if v.startswith(opening) and v.count(opening) > v.count(closing):
+            return f"close the {'list' if opening == '[' else 'mapping'} and quote the whole override for the " \
+                   f"shell: '{key}={v}{closing * (v.count(opening) - v.count(closing))}'"
+    return f"quote text inside the value, e.g. {key}='\"{v}\"'"
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], file: Any = None) -> list[Override]:

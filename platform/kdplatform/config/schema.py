@@ -45,7 +45,7 @@ CONSISTENCY_LOSSES = ("attention_kl", "hidden_mse", "relation_kl")
 
 class Strict(BaseModel):
     # inf and nan pass `gt=0` checks and only crash training later
-    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False, strict=True)
 
     @field_validator("*", mode="before")
     @classmethod

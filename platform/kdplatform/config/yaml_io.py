@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import re
+import typing
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -205,16 +207,90 @@ def errors_to_config_error(e: ValidationError, file: Any, lines: dict[tuple, int
     got = got if len(got) <= 80 else got[:60] + f"... ({len(got)} characters)"
     if first["type"] == "extra_forbidden":
         msg = f"unknown key '{loc[-1]}'"
-        fix = "remove it or check its spelling (see README, 'The YAML schema')"
+        near = nearest_key(str(loc[-1]), _keys_at(e.title, loc[:-1]))
+        fix = f"did you mean '{near}'?" if near else "remove it or check its spelling (see README, 'The YAML schema')"
     elif first["type"] == "literal_error":
         fix = f"use one of the allowed values (got {got})"
     else:
-        fix = f"got {got}"
+        fix = _value_fix(first, got)
     more = len(e.errors()) - 1
     if more:
         fix += f" ({more} more problem{'s' if more > 1 else ''} after this one)"
     line = lines.get(loc) or lines.get(loc[:-1]) if loc else None
     return relabel_error(ConfigError(file, path, msg, fix, line=line), relabel or {})
+
+
+# pydantic error type -> what a valid value looks like (the numeric bounds come from the error's context)
+_WANTED = {"int_type": "a whole number, without quotes", "int_parsing": "a whole number, without quotes",
+           "int_from_float": "a whole number (no decimal point)", "float_type": "a number, without quotes",
+           "float_parsing": "a number, without quotes", "bool_type": "true or false, without quotes",
+           "bool_parsing": "true or false, without quotes", "string_type": "text (quote it)",
+           "list_type": "a list, e.g. [1, 2]", "dict_type": "a mapping of key: value lines",
+           "model_type": "a mapping of key: value lines", "finite_number": "a finite number (not inf or nan)"}
+_BOUND = {"greater_than": "above {gt}", "greater_than_equal": "{ge} or more", "less_than": "below {lt}",
+          "less_than_equal": "{le} or less", "multiple_of": "a multiple of {multiple_of}"}
+
+
+def _value_fix(error: dict, got: str) -> str:
+    """The fix line: the valid value or range this setting takes, and what the file gave."""
+    kind, ctx = error["type"], error.get("ctx") or {}
+    if kind in _BOUND:
+        return f"use a value {_BOUND[kind].format(**ctx)} (got {got})"
+    if kind == "too_short":
+        return f"give at least {ctx.get('min_length', 1)} item(s) (got {got})"
+    if kind == "too_long":
+        return f"give at most {ctx.get('max_length')} item(s) (got {got})"
+    if kind in _WANTED:
+        value = error.get("input")
+        if kind.startswith("int") and isinstance(value, (str, float)):
+            try:
+                whole = float(value)
+                if whole.is_integer():
+                    return f"write {int(whole)} ({_WANTED[kind]}; got {got})"
+            except ValueError:
+                pass
+        return f"write {_WANTED[kind]} (got {got})"
+    if "boolean" in error.get("msg", ""):  # our own refusal of yes/no/true/false where a number belongs
+        return f"write a number (got {got})"
+    return f"got {got}"
+
+
+def nearest_key(key: str, known: Iterable[str]) -> str | None:
+    """The known key closest to a misspelt one (difflib), if any is close."""
+    import difflib
+
+    found = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+def _keys_at(model_name: str, loc: tuple) -> list[str]:
+    """The keys a mapping at `loc` of the file may hold (the fields of the schema's model there)."""
+    from pydantic import BaseModel
+
+    from kdplatform.config import schema
+
+    model = getattr(schema, model_name, None)
+    for part in loc:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return []
+        if isinstance(part, int):
+            continue
+        field_info = model.model_fields.get(part)
+        model = _model_in(field_info.annotation) if field_info is not None else None
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
+def _model_in(annotation: Any):
+    """The pydantic model a field's type holds (StageConfig in `list[StageConfig] | None`), if any."""
+    from pydantic import BaseModel
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def _first_error(errors: list[dict], raw: Any) -> dict:
