@@ -253,7 +253,12 @@ def list_runs(tracking_uri: Optional[str] = TrackingOpt,
         counts = ", ".join(f"{n} {s}" for s, n in sorted(r.trials.items())) or "none"
         table.add_row(escape(r.experiment), r.runner, r.status, r.run_id, r.started, counts)
     out = _listing_console()
-    out.print(table if rows else "no sweeps or runs in this store yet")
+    if not rows:
+        held = runs.store_contents(uri)
+        out.print(f"no kdplatform sweeps or runs in this store; it holds {held['runs']} other run(s) in "
+                  f"{held['experiments']} experiment(s) (logged by MLflow directly or another tool): browse them "
+                  "with `kdplatform ui`" if held["runs"] else "no sweeps or runs in this store yet", soft_wrap=True)
+        return
     if rows:  # the ids `kdplatform export` takes are the students', one level down
         out.print("a run's student runs and their run ids (what `kdplatform export` takes): "
                   "kdplatform ls --sweep RUN_ID")

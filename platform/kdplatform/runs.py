@@ -221,6 +221,20 @@ def close_children(uri: str, experiment: str, parent_run_id: str, status: str, r
     return [r.info.run_id for r in runs if close_run(uri, r.info.run_id, status, {FAILURE_REASON: reason})]
 
 
+INTERRUPTED_REASON = "interrupted by the user (Ctrl-C or SIGTERM); --resume continues it"
+STOP_SIGNALS = ("SystemExit", "KeyboardInterrupt")  # how an interruption reaches a trial's worker
+
+
+def mark_interrupted(uri: str, experiment: str, parent_run_id: str) -> None:
+    """After Ctrl-C/SIGTERM: the trials Ray stopped were closed KILLED by their workers with the bare
+    exception (`SystemExit: 0`); their reason becomes what happened."""
+    killed = search(uri, experiment, where(tag_is(PARENT, parent_run_id), status_is("KILLED")))
+    c = tracking.client(uri)
+    for r in killed:
+        if r.data.tags.get(FAILURE_REASON, "").startswith(STOP_SIGNALS):
+            tracking.retry(lambda r=r: c.set_tag(r.info.run_id, FAILURE_REASON, INTERRUPTED_REASON), "set tag")
+
+
 def note_retry(uri: str, run_id: str, from_step: int | None) -> None:
     """Tags of a reattached run: attempt count, the checkpoint step it resumes from (0: from scratch), and
     a previous failure's reason kept as history (`kdp.retried_after`), not as the current failure."""
@@ -398,3 +412,10 @@ def list_sweeps(uri: str) -> list[SweepRow]:
         rows.append(SweepRow(names.get(exp_id, exp_id), parent, "(no parent run)" if parent == "-" else
                              "(parent run missing)", "-", "-", "-", dict(n)))
     return rows
+
+
+def store_contents(uri: str, limit: int = 10_000) -> dict[str, int]:
+    """What a store holds whatever wrote it: experiments with runs, and runs (counted up to `limit`), for
+    `ls` on a store with no kdplatform runs (one written by MLflow directly)."""
+    found = search(uri, None, max_results=limit)
+    return {"experiments": len({r.info.experiment_id for r in found}), "runs": len(found)}

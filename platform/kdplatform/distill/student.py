@@ -112,7 +112,8 @@ def run_trial(trial: ResolvedTrial, *, tracking_uri: str | None = None, parent_r
         logger.add_metrics(save_models(logger, trial, student, tokenizer, snapshot), state.global_step)
     except BaseException as e:
         # a divergence, a crash (retried by the orchestrator) or Ctrl-C: the run stays reattachable
-        reason = str(e)[:5000] if isinstance(e, DivergedError) else f"{type(e).__name__}: {str(e)[:4000]}"
+        reason = str(e)[:5000] if isinstance(e, DivergedError) else runs.INTERRUPTED_REASON \
+            if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {str(e)[:4000]}"  # SystemExit: Ray's stop
         logger.set_tags({runs.FAILURE_REASON: reason})
         logger.finish("KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED")
         raise

@@ -325,6 +325,8 @@ def _close_open_runs(parent: tracking.RunLogger, uri: str, experiment: str, stat
         for run in runs.search(uri, experiment, runs.where(runs.tag_is(runs.PARENT, parent.run_id),
                                                            runs.status_is("RUNNING"))):
             runs.close_run(uri, run.info.run_id, status, tags)
+        if runs.INTERRUPTED in tags:  # Ctrl-C/SIGTERM: say so, not the SystemExit Ray stopped the trials with
+            runs.mark_interrupted(uri, experiment, parent.run_id)
         parent.set_tags({k: v[:5000] for k, v in tags.items()})
         parent.finish(status)
     except Exception as e:  # noqa: BLE001 - the store is gone: the runs stay RUNNING, --resume still finds them
@@ -344,10 +346,10 @@ def _run_stages(plan: SweepPlan, parent: tracking.RunLogger, state: dict, exp_pa
     restorable = resume and ray_tune.Tuner.can_restore(str(exp_path))
     if restorable:
         _check_restorable(exp_path, sweep_command(plan, "--fresh", storage=exp_path.parent))
-    ended = 0
+    ended: list[str] = []
     if restorable:
         n_trials, ended = _ray_trial_counts(exp_path)
-        total = max(total, n_trials)
+        total = n_trials or total  # the restored experiment's trials, those ended before included
     live_steps = str(exp_path / "kdp_progress")  # teachers' and trials' step files (sweep/live_steps.py)
     with SweepMonitor(console, total, concurrency or 1) as monitor:
         monitor.already_ended(ended)
@@ -477,15 +479,15 @@ def _check_restorable(exp_path: Path, fresh_command: str) -> None:
                          "others run again)")
 
 
-def _ray_trial_counts(exp_path: Path) -> tuple[int, int]:
-    """(trials, trials already ended) in Ray's saved experiment state: the progress view's starting point."""
+def _ray_trial_counts(exp_path: Path) -> tuple[int, list[str]]:
+    """(trials, ids of the trials already ended) in Ray's saved experiment state: the progress view's start."""
     try:
         from ray.tune import ExperimentAnalysis
 
         trials = ExperimentAnalysis(str(exp_path)).trials
-        return len(trials), sum(t.status == "TERMINATED" for t in trials)
+        return len(trials), [t.trial_id for t in trials if t.status == "TERMINATED"]
     except Exception:  # noqa: BLE001 - only for the progress view
-        return 0, 0
+        return 0, []
 
 
 def _interrupted(state: dict, uri: str) -> bool:

@@ -163,10 +163,11 @@ class SweepMonitor:
             self._line(escape(f"  {self.teacher_line}"))
         self.refresh()
 
-    def already_ended(self, n: int) -> None:
-        """Trials a resumed sweep finds ended in Ray's saved state (they fire no events this session)."""
-        for i in range(n):
-            self.status[f"restored-{i}"] = "FINISHED"
+    def already_ended(self, trial_ids: list[str]) -> None:
+        """Trials a resumed sweep finds ended in Ray's saved state, by Ray's trial id: one that reports again
+        this session replaces its entry, so `[done/total]` never passes the total."""
+        for trial_id in trial_ids:
+            self.status[trial_id] = "FINISHED"
 
     def trial_started(self, trial_id: str, name: str) -> None:
         self.names[trial_id] = name

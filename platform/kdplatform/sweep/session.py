@@ -112,8 +112,11 @@ def open_parent(plan: SweepPlan, runner: str, ray_experiment: Path | None = None
 
 
 def counts_of(rows: list[dict[str, Any]], plan: SweepPlan, already_done: int) -> dict[str, int]:
-    return {"trials": len(plan.trials), "already_done": already_done, "ran": len(rows),
-            "finished": sum(r["status"] in ("FINISHED", "SKIPPED") for r in rows),
+    """The summary's numbers. A SKIPPED row is a trial found FINISHED in the store when it was about to run
+    (it finished before an interruption, or in another run of the file): already done, not run now."""
+    skipped = sum(r["status"] == "SKIPPED" for r in rows)
+    return {"trials": len(plan.trials), "already_done": already_done + skipped, "ran": len(rows) - skipped,
+            "finished": sum(r["status"] == "FINISHED" for r in rows),
             "failed": sum(r["status"] == "FAILED" for r in rows),
             "stopped_early": sum(r["status"] == "STOPPED" for r in rows)}
 
