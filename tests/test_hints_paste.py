@@ -132,6 +132,8 @@ def test_the_printed_resume_hint_pasted_after_ctrl_c_resumes_the_same_sweep_in_t
         exp = c.get_experiment_by_name("hint test; touch PWNED").experiment_id
         before = {r.info.run_id: r.info.status for r in c.search_runs([exp])}
         assert set(before.values()) == {"KILLED"}, before
+        reasons = {r.data.tags.get("kdp.role"): r.data.tags.get("kdp.failure_reason", "") for r in c.search_runs([exp])}
+        assert reasons["student"].startswith("interrupted by the user"), reasons  # not "SystemExit: 0"
 
         pasted = subprocess.run(["sh", "-c", hint], cwd=paste_cwd, env=env, capture_output=True, text=True,
                                 timeout=600)

@@ -79,3 +79,17 @@ def test_interrupted_trials_say_interrupted_by_the_user(tmp_path):
     runs.mark_interrupted(uri, "e", parent)
     assert client.get_run(stopped).data.tags[runs.FAILURE_REASON].startswith("interrupted by the user")
     assert client.get_run(diverged).data.tags[runs.FAILURE_REASON] == "the loss is non-finite at step 3"
+
+
+def test_a_claim_folder_that_cannot_be_written_is_a_clean_store_error(tmp_path, monkeypatch):
+    """Claims of a server store live in the cache; one that cannot be made is exit 2, not an OSError."""
+    import pytest
+
+    from kdplatform import runs
+    from kdplatform.store_check import StoreUnusable
+
+    (tmp_path / "a_file").write_text("not a folder")
+    monkeypatch.setenv("KDP_CACHE_DIR", str(tmp_path / "a_file" / "cache"))
+    with pytest.raises(StoreUnusable, match="cannot write the claim file") as e:
+        runs.try_claim("http://127.0.0.1:5999", "e", "sweep-1")
+    assert "KDP_CACHE_DIR" in str(e.value)

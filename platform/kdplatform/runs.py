@@ -307,8 +307,15 @@ def _claim_path(uri: str, experiment: str, key: str) -> Path:
 def try_claim(uri: str, experiment: str, key: str) -> Claim | None:
     """Claim `key` (a config hash, or `sweep-<spec hash>`) now, or None when a live process holds it."""
     path = _claim_path(uri, experiment, key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path, "a+")  # noqa: SIM115 - held open for the claim's lifetime
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+")  # noqa: SIM115 - held open for the claim's lifetime
+    except OSError as e:  # the store check found the store writable; its claim folder is not (exit 2)
+        from kdplatform.store_check import StoreUnusable
+
+        raise StoreUnusable(f"cannot write the claim file {path} of the tracking store {tracking.redact(uri)} "
+                            f"({e.strerror}).\n  fix: make {path.parent} writable, or for a server store point "
+                            "KDP_CACHE_DIR at a folder you can write") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

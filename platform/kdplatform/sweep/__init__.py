@@ -7,5 +7,6 @@
 - `live_steps.py` the step counts Ray workers (trials, teachers) write for that view, through side files
 - `session.py`  what `run` and `sweep` share: the spec claim, the parent run, orphans, the summary
 - `driver.py`   `run_sweep`: the whole command, top to bottom
+- `reaper.py`   a watcher that ends the local Ray cluster once the driver has exited, SIGKILL included
 - `local.py`    `run_local`: `kdplatform run`, the sweep without Ray (in this process)
 """

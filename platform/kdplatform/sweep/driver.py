@@ -202,6 +202,7 @@ def _on_ray(plan: SweepPlan, parent: tracking.RunLogger, state: dict, exp_path: 
             # session's worker logs; our view reports trial results and failures (with their error files)
             ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
                      object_store_memory=OBJECT_STORE_BYTES, log_to_driver=False, _node_ip_address=LOOPBACK)
+            _reap_cluster_after_exit()
         started_ray = True
         ray_log = ray_logs_to_file(exp_path)  # again: ray.init may reinstall its console handler
         # after ray.init, which installs its own SIGTERM handler (exit with a native stack dump): `kill` and
@@ -232,6 +233,18 @@ def _on_ray(plan: SweepPlan, parent: tracking.RunLogger, state: dict, exp_path: 
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
     return outcome
+
+
+def _reap_cluster_after_exit() -> None:
+    """Our local cluster's processes end when this process does, even by SIGKILL (sweep/reaper.py)."""
+    import ray
+
+    from kdplatform.sweep import reaper
+
+    try:
+        reaper.start(ray._private.worker._global_node.get_session_dir_path())
+    except Exception as e:  # noqa: BLE001 - ray.shutdown still ends the cluster on an ordinary exit
+        logging.getLogger("kdplatform").warning("cannot watch the local Ray cluster: %s", e)
 
 
 def ray_logs_to_file(exp_path: Path) -> Path:

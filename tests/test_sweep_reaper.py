@@ -1,0 +1,104 @@
+"""The local Ray cluster ends with the sweep driver, however the driver ends (issue 30, case 12).
+
+- Fast: real processes stand in for the driver and Ray's helpers (their command lines name a session folder,
+  as Ray's do); SIGKILL of the driver and the watcher (`python -m kdplatform.sweep.reaper`) ends the helpers,
+  SIGTERM first, while a process of another session is left alone.
+- Slow: a real sweep on a real local Ray cluster, its driver killed with SIGKILL mid-trial: within seconds no
+  process of its Ray session (GCS, raylet, dashboard and runtime-env agents, workers) is left.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from kdplatform.sweep.reaper import session_processes
+
+SLEEPER = "import signal, sys, time; time.sleep(300)"
+
+
+def _sleeper(*names: str, new_session: bool = True) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", SLEEPER, *names], start_new_session=new_session)
+
+
+def _gone(procs: list[subprocess.Popen], within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if all(p.poll() is not None for p in procs):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_the_watcher_ends_the_session_once_the_driver_is_killed(tmp_path):
+    session = str(tmp_path / f"session_{uuid.uuid4().hex}")
+    other = str(tmp_path / f"session_{uuid.uuid4().hex}")
+    driver = _sleeper()
+    helpers = [_sleeper(f"--session-dir={session}"), _sleeper(f"--log_dir={session}/logs")]
+    bystander = _sleeper(f"--session-dir={other}")
+    watcher = subprocess.Popen([sys.executable, "-m", "kdplatform.sweep.reaper", str(driver.pid), session],
+                               start_new_session=True)
+    try:
+        time.sleep(1.0)  # the watcher is waiting on the driver
+        assert set(session_processes(session)) - {watcher.pid} == {h.pid for h in helpers}
+        assert all(h.poll() is None for h in helpers), "the watcher must wait for the driver"
+        driver.send_signal(signal.SIGKILL)
+        assert _gone(helpers, 20), "helpers of the killed driver's session outlived it"
+        assert watcher.wait(timeout=20) == 0
+        assert bystander.poll() is None, "a process of another session was ended"
+        assert [h.returncode for h in helpers] == [-signal.SIGTERM] * 2  # asked first, not killed
+    finally:
+        for p in (driver, *helpers, bystander, watcher):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_sigkill_of_a_real_sweep_driver_leaves_no_ray_process(tmp_path, glue_dir, tiny_bert_dir):
+    import shutil
+    import tempfile
+
+    from conftest import write_yaml
+    from test_sweep_signals_secrets import SPEC, _classifier, _cmd, _kill_session_leftovers
+
+    ray_tmp = Path(tempfile.mkdtemp(prefix="kdpray", dir="/tmp"))
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST" and not k.startswith("MLFLOW_")}
+    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_TMPDIR": str(ray_tmp),
+                "KDP_CACHE_DIR": str(tmp_path / "cache"), "KDP_FAULTS_DIR": str(tmp_path / "faults"),
+                "KDP_FAULTS": "sst2/*:slow@0:0.8"})
+    try:
+        ckpt = _classifier(tiny_bert_dir, tmp_path / "teacher_ckpt")
+        spec = write_yaml(tmp_path / "sweep.yaml", SPEC.format(name="reaped", glue=glue_dir, teacher=tiny_bert_dir,
+                                                               ckpt=ckpt))
+        log = tmp_path / "driver.log"
+        with open(log, "w") as out:
+            driver = subprocess.Popen(_cmd(spec, f"sqlite:///{tmp_path / 'mlflow.db'}"), cwd=tmp_path, env=env,
+                                      stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 300
+        while time.time() < deadline and driver.poll() is None and \
+                not glob.glob(str(tmp_path / "ray_results" / "*" / "*" / "checkpoint_*")):
+            time.sleep(0.3)
+        assert driver.poll() is None, log.read_text()[-3000:]
+        ray_procs = session_processes(str(ray_tmp))
+        assert len(ray_procs) >= 3, "the local cluster runs (GCS, raylet, agents, a trial worker)"
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+        start = time.monotonic()
+        while time.monotonic() - start < 60 and session_processes(str(ray_tmp)):
+            time.sleep(0.5)
+        left = session_processes(str(ray_tmp))
+        print(f"{len(ray_procs)} Ray processes; {len(left)} left {time.monotonic() - start:.1f}s after SIGKILL")
+        assert not left, [Path(f"/proc/{p}/cmdline").read_bytes()[:200] for p in left if Path(f"/proc/{p}").exists()]
+    finally:
+        _kill_session_leftovers(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
