@@ -259,9 +259,9 @@ def list_runs(tracking_uri: Optional[str] = TrackingOpt,
                   f"{held['experiments']} experiment(s) (logged by MLflow directly or another tool): browse them "
                   "with `kdplatform ui`" if held["runs"] else "no sweeps or runs in this store yet", soft_wrap=True)
         return
-    if rows:  # the ids `kdplatform export` takes are the students', one level down
-        out.print("a run's student runs and their run ids (what `kdplatform export` takes): "
-                  "kdplatform ls --sweep RUN_ID")
+    out.print(table)
+    out.print("a run's student runs and their run ids (what `kdplatform export` takes): "
+              "kdplatform ls --sweep RUN_ID")
 
 
 def _list_students(uri: str, parent_id: str) -> None:
