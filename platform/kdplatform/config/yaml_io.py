@@ -19,6 +19,7 @@ import yaml
 from pydantic import ValidationError
 
 from kdplatform.config.errors import ConfigError
+import kdplatform.config.schema as schema_module
 from kdplatform.config.schema import SweepSpec
 
 # A config file names a grid and seeds in a few kB; these bounds are far above any real one.
@@ -267,9 +268,7 @@ def _keys_at(model_name: str, loc: tuple) -> list[str]:
     """The keys a mapping at `loc` of the file may hold (the fields of the schema's model there)."""
     from pydantic import BaseModel
 
-    from kdplatform.config import schema
-
-    model = getattr(schema, model_name, None)
+    model = getattr(schema_module, model_name, None)
     for part in loc:
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             return []
