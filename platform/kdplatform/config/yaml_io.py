@@ -247,7 +247,8 @@ def _value_fix(error: dict, got: str) -> str:
             try:
                 whole = float(value)
                 if whole.is_integer():
-                    return f"write {int(whole)} ({_WANTED[kind]}; got {got})"
+                    wanted = "a whole number, no decimal point" if isinstance(value, float) else _WANTED[kind]
+                    return f"write {int(whole)} ({wanted}; got {got})"
             except ValueError:
                 pass
         return f"write {_WANTED[kind]} (got {got})"

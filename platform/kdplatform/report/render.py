@@ -435,7 +435,7 @@ def report_command(experiment: str | None, sweep: str | None, dashboard: list[st
         summary = generate(uri, out, experiment=experiment, sweep=sweep, dashboards=dashboard, formats=formats,
                            console=err)
     except ReportError as e:
-        err.print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False)
+        err.print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 2
     for n in summary["notes"]:
         if not n.startswith(("no Chromium", "static image export failed")):
