@@ -188,9 +188,11 @@ def _stage_terms(ctx: _Context, tpl: StageTemplate | None, ov: StageConfig | Non
     if dup:  # terms are logged and weighted by name: a second one would silently replace the first
         raise ConfigError(ctx.file, f"{spath}.losses", f"loss '{dup}' is listed twice in one stage",
                           "list each loss once; give it a layer_map that covers all the layers you want")
-    if mixup and "ce" in names:
-        raise ConfigError(ctx.file, f"{spath}.losses", "hard-label 'ce' cannot run on mixup inputs (the mixed "
-                          "example has no single label)", "remove ce from this stage or set mixup: false")
+    labelled = next((n for n in names if n in LOSS_MENU and LOSS_MENU[n].reads_labels), None)
+    if mixup and labelled:
+        raise ConfigError(ctx.file, f"{spath}.losses", f"'{labelled}' reads gold labels, which cannot run on mixup "
+                          "inputs (the mixed example has no single label)",
+                          f"remove {labelled} from this stage or set mixup: false")
     losses = []
     for j, t in enumerate(raw):
         weight_from = t.pop("weight_from", None)
