@@ -326,7 +326,7 @@ def losses() -> None:
 @app.command()
 def tasks() -> None:
     """List GLUE tasks, their metrics and where their data comes from."""
-    from kdplatform.distill.tasks import TASKS
+    from kdplatform.task_table import TASKS
 
     glue = os.environ.get("KDP_GLUE_DIR")
     table = Table(title=f"tasks (KDP_GLUE_DIR={glue or 'unset: hub'})")

@@ -15,9 +15,8 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictInt, V
 
 from kdplatform.config.presets import METHOD_NAMES
 from kdplatform.loss_menu import DEFAULT_CONSISTENCY_LOSSES, LOSS_MENU, consistency_losses
+from kdplatform.task_table import REGRESSION_TASKS, TASK_NAMES
 
-TASK_NAMES = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")
-REGRESSION_TASKS = ("stsb",)
 WEIGHT_BITS = (2, 4, 8, 32)
 AXES = ("task", "method", "layer_map", "consistency_weight", "bits", "act_bits", "map_coeff", "output_coeff")
 DEFAULT_MAX_TRIALS = 5000
