@@ -205,7 +205,7 @@ def errors_to_config_error(e: ValidationError, file: Any, lines: dict[tuple, int
     got = got if len(got) <= 80 else got[:60] + f"... ({len(got)} characters)"
     if first["type"] == "extra_forbidden":
         msg = f"unknown key '{loc[-1]}'"
-        fix = "remove it or check its spelling (see README, 'The YAML schema')"
+        fix = "remove it or check its spelling (see docs/config.md, 'The YAML schema')"
     elif first["type"] == "literal_error":
         fix = f"use one of the allowed values (got {got})"
     else:
