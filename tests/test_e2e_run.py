@@ -40,6 +40,7 @@ def _runs(uri: str, experiment: str) -> list:
     return c.search_runs([exp.experiment_id])
 
 
+@pytest.mark.slow
 def test_run_logs_a_complete_student_run(tmp_path, glue_dir, tiny_bert_dir, mlflow_uri):
     cfg = write_yaml(tmp_path / "trial.yaml", TINY_TRIAL.format(task="sst2", glue=glue_dir, teacher=tiny_bert_dir))
     proc = _cli("run", str(cfg), "--tracking-uri", mlflow_uri, cwd=tmp_path)
