@@ -205,8 +205,8 @@ def test_projection_change_enters_only_trials_whose_hidden_mse_projects(tmp_path
             task: sst2
             method: ternarybert
             bits: 2
-            student: {{init: {init}, layers: 2}}
-            """)
+            student: {{init: {init}{", layers: 2" if init == "truncate" else ""}}}
+            """)  # a named student keeps its own depth (a layers: would be refused)
         assert ("hidden_projection" in trial.hashed_dict().get("definitions", {})) == projects, init
 
 
