@@ -103,3 +103,18 @@ def test_a_loss_added_in_one_entry_and_one_function_trains_and_logs_dev_scores(
     assert acc and all(0.0 <= v <= 1.0 for v in acc)
     # 32 dev examples: an accuracy is a whole number of them
     assert all(abs(v * 32 - round(v * 32)) < 1e-9 for v in acc)
+
+
+def test_kdplatform_losses_prints_every_entry_with_its_roles(monkeypatch):
+    from typer.testing import CliRunner
+
+    from kdplatform.cli import app
+
+    monkeypatch.setenv("COLUMNS", "250")  # one line per loss
+    result = CliRunner().invoke(app, ["losses"])
+    assert result.exit_code == 0, result.output
+    rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") > 3}
+    assert set(LOSS_MENU) <= set(rows)
+    assert "trains head" in rows["logit_kd"] and "labels" in rows["ce"] and "teacher" not in rows["ce"]
+    assert "projects if widths differ" in rows["hidden_mse"] and "consistency" in rows["relation_kl"]
+    assert "consistency" not in rows["pkd"] and "temperature" in rows["logit_kd"]
