@@ -64,6 +64,7 @@ def trial_file(tmp_path, glue_dir, tiny_bert_dir) -> Path:
     return write_yaml(tmp_path / "trial.yaml", TRIAL.format(tiny=tiny_sst2(glue_dir, tiny_bert_dir, layers=2, train_eval=None)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["run", "sweep", "teacher"])
 def test_a_closed_port_exits_2_within_seconds(command, trial_file, tmp_path):
     uri = f"http://127.0.0.1:{closed_port()}"
