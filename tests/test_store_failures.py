@@ -74,6 +74,7 @@ def test_a_closed_port_exits_2_within_seconds(command, trial_file, tmp_path):
     assert not (tmp_path / "cache" / "teachers").exists() and not (tmp_path / "ray_results").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["run", "sweep"])
 def test_a_corrupt_mlflow_db_exits_2_and_is_left_as_it_was(command, trial_file, tmp_path):
     garbage = os.urandom(3000)
@@ -103,6 +104,7 @@ def test_a_damaged_sqlite_store_is_refused(trial_file, tmp_path):
     ("postgresql+psycopg2://kdp@127.0.0.1:5432/mlflow", "psycopg2", "psycopg2-binary"),
     ("mysql://kdp@127.0.0.1:3306/mlflow", "MySQLdb", "mysqlclient"),
 ])
+@pytest.mark.slow
 def test_a_database_uri_without_its_driver_exits_2_naming_the_package(uri, module, package, trial_file, tmp_path):
     pytest.importorskip("sqlalchemy")
     try:

@@ -314,6 +314,7 @@ def _writer(uri: str, idx: int, go, out) -> None:
     out.put((idx, logger.run_id))
 
 
+@pytest.mark.slow
 def test_four_processes_log_to_one_fresh_sqlite_store_and_lose_nothing(tmp_path):
     import multiprocessing
 
@@ -352,6 +353,7 @@ train:
 """
 
 
+@pytest.mark.slow
 def test_a_trial_whose_metrics_cannot_be_written_fails_loudly(tmp_path, glue_dir, tiny_bert_dir, monkeypatch):
     from kdplatform.config import load_trials
     from kdplatform.distill.worker import run_trial
