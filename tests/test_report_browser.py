@@ -66,6 +66,7 @@ def test_every_figure_renders_without_console_errors(browser):
     assert console_messages(browser["stderr"]) == []
 
 
+@pytest.mark.slow
 def test_screenshot_is_not_blank(browser):
     Image = pytest.importorskip("PIL.Image", reason="Pillow decodes the screenshot")
 

@@ -210,6 +210,7 @@ def proxy(mlflow_server):
     p.down()
 
 
+@pytest.mark.slow
 def test_a_flush_during_a_short_outage_waits_and_loses_nothing(proxy, mlflow_server, fast_retries, caplog):
     logger = tracking.RunLogger(proxy.uri, "reliability", "outage", {"kdp.role": "student"})
     logger.log_params({"lr": 0.1})
@@ -246,6 +247,7 @@ def test_a_flush_during_a_short_outage_waits_and_loses_nothing(proxy, mlflow_ser
     assert history(c, logger.run_id, "acc") == [(s, s / 100) for s in range(100)]
 
 
+@pytest.mark.slow
 def test_an_outage_longer_than_the_retries_raises_and_keeps_the_points(proxy, mlflow_server, monkeypatch,
                                                                        fast_retries):
     logger = tracking.RunLogger(proxy.uri, "reliability", "long-outage", {})
