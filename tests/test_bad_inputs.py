@@ -110,6 +110,7 @@ SUBPROCESS_CASES = ["syntax_unclosed_flow.yaml", "grid_unknown_key.yaml", "layer
                     "override_bad_value.yaml"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SUBPROCESS_CASES)
 def test_bad_input_through_the_console_script(name, tmp_path):
     work = tmp_path / "in"
@@ -189,6 +190,7 @@ def _broken_teacher(work: Path, minilm: Path, kind: str) -> Path:
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["truncated", "garbage"])
 def test_a_broken_teacher_weights_file_is_refused_before_any_run(kind, corpus_copy, tmp_path, minilm):
     _broken_teacher(corpus_copy, Path(minilm), kind)

@@ -333,6 +333,7 @@ def trial_cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("trial_cache")
 
 
+@pytest.mark.slow
 def test_run_trial_same_losses_with_and_without_cache(glue_dir, tiny_bert_dir, mlflow_uri, trial_cache_dir,
                                                       monkeypatch):
     monkeypatch.setenv("KDP_CACHE_DIR", str(trial_cache_dir))
@@ -378,6 +379,7 @@ def test_run_trial_same_losses_with_and_without_cache(glue_dir, tiny_bert_dir, m
                                    [v for _, v in _history(mlflow_uri, off.run_id, key)], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_mixup_stages_bypass_the_cache(glue_dir, tiny_bert_dir, mlflow_uri, trial_cache_dir, monkeypatch):
     monkeypatch.setenv("KDP_CACHE_DIR", str(trial_cache_dir))
     seen = []

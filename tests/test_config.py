@@ -381,6 +381,7 @@ def _cli(args, cwd):
     BASE + "method: tinybert\nlayer_map: '1:9'\n",
     "task: sst2\ndata: {max_seq_length: 64\n",
 ], ids=["unknown-key", "layer-beyond-teacher", "yaml-syntax"])
+@pytest.mark.slow
 def test_cli_run_bad_yaml_exits_2_without_traceback_or_store(tmp_path, bad):
     write(tmp_path, bad, "BAD.yaml")
     r = _cli(["run", "BAD.yaml"], cwd=tmp_path)
@@ -392,6 +393,7 @@ def test_cli_run_bad_yaml_exits_2_without_traceback_or_store(tmp_path, bad):
     assert not (tmp_path / "mlruns").exists()
 
 
+@pytest.mark.slow
 def test_cli_run_dry_run_of_a_valid_file_lists_trials_and_writes_nothing(tmp_path):
     write(tmp_path, QUICKSTART_LIKE, "ok.yaml")
     r = _cli(["run", "--dry-run", "ok.yaml"], cwd=tmp_path)

@@ -77,16 +77,19 @@ def refused_fast(tmp_path: Path, name: str, fragment: str, seconds: float = 5.0,
 
 
 # ------------------------------------------------------------------------------------------- sizes
+@pytest.mark.slow
 def test_alias_bomb_is_refused_within_5_s_and_500_mb(tmp_path):
     (tmp_path / "bomb.yaml").write_text(alias_bomb(9, 9))  # 9^9 = 387 million values once expanded
     refused_fast(tmp_path, "bomb.yaml", f"more than {MAX_YAML_VALUES} values", 5.0, 500.0)
 
 
+@pytest.mark.slow
 def test_alias_bomb_inside_the_grid_is_refused_too(tmp_path):
     (tmp_path / "bomb.yaml").write_text(alias_bomb(7, 12, use="grid"))
     refused_fast(tmp_path, "bomb.yaml", "aliases")
 
 
+@pytest.mark.slow
 def test_a_55_mb_seeds_list_is_refused_before_it_is_read(tmp_path):
     with (tmp_path / "seeds.yaml").open("w") as f:
         f.write("seeds: [")
@@ -97,6 +100,7 @@ def test_a_55_mb_seeds_list_is_refused_before_it_is_read(tmp_path):
     refused_fast(tmp_path, "seeds.yaml", f"over the limit of {MAX_FILE_BYTES:,} bytes")
 
 
+@pytest.mark.slow
 def test_two_million_grid_keys_are_refused_before_they_are_read(tmp_path):
     with (tmp_path / "keys.yaml").open("w") as f:
         f.write("grid:\n")
@@ -104,12 +108,14 @@ def test_two_million_grid_keys_are_refused_before_they_are_read(tmp_path):
     refused_fast(tmp_path, "keys.yaml", "bytes, over the limit")
 
 
+@pytest.mark.slow
 def test_a_long_seeds_list_under_the_file_limit_is_refused_by_the_trial_count(tmp_path):
     (tmp_path / "seeds.yaml").write_text(f"seeds: [{', '.join(str(i) for i in range(30_000))}]\n")
     assert (tmp_path / "seeds.yaml").stat().st_size < MAX_FILE_BYTES
     refused_fast(tmp_path, "seeds.yaml", "the grid expands to 30000 trials, over max_trials=5000")
 
 
+@pytest.mark.slow
 def test_the_grid_size_is_checked_before_anything_is_expanded(tmp_path):
     axes = {"data.max_train_examples": 100, "data.max_dev_examples": 100, "train.pred.epochs": 100,
             "train.pred.batch_size": 100}  # 10^8 combinations

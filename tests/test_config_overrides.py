@@ -85,6 +85,7 @@ def test_a_grid_axis_can_be_overridden_whole(tmp_path):
     assert sorted((t.method, t.train[-1].lr) for t in trials if t.seed == 42) == [("kd", 3e-5), ("tinybert", 3e-5)]
 
 
+@pytest.mark.slow
 def test_the_cli_dry_run_shows_the_overridden_trials(tmp_path):
     write(tmp_path)
     r = cli(["run", "f.yaml", "train.pred.lr=1e-4", "seeds=[1]", "--dry-run"], tmp_path)
@@ -122,6 +123,7 @@ def test_an_error_elsewhere_says_which_overrides_were_given(tmp_path):
     assert e.value.path == "layer_map" and "the command line also set 'seeds=[1]'" in str(e.value)
 
 
+@pytest.mark.slow
 def test_a_bad_override_exits_2_naming_it_through_run_and_sweep(tmp_path):
     write(tmp_path)
     for command in ("run", "sweep"):

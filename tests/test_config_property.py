@@ -148,6 +148,7 @@ def test_base_config_is_valid():
     assert len(trials) > 6
 
 
+@pytest.mark.slow
 @settings(max_examples=400, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mutated())
 def test_mutations_give_config_errors_naming_a_present_path(case):
@@ -161,6 +162,7 @@ def test_arbitrary_top_level_mappings(raw):
     check(raw, [f"raw = {raw!r}"])
 
 
+@pytest.mark.slow
 @settings(max_examples=5, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(mutated())
 def test_mutated_files_through_the_cli(tmp_path_factory, case):

@@ -37,6 +37,7 @@ def test_uris_without_a_password_pass(uri):
     assert tracking.absolute_uri(uri) == uri
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["option", "env"])
 @pytest.mark.parametrize("command", ["run", "sweep"])
 def test_cli_refuses_a_password_in_the_tracking_uri_and_does_not_print_it(tmp_path, how, command):

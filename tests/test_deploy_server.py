@@ -68,6 +68,7 @@ def researcher(server) -> tuple[str, str]:
     return USER, password
 
 
+@pytest.mark.slow
 def test_requests_without_or_with_wrong_credentials_are_refused(server, researcher):
     assert server.request("GET", "/health")[0] == 200  # liveness stays open for health checks
     status, _ = server.request("GET", SEARCH)
@@ -82,6 +83,7 @@ def test_requests_without_or_with_wrong_credentials_are_refused(server, research
     assert not list(server.workdir.glob("*.db"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("credentials", ["none", "wrong password"])
 def test_refused_credentials_exit_2_before_any_work(server, researcher, credentials, tmp_path, glue_dir,
                                                     tiny_bert_dir):
@@ -111,6 +113,7 @@ def _files(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file()] if root.is_dir() else []
 
 
+@pytest.mark.slow
 def test_sweep_logs_over_http_and_never_leaks_the_password(server, researcher, tmp_path, monkeypatch, glue_dir,
                                                            tiny_bert_dir):
     from mlflow.tracking import MlflowClient

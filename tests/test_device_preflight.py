@@ -26,6 +26,7 @@ seeds: [1]
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["run", "sweep"])
 def test_cuda_without_a_gpu_is_refused_before_anything_starts(tmp_path, glue_dir, command):
     spec = tmp_path / "gpu.yaml"

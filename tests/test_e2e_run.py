@@ -40,6 +40,7 @@ def _runs(uri: str, experiment: str) -> list:
     return c.search_runs([exp.experiment_id])
 
 
+@pytest.mark.slow
 def test_run_logs_a_complete_student_run(tmp_path, glue_dir, tiny_bert_dir, mlflow_uri):
     cfg = write_yaml(tmp_path / "trial.yaml", TINY_TRIAL.format(task="sst2", glue=glue_dir, teacher=tiny_bert_dir))
     proc = _cli("run", str(cfg), "--tracking-uri", mlflow_uri, cwd=tmp_path)
@@ -89,6 +90,7 @@ def test_run_logs_a_complete_student_run(tmp_path, glue_dir, tiny_bert_dir, mlfl
     assert "cr_ild" in text and "relation_kl" in text
 
 
+@pytest.mark.slow
 def test_teacher_is_trained_once_and_reused(tmp_path, glue_dir, tiny_bert_dir, mlflow_uri):
     cfg = write_yaml(tmp_path / "trial.yaml", TINY_TRIAL.format(task="rte", glue=glue_dir, teacher=tiny_bert_dir))
     first = _cli("teacher", str(cfg), "--tracking-uri", mlflow_uri, cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
@@ -115,6 +117,7 @@ def test_bad_config_exits_2_without_traceback_or_store(tmp_path):
     assert not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.e2e
 def test_real_minilm_trial_learns(tmp_path, glue_dir, minilm, mlflow_uri):
     """The real pretrained MiniLM-L6 teacher and its 2-layer truncation on real SST-2 data."""
@@ -135,6 +138,7 @@ train: [{{name: pred, epochs: 3, batch_size: 32, lr: 5.0e-4, eval_every: 32}}]
     assert runs["student"].data.metrics["dev/best_accuracy"] > 0.6
 
 
+@pytest.mark.slow
 def test_same_seed_repeats_exactly_on_cpu(tmp_path, glue_dir, tiny_bert_dir):
     """Two runs of one config give identical loss and metric histories; another seed does not."""
     from kdplatform.config import load_trials
@@ -154,6 +158,7 @@ def test_same_seed_repeats_exactly_on_cpu(tmp_path, glue_dir, tiny_bert_dir):
     assert histories[0]["loss/total"] != histories[2]["loss/total"]
 
 
+@pytest.mark.slow
 @pytest.mark.e2e
 def test_real_ternary_student_recovers_with_kdqat_unified(tmp_path, glue_dir, minilm, mlflow_uri):
     """KD-QAT on CPU: the fine-tuned MiniLM-L6 teacher, its ternary (2-bit weights, 8-bit activations) copy
@@ -182,6 +187,7 @@ train: [{{name: qat, max_steps: 24, batch_size: 32, lr: 1.0e-4, eval_every: 8}}]
         assert len(values) == 3 and values[-1] < values[0], (term, values)
 
 
+@pytest.mark.slow
 def test_sigterm_ends_the_open_run_killed_not_running(tmp_path, glue_dir, tiny_bert_dir, mlflow_uri):
     """`kill`/`timeout` on `kdplatform run` must not leave a run RUNNING forever."""
     import signal
@@ -207,6 +213,7 @@ def test_sigterm_ends_the_open_run_killed_not_running(tmp_path, glue_dir, tiny_b
     assert student.info.status == "KILLED"
 
 
+@pytest.mark.slow
 def test_teacher_found_through_mlflow_is_reused_from_another_cache(tmp_path, glue_dir, tiny_bert_dir, mlflow_uri):
     """A second machine/cache with the same store finds the teacher run and does not fine-tune again."""
     cfg = write_yaml(tmp_path / "t.yaml", TINY_TRIAL.format(task="sst2", glue=glue_dir, teacher=tiny_bert_dir))

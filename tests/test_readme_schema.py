@@ -1,4 +1,5 @@
-"""The README's YAML schema example is a valid file: saved as is, it loads, validates and expands."""
+"""The YAML reference's schema example (docs/config.md, linked from the README) is a valid file: saved as is,
+it loads, validates and expands."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ from pathlib import Path
 
 from kdplatform.config import load_trials
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+CONFIG_DOC = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 
 
 def test_the_readme_schema_example_loads_and_its_override_applies(tmp_path):
-    section = README.read_text(encoding="utf-8").split("\n## The YAML schema\n", 1)[1]
+    section = CONFIG_DOC.read_text(encoding="utf-8").split("\n## The YAML schema\n", 1)[1]
     block = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
     path = tmp_path / "schema.yaml"
     path.write_text(block, encoding="utf-8")

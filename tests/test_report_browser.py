@@ -53,6 +53,7 @@ def browser(tmp_path_factory):
     return {"page": page.read_text(), "dom": res.stdout, "stderr": res.stderr, "shot": shot}
 
 
+@pytest.mark.slow
 def test_every_figure_renders_without_console_errors(browser):
     n_figures = browser["page"].count("Plotly.newPlot(")
     assert n_figures >= 10
@@ -65,6 +66,7 @@ def test_every_figure_renders_without_console_errors(browser):
     assert console_messages(browser["stderr"]) == []
 
 
+@pytest.mark.slow
 def test_screenshot_is_not_blank(browser):
     Image = pytest.importorskip("PIL.Image", reason="Pillow decodes the screenshot")
 

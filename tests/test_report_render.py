@@ -208,6 +208,7 @@ def test_default_store_comes_from_the_environment(store, tmp_path, monkeypatch):
     assert (tmp_path / "out" / "tables" / "paper_table-accuracy.md").exists()
 
 
+@pytest.mark.slow
 def test_the_report_never_imports_torch(store, tmp_path):
     code = f"""
 import sys, json

@@ -151,6 +151,7 @@ train:
 """
 
 
+@pytest.mark.slow
 def test_no_credential_reaches_params_tags_artifacts_or_output(tmp_path, glue_dir, tiny_bert_dir, monkeypatch,
                                                                capfd):
     from mlflow.tracking import MlflowClient

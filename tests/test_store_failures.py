@@ -64,6 +64,7 @@ def trial_file(tmp_path, glue_dir, tiny_bert_dir) -> Path:
     return write_yaml(tmp_path / "trial.yaml", TRIAL.format(tiny=tiny_sst2(glue_dir, tiny_bert_dir, layers=2, train_eval=None)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["run", "sweep", "teacher"])
 def test_a_closed_port_exits_2_within_seconds(command, trial_file, tmp_path):
     uri = f"http://127.0.0.1:{closed_port()}"
@@ -73,6 +74,7 @@ def test_a_closed_port_exits_2_within_seconds(command, trial_file, tmp_path):
     assert not (tmp_path / "cache" / "teachers").exists() and not (tmp_path / "ray_results").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["run", "sweep"])
 def test_a_corrupt_mlflow_db_exits_2_and_is_left_as_it_was(command, trial_file, tmp_path):
     garbage = os.urandom(3000)
@@ -102,6 +104,7 @@ def test_a_damaged_sqlite_store_is_refused(trial_file, tmp_path):
     ("postgresql+psycopg2://kdp@127.0.0.1:5432/mlflow", "psycopg2", "psycopg2-binary"),
     ("mysql://kdp@127.0.0.1:3306/mlflow", "MySQLdb", "mysqlclient"),
 ])
+@pytest.mark.slow
 def test_a_database_uri_without_its_driver_exits_2_naming_the_package(uri, module, package, trial_file, tmp_path):
     pytest.importorskip("sqlalchemy")
     try:

@@ -133,16 +133,24 @@ FILTER_LITERAL = re.compile(r"""\btags\.(`|\S+\s*(=|!=|like|ilike)\s*')""", re.I
 
 
 def _string_hits(pattern: re.Pattern, path: Path) -> list[str]:
-    """Lines of `path` whose code (not docstrings or comments) matches `pattern`."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
+    """Lines of `path` whose code (not docstrings or comments) matches `pattern`.
+
+    Each string's source text is cut from the file's lines by the node's byte offsets (one split of the
+    file, not one `ast.get_source_segment` per node: that re-splits the whole file each time)."""
+    text = path.read_text(encoding="utf-8")
+    tree = ast.parse(text)
     docstrings = {id(n.body[0].value) for n in ast.walk(tree)
                   if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
                   and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
-    src = path.read_text(encoding="utf-8").splitlines()
+    lines = [line.encode("utf-8") for line in text.splitlines()]
     hits = []
     for node in ast.walk(tree):
         if isinstance(node, (ast.Constant, ast.JoinedStr)) and id(node) not in docstrings:
-            line = ast.get_source_segment("\n".join(src), node) or ""
+            first, last = node.lineno - 1, node.end_lineno - 1
+            seg = (lines[first][node.col_offset:node.end_col_offset] if first == last else
+                   b"\n".join([lines[first][node.col_offset:], *lines[first + 1:last],
+                                lines[last][:node.end_col_offset]]))
+            line = seg.decode("utf-8", errors="replace")
             if pattern.search(line):
                 hits.append(f"{path.relative_to(ROOT)}:{node.lineno}: {line[:80]}")
     return sorted(set(hits))

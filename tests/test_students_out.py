@@ -73,6 +73,7 @@ def _score(task: str, logits: torch.Tensor, labels: torch.Tensor) -> float:
     return compute_metrics(task, logits.numpy(), labels.numpy())["score"]
 
 
+@pytest.mark.slow
 @pytest.mark.e2e
 def test_best_and_last_students_export_and_reproduce_the_logged_dev_scores(tmp_path, store, glue_dir, minilm):
     from transformers import AutoModelForSequenceClassification
@@ -113,6 +114,7 @@ def test_best_and_last_students_export_and_reproduce_the_logged_dev_scores(tmp_p
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.e2e
 def test_a_resumed_trial_still_saves_its_best_student(tmp_path, store, glue_dir, minilm):
     """The best-dev copy travels in the resume checkpoint: a trial killed after its best eval and resumed
@@ -154,6 +156,7 @@ def _packed_bits_2bit(model) -> int:
     return sum(w.numel() * 2 + 32 for w in low) + rest * 32
 
 
+@pytest.mark.slow
 @pytest.mark.e2e
 def test_quantized_student_reloads_with_the_same_predictions(tmp_path, store, glue_dir, minilm):
     from transformers import AutoModelForSequenceClassification

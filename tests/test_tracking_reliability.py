@@ -210,6 +210,7 @@ def proxy(mlflow_server):
     p.down()
 
 
+@pytest.mark.slow
 def test_a_flush_during_a_short_outage_waits_and_loses_nothing(proxy, mlflow_server, fast_retries, caplog):
     logger = tracking.RunLogger(proxy.uri, "reliability", "outage", {"kdp.role": "student"})
     logger.log_params({"lr": 0.1})
@@ -246,6 +247,7 @@ def test_a_flush_during_a_short_outage_waits_and_loses_nothing(proxy, mlflow_ser
     assert history(c, logger.run_id, "acc") == [(s, s / 100) for s in range(100)]
 
 
+@pytest.mark.slow
 def test_an_outage_longer_than_the_retries_raises_and_keeps_the_points(proxy, mlflow_server, monkeypatch,
                                                                        fast_retries):
     logger = tracking.RunLogger(proxy.uri, "reliability", "long-outage", {})
@@ -314,6 +316,7 @@ def _writer(uri: str, idx: int, go, out) -> None:
     out.put((idx, logger.run_id))
 
 
+@pytest.mark.slow
 def test_four_processes_log_to_one_fresh_sqlite_store_and_lose_nothing(tmp_path):
     import multiprocessing
 
@@ -352,6 +355,7 @@ train:
 """
 
 
+@pytest.mark.slow
 def test_a_trial_whose_metrics_cannot_be_written_fails_loudly(tmp_path, glue_dir, tiny_bert_dir, monkeypatch):
     from kdplatform.config import load_trials
     from kdplatform.distill.worker import run_trial

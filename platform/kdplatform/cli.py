@@ -330,9 +330,27 @@ def methods() -> None:
 
 
 @app.command()
+def losses() -> None:
+    """List the loss menu: what each loss reads, its options and its roles (the one table that decides them)."""
+    from kdplatform.loss_menu import LOSS_MENU
+
+    table = Table(title="losses (kdplatform/loss_menu.py)")
+    for col in ("name", "reads", "layers", "options", "roles", "what it is"):
+        table.add_column(col, overflow="fold")
+    for i in LOSS_MENU.values():
+        roles = [r for r, on in (("teacher", i.needs_teacher), ("trains head", i.trains_head),
+                                 ("labels", i.reads_labels), ("projects if widths differ",
+                                                              i.projects_when_widths_differ),
+                                 ("consistency", i.consistency)) if on]
+        table.add_row(i.name, ", ".join(sorted(i.reads)), "per layer" if i.per_layer else "-",
+                      ", ".join(sorted(i.options)) or "-", ", ".join(roles), i.summary)
+    console.print(table)
+
+
+@app.command()
 def tasks() -> None:
     """List GLUE tasks, their metrics and where their data comes from."""
-    from kdplatform.distill.tasks import TASKS
+    from kdplatform.task_table import TASKS
 
     glue = os.environ.get("KDP_GLUE_DIR")
     table = Table(title=f"tasks (KDP_GLUE_DIR={glue or 'unset: hub'})")

@@ -28,7 +28,7 @@ from kdplatform.config.overrides import Override, apply_overrides, parse_overrid
 from kdplatform.config.presets import (CR_ILD_EPOCHS, DEFAULT_CONSISTENCY_WEIGHT, METHOD_NAMES, PRESETS, Preset,
                                        StageTemplate)
 from kdplatform.config.resolve import resolve_trial, resolve_with_notes
-from kdplatform.config.schema import (AXES, CONSISTENCY_LOSSES, DEFAULT_MAX_TRIALS, REGRESSION_TASKS,
+from kdplatform.config.schema import (AXES, DEFAULT_MAX_TRIALS, REGRESSION_TASKS,
                                       TASK_NAMES, WEIGHT_BITS, ConditionalOverride, ConsistencyConfig,
                                       DataConfig, FinetuneConfig, LossTermConfig, OutputConfig, ResourcesConfig,
                                       SchedulerConfig, SearchConfig, SearchDimension, SpeedConfig, StageConfig,
@@ -41,7 +41,7 @@ from kdplatform.config.yaml_io import format_path, load_spec, parse_spec, read_y
 from kdplatform.loss_menu import LOSS_NAMES
 
 __all__ = [
-    "AXES", "CONSISTENCY_LOSSES", "CR_ILD_EPOCHS", "ConditionalOverride", "ConfigError", "ConsistencyConfig",
+    "AXES", "CR_ILD_EPOCHS", "ConditionalOverride", "ConfigError", "ConsistencyConfig",
     "DEFAULT_CONSISTENCY_WEIGHT", "DEFAULT_MAX_TRIALS", "DEFINITION_CHANGES", "DataConfig", "DefinitionChange",
     "FinetuneConfig", "GridPoint", "LOSS_NAMES", "LayerMapError", "LossTermConfig", "METHOD_NAMES",
     "MODEL_ALIASES", "NEUTRAL_VALUES", "OutputConfig", "Override", "PRESETS", "Preset", "REGRESSION_TASKS",

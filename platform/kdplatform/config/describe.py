@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 from kdplatform.config.trial import ResolvedLoss, ResolvedStage, ResolvedTrial
+from kdplatform.loss_menu import LOSS_MENU
 
 
 def describe_trial(trial: ResolvedTrial) -> list[str]:
@@ -34,7 +35,7 @@ def describe_loss(term: ResolvedLoss) -> str:
     text = f"{term.name} x{term.weight:g}"
     if term.layer_pairs:
         text += " on " + " ".join(f"({s},{t})" for s, t in term.layer_pairs)
-    if term.name == "logit_kd":
+    if "temperature" in LOSS_MENU[term.name].options:
         text += f" T={term.temperature:g}"
     if term.relations:
         text += f" [{','.join(term.relations)}]"

@@ -56,6 +56,10 @@ def resolve_with_notes(cfg: TrialConfig, where: str = "", file: str | None = Non
         raise ConfigError(file, f"{where}data.source", "'glue_dir' says read the GLUE folder, but data.hub_dataset "
                           f"names another dataset ({cfg.data.hub_dataset}), which would be read instead",
                           "drop data.hub_dataset to read the folder, or set data.source: auto to read hub_dataset")
+    if cfg.data.glue_dir and cfg.data.source == "hub":  # the hub would be read and the folder go unread
+        raise ConfigError(file, f"{where}data.glue_dir", f"data.source 'hub' reads the GLUE hub dataset, so the "
+                          f"folder {cfg.data.glue_dir} would never be read",
+                          "drop data.glue_dir to read the hub, or set data.source: glue_dir (or auto) to read it")
     s_layers, t_layers = _depths(cfg, where, file)
     layer_map, cw, coeffs = _axes(cfg, preset, notes)
     written = layer_map
@@ -99,6 +103,10 @@ def _depths(cfg: TrialConfig, where: str, file: str | None) -> tuple[int, int]:
     if depth is None:
         raise ConfigError(file, f"{where}student.init", f"'{init}' is not truncate, teacher_copy, a known "
                           "model name or a local model folder", f"known models: {sorted(MODEL_ALIASES)}")
+    if cfg.student.layers not in (None, depth):  # the named model is loaded whole: a depth would go unread
+        raise ConfigError(file, f"{where}student.layers", f"student.init '{init}' is loaded with all its {depth} "
+                          f"layers, so layers: {cfg.student.layers} would not be applied",
+                          "remove student.layers, or use init: truncate to keep the teacher's bottom layers")
     return depth, t_layers
 
 
@@ -181,6 +189,8 @@ def _stage_values(tpl: StageTemplate | None, ov: StageConfig | None, task: str) 
 
 def _stage_terms(ctx: _Context, tpl: StageTemplate | None, ov: StageConfig | None, spath: str,
                  mixup: bool) -> list[ResolvedLoss]:
+    if ov and ov.losses and tpl is not None:
+        _refuse_unread_coeffs(ctx, tpl, spath)
     raw = [t.model_dump(exclude_unset=True) for t in ov.losses] if ov and ov.losses else \
         [dict(t) for t in tpl.losses]  # type: ignore[union-attr]
     names = [t["name"] for t in raw]
@@ -188,9 +198,11 @@ def _stage_terms(ctx: _Context, tpl: StageTemplate | None, ov: StageConfig | Non
     if dup:  # terms are logged and weighted by name: a second one would silently replace the first
         raise ConfigError(ctx.file, f"{spath}.losses", f"loss '{dup}' is listed twice in one stage",
                           "list each loss once; give it a layer_map that covers all the layers you want")
-    if mixup and "ce" in names:
-        raise ConfigError(ctx.file, f"{spath}.losses", "hard-label 'ce' cannot run on mixup inputs (the mixed "
-                          "example has no single label)", "remove ce from this stage or set mixup: false")
+    labelled = next((n for n in names if n in LOSS_MENU and LOSS_MENU[n].reads_labels), None)
+    if mixup and labelled:
+        raise ConfigError(ctx.file, f"{spath}.losses", f"'{labelled}' reads gold labels, which cannot run on mixup "
+                          "inputs (the mixed example has no single label)",
+                          f"remove {labelled} from this stage or set mixup: false")
     losses = []
     for j, t in enumerate(raw):
         weight_from = t.pop("weight_from", None)
@@ -204,6 +216,18 @@ def _stage_terms(ctx: _Context, tpl: StageTemplate | None, ov: StageConfig | Non
     if not losses:
         raise ConfigError(ctx.file, f"{spath}.losses", "stage has no loss term left", "give it a loss term")
     return losses
+
+
+def _refuse_unread_coeffs(ctx: _Context, tpl: StageTemplate, spath: str) -> None:
+    """A stage whose own `losses` replace the preset's terms drops the terms `map_coeff` / `output_coeff`
+    weight: a coefficient set for such a trial would weight nothing."""
+    for term in tpl.losses:
+        coeff = term.get("weight_from")
+        if coeff and getattr(ctx.cfg, coeff) is not None:
+            raise ConfigError(ctx.file, f"{ctx.where}{coeff}", f"{coeff} weights the preset's {term['name']} "
+                              f"term of stage '{tpl.name}', but {spath}.losses lists the stage's own terms, so "
+                              f"{coeff} would weight nothing",
+                              f"remove {coeff} and give the weight in {spath}.losses, or drop {spath}.losses")
 
 
 def _resolve_term(ctx: _Context, term: LossTermConfig, weight: float, tpath: str) -> ResolvedLoss:

@@ -14,10 +14,9 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictInt, V
                       model_validator)
 
 from kdplatform.config.presets import METHOD_NAMES
-from kdplatform.loss_menu import LOSS_NAMES
+from kdplatform.loss_menu import DEFAULT_CONSISTENCY_LOSSES, LOSS_MENU, consistency_losses
+from kdplatform.task_table import REGRESSION_TASKS, TASK_NAMES
 
-TASK_NAMES = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")
-REGRESSION_TASKS = ("stsb",)
 WEIGHT_BITS = (2, 4, 8, 32)
 AXES = ("task", "method", "layer_map", "consistency_weight", "bits", "act_bits", "map_coeff", "output_coeff")
 DEFAULT_MAX_TRIALS = 5000
@@ -40,7 +39,6 @@ def _usable_path(v: str) -> str:
 
 PathText = Annotated[str, AfterValidator(_usable_path)]  # a model name, hub id or local folder
 NAME_PATTERN = re.compile(r"[\w][\w .,:;+=@()/#%-]*")
-CONSISTENCY_LOSSES = ("attention_kl", "hidden_mse", "relation_kl")
 
 
 class Strict(BaseModel):
@@ -113,7 +111,7 @@ class StudentConfig(Strict):
 
 
 class LossTermConfig(Strict):
-    name: Literal[LOSS_NAMES]  # type: ignore[valid-type]
+    name: str  # a loss of the menu (checked when validated, so an entry added to the menu is accepted at once)
     weight: float = Field(1.0, gt=0)  # zero would be a term that never contributes: rejected
     layer_map: str | list[StrictInt] | None = None  # None: the trial's layer_map axis
     temperature: float = Field(1.0, gt=0)
@@ -123,6 +121,13 @@ class LossTermConfig(Strict):
     # the loss (the reference's fit_dense), False = project only when the widths differ; None = the preset's
     projection: bool | None = None
 
+    @field_validator("name")
+    @classmethod
+    def _on_the_menu(cls, v: str) -> str:
+        if v not in LOSS_MENU:
+            raise ValueError(f"unknown loss '{v}': use one of {', '.join(LOSS_MENU)} (`kdplatform losses`)")
+        return v
+
 
 class ConsistencyConfig(Strict):
     """CR-ILD's consistency term D(student on mixed input, student on clean input), on the last layer.
@@ -130,11 +135,19 @@ class ConsistencyConfig(Strict):
     Default = the paper (and the reference's unused code): attention KL + hidden-state MSE, ramped by epoch.
     `relation_kl` (Q/K/V relations) and `ramp: step` (per optimizer step) are kdplatform's options."""
 
-    losses: list[Literal[CONSISTENCY_LOSSES]] = Field(  # type: ignore[valid-type]
-        default_factory=lambda: ["attention_kl", "hidden_mse"], min_length=1)
+    losses: list[str] = Field(default_factory=lambda: list(DEFAULT_CONSISTENCY_LOSSES), min_length=1)
     ramp: Literal["epoch", "step"] = "epoch"  # weight * epoch / E (paper), or * step / total steps
     target: Literal["no_grad", "ema"] = "no_grad"
     ema_decay: float = Field(0.999, gt=0, lt=1)
+
+    @field_validator("losses")
+    @classmethod
+    def _consistency_losses(cls, v: list[str]) -> list[str]:
+        allowed = consistency_losses()
+        for name in v:
+            if name not in allowed:
+                raise ValueError(f"'{name}' is not a consistency distance: use {', '.join(allowed)}")
+        return v
 
 
 class StageConfig(Strict):

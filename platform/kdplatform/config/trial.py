@@ -29,6 +29,7 @@ from kdplatform.config.layer_map import layer_map_label
 from kdplatform.config.models import model_width
 from kdplatform.config.schema import (REGRESSION_TASKS, DataConfig, OutputConfig, SpeedConfig, StudentConfig,
                                      TeacherConfig)
+from kdplatform.loss_menu import LOSS_MENU, needs_teacher, trains_head
 
 # What does not change results: left out of the config hash.
 NOT_HASHED = {"name", "tracking_uri", "run_suffix", "output"}  # output: which models are kept
@@ -74,12 +75,12 @@ class ResolvedStage(BaseModel):
     @property
     def predicts(self) -> bool:
         """Whether this stage trains the prediction head (task metrics are meaningful)."""
-        return any(t.name in ("logit_kd", "ce") for t in self.losses)
+        return trains_head(t.name for t in self.losses)
 
     @property
     def reads_teacher_cache(self) -> bool:
         """Teacher outputs come from the cache in stages without mixup (mixup changes the teacher's input)."""
-        return not self.mixup and any(t.name != "ce" for t in self.losses)
+        return not self.mixup and needs_teacher(t.name for t in self.losses)
 
 
 class ResolvedTrial(BaseModel):
@@ -113,8 +114,10 @@ class ResolvedTrial(BaseModel):
 
         return redact(uri) if uri else uri
 
-    def uses_loss(self, *names: str) -> bool:
-        return any(t.name in names for s in self.train for t in s.losses)
+    def uses_changed_loss(self, change: str) -> bool:
+        """Whether a loss term of this trial is one the recorded definition change `change` concerns (the
+        loss menu's `definition_changes`)."""
+        return any(change in LOSS_MENU[t.name].definition_changes for s in self.train for t in s.losses)
 
     def hashed_dict(self) -> dict[str, Any]:
         """The settings that take effect, as hashed (see the module docstring for the policy)."""
@@ -214,12 +217,12 @@ class DefinitionChange:
 
 
 DEFINITION_CHANGES: tuple[DefinitionChange, ...] = (
-    DefinitionChange("pkd", 2, lambda t: t.uses_loss("pkd"),
+    DefinitionChange("pkd", 2, lambda t: t.uses_changed_loss("pkd"),
                      "pkd averages over the mapped layers (the reference), it summed before"),
-    DefinitionChange("logit_kd", 2, lambda t: t.task in REGRESSION_TASKS and t.uses_loss("logit_kd"),
+    DefinitionChange("logit_kd", 2, lambda t: t.task in REGRESSION_TASKS and t.uses_changed_loss("logit_kd"),
                      "regression logit KD is MSE(z_s/T, z_t/T) without T^2 (the CR-ILD reference)"),
     DefinitionChange("quantized_attention_maps", 2,
-                     lambda t: t.act_bits < 32 and t.uses_loss("attention_map_kl", "attention_score_mse"),
+                     lambda t: t.act_bits < 32 and t.uses_changed_loss("quantized_attention_maps"),
                      "attention map/score losses read the maps of the quantized Q and K (KD-QAT reference)"),
     DefinitionChange("weights_4bit", 2, lambda t: t.bits == 4, "4-bit weights use the KD-QAT reference quantizer"),
     DefinitionChange("attention_probs_after_dropout", 2, lambda t: t.act_bits < 32,
@@ -242,10 +245,10 @@ def widths_may_differ(trial: ResolvedTrial) -> bool:
 
 
 def builds_projection(trial: ResolvedTrial) -> bool:
-    """Whether a stage learns a projection of student hidden states: a term that asks for one, or
-    hidden_mse when the widths (may) differ."""
+    """Whether a stage learns a projection of student hidden states: a term that asks for one, or a loss the
+    menu projects when the widths differ (hidden_mse) while they (may) differ."""
     terms = [t for s in trial.train for t in s.losses]
-    return any(t.projection for t in terms) or (any(t.name == "hidden_mse" for t in terms)
+    return any(t.projection for t in terms) or (any(LOSS_MENU[t.name].projects_when_widths_differ for t in terms)
                                                 and widths_may_differ(trial))
 
 

@@ -124,7 +124,7 @@ def evaluate(student: nn.Module, teacher: nn.Module | None, losses: StageLosses,
         with autocast(device, precision):
             s = losses.student(student, batch)
             t = losses.teacher(teacher, batch, cache=teacher_cache) if losses.needs_teacher else None
-            values = losses.terms(s, t, batch["labels"], include_ce=False)
+            values = losses.terms(s, t, batch["labels"], include_labelled=False)
         if values:
             bs = batch["input_ids"].shape[0]
             v = losses.weighted(values).detach().float() * bs

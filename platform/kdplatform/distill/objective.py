@@ -8,7 +8,7 @@ embedding mixup and consistency regularization.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from kdplatform.config import ResolvedStage
 from kdplatform.distill.losses import Features, term_loss
 from kdplatform.distill.taps import FeatureTap, embedding_mixup, feature_names, forward_features, layers_of
 from kdplatform.distill.teacher_cache import TeacherCache
-from kdplatform.loss_menu import LOSS_MENU
+from kdplatform.loss_menu import LOSS_MENU, needs_teacher
 
 
 class TrialSetupError(RuntimeError):
@@ -32,10 +32,17 @@ def consistency_losses(cr) -> list[str]:
 
 def consistency_features(cr, n_student: int) -> set[str]:
     """Student features the consistency distances read on the student's last layer."""
-    names = set()
-    for loss_name in consistency_losses(cr):
-        names |= {f"hidden.{n_student}"} if loss_name == "hidden_mse" else {f"q.{n_student}", f"k.{n_student}"}
-    return names
+    terms = [_LastLayerTerm(n, [(n_student, n_student)]) for n in consistency_losses(cr)]
+    return feature_names(terms, "student") - {"logits"}
+
+
+@dataclass(frozen=True)
+class _LastLayerTerm:
+    """A consistency distance as `feature_names` reads a term: its name, one (last, last) layer pair."""
+
+    name: str
+    layer_pairs: list[tuple[int, int]]
+    relations: tuple[str, ...] = ()
 
 
 def consistency_ramp(cr, step: int, steps_per_epoch: int, total: int) -> float:
@@ -54,7 +61,7 @@ class StageLosses:
     def __init__(self, stage: ResolvedStage, student: nn.Module, teacher: nn.Module | None, n_student: int):
         self.stage = stage
         self.n_student = n_student
-        self.needs_teacher = any(t.name != "ce" for t in stage.losses)
+        self.needs_teacher = needs_teacher(t.name for t in stage.losses)
         s_names = feature_names(stage.losses, "student")
         if stage.consistency is not None:  # consistency compares the student's last layer, mixed vs clean
             s_names |= consistency_features(stage.consistency, n_student)
@@ -70,15 +77,17 @@ class StageLosses:
 
     def _projections(self, student: nn.Module, teacher: nn.Module | None) -> nn.ModuleDict:
         """One learned W per projected term, shared by its mapped layers (TinyBERT's `fit_dense`): when the
-        term asks for it (`projection`, the TinyBERT/PKD presets) or, for hidden_mse, when the widths differ.
+        term asks for it (`projection`, the TinyBERT/PKD presets) or when the widths differ for a loss the
+        menu projects then (hidden_mse).
         Initialised as the reference's: normal(0, initializer_range) weights, zero bias."""
         proj = nn.ModuleDict()
         if teacher is None:
             return proj
         ds, dt = student.config.hidden_size, teacher.config.hidden_size
         for term in self.stage.losses:
-            wanted = term.projection and "projection" in LOSS_MENU[term.name].options
-            if wanted or (term.name == "hidden_mse" and ds != dt):
+            info = LOSS_MENU[term.name]
+            wanted = term.projection and "projection" in info.options
+            if wanted or (info.projects_when_widths_differ and ds != dt):
                 linear = nn.Linear(ds, dt)
                 nn.init.normal_(linear.weight, mean=0.0, std=student.config.initializer_range)
                 nn.init.zeros_(linear.bias)
@@ -103,11 +112,12 @@ class StageLosses:
         return cache.fetch(batch, lambda: forward_features(model, batch, self.t_tap, self.t_hidden))
 
     def terms(self, s: Features, t: Features | None, labels: Tensor | None,
-              include_ce: bool = True) -> dict[str, Tensor]:
-        """Unweighted value of every configured term."""
+              include_labelled: bool = True) -> dict[str, Tensor]:
+        """Unweighted value of every configured term (`include_labelled=False`: without those that read gold
+        labels, as on mixup inputs)."""
         out = {}
         for term in self.stage.losses:
-            if term.name == "ce" and not include_ce:
+            if LOSS_MENU[term.name].reads_labels and not include_labelled:
                 continue
             out[term.name] = term_loss(term.name, s, t, term.layer_pairs, temperature=term.temperature,
                                        relations=term.relations, labels=labels, project=self.project)
@@ -154,7 +164,7 @@ def step_terms(stage: ResolvedStage, losses: StageLosses, student: nn.Module, te
         t = losses.teacher(teacher, batch, union)
     with embedding_mixup(student, lam):
         s = losses.student(student, batch, union)
-    out = {k: (weights[k], v) for k, v in losses.terms(s, t, None, include_ce=False).items()}
+    out = {k: (weights[k], v) for k, v in losses.terms(s, t, None, include_labelled=False).items()}
     cr = stage.consistency
     if cr is not None:
         clean = clean_student_features(losses, student, ema, batch)
@@ -171,9 +181,9 @@ def clean_student_features(losses: StageLosses, student: nn.Module, ema: nn.Modu
     was_training = target.training
     target.eval()
     if ema is not None:
-        names = consistency_losses(losses.stage.consistency)
-        tap = FeatureTap(ema, {losses.n_student} if set(names) - {"hidden_mse"} else set())
-        clean = forward_features(ema, batch, tap, "hidden_mse" in names)
+        names = consistency_features(losses.stage.consistency, losses.n_student)
+        tap = FeatureTap(ema, layers_of(names, "q", "k", "v"), layers_of(names, "attn_out"))
+        clean = forward_features(ema, batch, tap, bool(layers_of(names, "hidden")))
         tap.remove()
     else:
         clean = losses.student(student, batch)

@@ -27,7 +27,7 @@ import os
 import sys
 import tempfile
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from kdplatform import paths
+from kdplatform.task_table import TASKS, TaskSpec, TsvColumns
 
 log = logging.getLogger(__name__)
 
@@ -63,39 +64,8 @@ class DataError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------ specs
-@dataclass(frozen=True)
-class TaskSpec:
-    """What the platform needs to know about one GLUE task."""
-
-    name: str
-    glue_dir: str  # folder name in the official GLUE layout, e.g. "SST-2"
-    hub_config: str  # config name in the `nyu-mll/glue` hub dataset
-    num_labels: int  # 1 = regression (STS-B)
-    metrics: tuple[str, ...]
-    dev_splits: tuple[str, ...] = ("dev",)
-    label_names: tuple[str, ...] = ()  # id -> name, in the GLUE / `datasets` order; () for regression
-
-    @property
-    def is_regression(self) -> bool:
-        return self.num_labels == 1
-
-    @property
-    def is_pair(self) -> bool:
-        return self.name not in ("cola", "sst2")
-
-
-TASKS: dict[str, TaskSpec] = {
-    "cola": TaskSpec("cola", "CoLA", "cola", 2, ("mcc",), label_names=("unacceptable", "acceptable")),
-    "sst2": TaskSpec("sst2", "SST-2", "sst2", 2, ("accuracy",), label_names=("negative", "positive")),
-    "mrpc": TaskSpec("mrpc", "MRPC", "mrpc", 2, ("f1", "accuracy"), label_names=("not_equivalent", "equivalent")),
-    "stsb": TaskSpec("stsb", "STS-B", "stsb", 1, ("pearson", "spearmanr")),
-    "qqp": TaskSpec("qqp", "QQP", "qqp", 2, ("f1", "accuracy"), label_names=("not_duplicate", "duplicate")),
-    "mnli": TaskSpec("mnli", "MNLI", "mnli", 3, ("accuracy",), dev_splits=("dev", "dev_mm"),
-                     label_names=("entailment", "neutral", "contradiction")),
-    "qnli": TaskSpec("qnli", "QNLI", "qnli", 2, ("accuracy",), label_names=("entailment", "not_entailment")),
-    "rte": TaskSpec("rte", "RTE", "rte", 2, ("accuracy",), label_names=("entailment", "not_entailment")),
-    "wnli": TaskSpec("wnli", "WNLI", "wnli", 2, ("accuracy",), label_names=("not_entailment", "entailment")),
-}
+# The task table (names, folders, columns, labels, metrics) is `kdplatform/task_table.py`: torch-free, so the
+# config layer and the report read the same one.
 
 
 def get_task(task: str) -> TaskSpec:
@@ -108,8 +78,7 @@ def get_task(task: str) -> TaskSpec:
 
 def primary_metric(task: str) -> str:
     """The key model selection uses: always "score" (GLUE convention: mean of the task's metrics)."""
-    get_task(task)
-    return "score"
+    return get_task(task).primary_metric
 
 
 def metric_names(task: str) -> tuple[str, ...]:
@@ -140,45 +109,6 @@ class TaskData:
                        text_b=None if self.text_b is None else [self.text_b[i] for i in idx],
                        labels=[self.labels[i] for i in idx])
 
-
-@dataclass(frozen=True)
-class _TsvFormat:
-    """Where the columns sit in one task's official TSV files."""
-
-    text_a: str | int  # header name, or an index for files without a header (CoLA)
-    text_b: str | int | None
-    label: str | int
-    labels: dict[str, int] | None  # raw value -> id; None = float score (STS-B)
-    header: bool = True
-    n_fields: int | None = None  # only for header-less files
-    files: dict[str, str] = field(default_factory=lambda: {"train": "train.tsv", "dev": "dev.tsv"})
-    # The GLUE baselines (and transformers' QqpProcessor) skip QQP rows that are cut short; we do the same
-    # but say how many, instead of failing a 364k-row file over a handful of broken lines.
-    skip_malformed: bool = False
-
-
-_BINARY = {"0": 0, "1": 1}
-_NLI2 = {"entailment": 0, "not_entailment": 1}
-_FORMATS: dict[str, _TsvFormat] = {
-    "cola": _TsvFormat(3, None, 1, _BINARY, header=False, n_fields=4),
-    "sst2": _TsvFormat("sentence", None, "label", _BINARY),
-    "mrpc": _TsvFormat("#1 String", "#2 String", "Quality", _BINARY),
-    "stsb": _TsvFormat("sentence1", "sentence2", "score", None),
-    "qqp": _TsvFormat("question1", "question2", "is_duplicate", _BINARY, skip_malformed=True),
-    "mnli": _TsvFormat("sentence1", "sentence2", "gold_label",
-                       {"entailment": 0, "neutral": 1, "contradiction": 2},
-                       files={"train": "train.tsv", "dev": "dev_matched.tsv", "dev_mm": "dev_mismatched.tsv"}),
-    "qnli": _TsvFormat("question", "sentence", "label", _NLI2),
-    "rte": _TsvFormat("sentence1", "sentence2", "label", _NLI2),
-    "wnli": _TsvFormat("sentence1", "sentence2", "label", _BINARY),
-}
-
-# Hub column names per config: (text_a, text_b); labels are already ids in the GLUE order.
-_HUB_COLUMNS: dict[str, tuple[str, str | None]] = {
-    "cola": ("sentence", None), "sst2": ("sentence", None), "mrpc": ("sentence1", "sentence2"),
-    "stsb": ("sentence1", "sentence2"), "qqp": ("question1", "question2"), "mnli": ("premise", "hypothesis"),
-    "qnli": ("question", "sentence"), "rte": ("sentence1", "sentence2"), "wnli": ("sentence1", "sentence2"),
-}
 
 _STSB_RANGE = (0.0, 5.0)
 _GLUE_DIR_FIX = ("set KDP_GLUE_DIR (or data.glue_dir) to a folder in the official GLUE layout "
@@ -225,7 +155,7 @@ def load_split(task: str, split: str, *, source: str = "auto", glue_dir: str | o
 def _load_tsv(spec: TaskSpec, split: str, root: Path) -> TaskData:
     # GLUE fields can be long (QNLI/MNLI paragraphs): lift the csv module's 128 KiB field limit
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    fmt = _FORMATS[spec.name]
+    fmt = spec.tsv
     path = root / spec.glue_dir / fmt.files[split]
     if not path.is_file():
         hint = ""
@@ -306,7 +236,7 @@ def _rows(reader: Any, path: Path) -> Any:
         yield row
 
 
-def _parse_label(spec: TaskSpec, fmt: _TsvFormat, raw: str, path: Path, line: int) -> int | float:
+def _parse_label(spec: TaskSpec, fmt: TsvColumns, raw: str, path: Path, line: int) -> int | float:
     value = raw.strip()
     if fmt.labels is None:  # regression score
         try:
@@ -326,9 +256,7 @@ def _parse_label(spec: TaskSpec, fmt: _TsvFormat, raw: str, path: Path, line: in
 
 def _hub_split(spec: TaskSpec, split: str) -> str:
     """Our split name -> the `datasets` one (GLUE's names: train / validation, MNLI's validation_matched...)."""
-    if spec.name == "mnli":
-        return {"train": "train", "dev": "validation_matched", "dev_mm": "validation_mismatched"}[split]
-    return {"train": "train", "dev": "validation"}.get(split, split)
+    return spec.hub_splits.get(split, split)
 
 
 def dataset_origin(ref: str) -> tuple[str, Path | None]:
@@ -392,9 +320,9 @@ def _open_dataset(spec: TaskSpec, hub_split: str, ref: str) -> tuple[Any, str, s
 
 def _load_hub(spec: TaskSpec, split: str, ref: str = HUB_DATASET) -> TaskData:
     """A split through the `datasets` library: a hub id, a `save_to_disk` folder or parquet files, with the
-    GLUE hub's column names for the task (`_HUB_COLUMNS` and `label`)."""
+    GLUE hub's column names for the task (the table's `hub_columns` and `label`)."""
     ds, where, origin = _open_dataset(spec, _hub_split(spec, split), ref)
-    col_a, col_b = _HUB_COLUMNS[spec.name]
+    col_a, col_b = spec.hub_columns
     missing = [c for c in (col_a, col_b, "label") if c is not None and c not in ds.column_names]
     if missing:
         raise DataError(f"{where}: no column(s) {missing} (it has {ds.column_names})",

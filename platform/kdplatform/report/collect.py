@@ -26,10 +26,10 @@ import pandas as pd
 
 from kdplatform import runs
 from kdplatform.report.reference import majority_levels
+from kdplatform.task_table import TASK_NAMES, TASKS
 
-TASK_ORDER = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")
-TASK_LABELS = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "stsb": "STS-B", "qqp": "QQP",
-               "mnli": "MNLI", "qnli": "QNLI", "rte": "RTE", "wnli": "WNLI"}
+TASK_ORDER = TASK_NAMES  # the task table's (GLUE's) order
+TASK_LABELS = {name: t.label for name, t in TASKS.items()}
 METHOD_ORDER = ("kd", "pkd", "tinybert", "minilm", "ild_last", "cr_ild", "supplementary_ild", "ternarybert",
                 "kdqat_map", "kdqat_output", "kdqat_unified", "custom")
 QAT_METHODS = ("ternarybert", "kdqat_map", "kdqat_output", "kdqat_unified")

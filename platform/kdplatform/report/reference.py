@@ -27,18 +27,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-# task -> (folder, dev file, label column (header name or index), has header, positive label for F1)
-DEV_FILES = {
-    "cola": ("CoLA", "dev.tsv", 1, False, "1"), "sst2": ("SST-2", "dev.tsv", "label", True, "1"),
-    "mrpc": ("MRPC", "dev.tsv", "Quality", True, "1"), "stsb": ("STS-B", "dev.tsv", "score", True, None),
-    "qqp": ("QQP", "dev.tsv", "is_duplicate", True, "1"), "mnli": ("MNLI", "dev_matched.tsv", "gold_label", True, None),
-    "qnli": ("QNLI", "dev.tsv", "label", True, None), "rte": ("RTE", "dev.tsv", "label", True, None),
-    "wnli": ("WNLI", "dev.tsv", "label", True, None),
-}
-# Each task's GLUE metrics, as the worker's `score` averages them.
-TASK_METRICS = {"cola": ("mcc",), "sst2": ("accuracy",), "mrpc": ("f1", "accuracy"),
-                "stsb": ("pearson", "spearmanr"), "qqp": ("f1", "accuracy"), "mnli": ("accuracy",),
-                "qnli": ("accuracy",), "rte": ("accuracy",), "wnli": ("accuracy",)}
+from kdplatform.task_table import TASKS
+
 
 
 # The worker's fixed data seed of the dev downsample (kdplatform.distill.data.DATA_SEED). Copied, not imported:
@@ -48,8 +38,9 @@ DATA_SEED = 0
 
 def dev_labels(task: str, glue_dir: str | os.PathLike) -> list[str]:
     """The raw label column of a task's GLUE dev file."""
-    folder, name, column, header, _ = DEV_FILES[task]
-    path = Path(glue_dir) / folder / name
+    spec = TASKS[task]
+    column, header = spec.tsv.label, spec.tsv.header
+    path = Path(glue_dir) / spec.glue_dir / spec.tsv.files["dev"]
     csv.field_size_limit(sys.maxsize)
     with path.open(encoding="utf-8-sig", newline="") as f:  # -sig: MRPC's header starts with a BOM
         rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
@@ -73,9 +64,9 @@ def majority_score(task: str, labels: list[str]) -> float:
     """The task's dev `score` when every prediction is the most frequent label."""
     label, count = Counter(labels).most_common(1)[0]
     share = count / len(labels)
-    positive = DEV_FILES[task][4]
+    positive = TASKS[task].positive_label
     values = []
-    for metric in TASK_METRICS[task]:
+    for metric in TASKS[task].metrics:
         if metric == "accuracy":
             values.append(share)
         elif metric == "f1":
@@ -121,9 +112,9 @@ def majority_levels(runs: pd.DataFrame) -> tuple[dict[str, float], list[str]]:
     glue_dir = _glue_dir(runs)
     missing = []
     for task in sorted(set(runs.task)):
-        if task not in DEV_FILES:
+        if task not in TASKS:
             continue
-        if task == "stsb":
+        if TASKS[task].is_regression:
             out[task] = 0.0
             continue
         try:

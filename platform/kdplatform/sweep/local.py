@@ -62,7 +62,27 @@ def check_runnable_here(plan: SweepPlan, file: str | Path, fetch: bool = True) -
     (`preflight_plan`: DataError, TeacherError, DeviceError; `fetch=False`: no hub downloads)."""
     if plan.spec.search is not None or plan.spec.scheduler is not None:
         raise SweepError(f"{file}: `search:` and `scheduler:` need Ray", f"kdplatform sweep {file}")
+    _refuse_ray_settings(plan, file)
     preflight_plan(plan, fetch=fetch)
+
+
+# Settings only Ray applies, with why `run` cannot: each refused when it differs from its default.
+# (max_concurrent_trials is a bound, which run's one trial at a time always keeps.)
+_RAY_ONLY = {
+    "resources": "run trains in this process on its own CPU threads and device; Ray reserves per-trial resources",
+    "max_failures": "run does not retry a crashed trial (Ray does; with run, run the file again to continue)",
+}
+
+
+def _refuse_ray_settings(plan: SweepPlan, file: str | Path) -> None:
+    """`kdplatform run` has no Ray: a Ray-only setting changed from its default would do nothing (exit 2)."""
+    fields = type(plan.spec).model_fields
+    for key, why in _RAY_ONLY.items():
+        value, default = getattr(plan.spec, key), fields[key].get_default(call_default_factory=True)
+        if value != default:
+            shown = value.model_dump(exclude_defaults=True) if hasattr(value, "model_dump") else value
+            raise SweepError(f"{file}: {key}: {shown} would not be applied by `kdplatform run`: {why}",
+                             f"kdplatform sweep {file}, or remove {key} to run it here")
 
 
 def _run_all(plan: SweepPlan, parent_id: str, console: Console) -> list[dict[str, Any]]:
