@@ -209,7 +209,8 @@ def errors_to_config_error(e: ValidationError, file: Any, lines: dict[tuple, int
     if first["type"] == "extra_forbidden":
         msg = f"unknown key '{loc[-1]}'"
         near = nearest_key(str(loc[-1]), _keys_at(e.title, loc[:-1]))
-        fix = f"did you mean '{near}'?" if near else "remove it or check its spelling (see docs/config.md, 'The YAML schema')"
+        fix = (f"did you mean '{near}'?" if near
+               else "remove it or check its spelling (see docs/config.md, 'The YAML schema')")
     elif first["type"] == "literal_error":
         fix = f"use one of the allowed values (got {got})"
     else:
