@@ -26,10 +26,20 @@ console = output_console()  # piped (logs, CI, `| cat`): wide, so table rows sta
 err = output_console(stderr=True)
 
 
+MLFLOW_COMMANDS = {"run", "teacher", "sweep", "ls", "export", "report"}
+
+
 @app.callback()
-def _main(version: bool = typer.Option(False, "--version", "-V", callback=version_callback, is_eager=True,
+def _main(ctx: typer.Context,
+          version: bool = typer.Option(False, "--version", "-V", callback=version_callback, is_eager=True,
                                        help="print kdplatform's version and exit")) -> None:
     """Sweeps of knowledge distillation and quantization-aware training for BERT-like encoders."""
+    if ctx.invoked_subcommand in MLFLOW_COMMANDS:  # MLflow's own INFO lines: to a file, named at the end
+        from kdplatform.library_logs import send_library_logs_to_file, wrote_library_log
+
+        log = send_library_logs_to_file()
+        ctx.call_on_close(lambda: wrote_library_log() and err.print(f"MLflow's messages: {escape(str(log))}",
+                                                                    soft_wrap=True))
 
 OverridesArg = typer.Argument(None, metavar="KEY=VALUE", show_default=False,
                               help="settings over the file's, e.g. train.pred.lr=1e-4 seeds=[1] (values are YAML)")
@@ -362,8 +372,16 @@ def ui(tracking_uri: Optional[str] = TrackingOpt,
         ui_server.check_port_free(host, port)
     except ui_server.UiError as e:
         _fail(str(e).replace("[", r"\["))
-    console.print(f"MLflow UI on http://{host}:{port} for {tracking.redact(uri)}")
-    raise typer.Exit(ui_server.serve(uri, host, port))
+    from kdplatform.library_logs import logs_dir
+
+    log = logs_dir() / f"ui-{port}.log"  # the server's own output (Starlette warnings, access lines)
+    console.print(f"MLflow UI on http://{host}:{port} for {escape(tracking.redact(uri))} (server log: "
+                  f"{escape(str(log))})", soft_wrap=True)
+    code = ui_server.serve(uri, host, port, log)
+    if code:
+        err.print(f"the MLflow UI ended with exit code {code}; the end of its log:\n"
+                  f"{escape(ui_server.log_tail(log))}", soft_wrap=True)
+    raise typer.Exit(code)
 
 
 def main() -> None:  # pragma: no cover

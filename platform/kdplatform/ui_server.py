@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from kdplatform import tracking
 from kdplatform.store_check import StoreUnusable, check_store, sqlite_path
@@ -58,10 +59,35 @@ def check_port_free(host: str, port: int) -> None:
                           "--port") from None
 
 
-def serve(uri: str, host: str, port: int) -> int:
-    """Run `mlflow ui` in its own process group until it ends or we are signalled; returns its exit code."""
+def serve(uri: str, host: str, port: int, log: Path | None = None) -> int:
+    """Run `mlflow ui` in its own process group until it ends or we are signalled; returns its exit code.
+
+    With `log`, the server's output (uvicorn's access lines, Starlette's deprecation warnings) goes to that
+    file rather than the user's console."""
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
-    proc = subprocess.Popen(cmd, start_new_session=True)  # its own group: forwarded signals reach its workers
+    out = None
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        out = open(log, "ab")  # noqa: SIM115  (closed in the finally below, after the server ends)
+    try:
+        # its own group: forwarded signals reach its workers
+        proc = subprocess.Popen(cmd, start_new_session=True, stdout=out, stderr=subprocess.STDOUT if out else None)
+        return _watch(proc)
+    finally:
+        if out is not None:
+            out.close()
+
+
+def log_tail(log: Path, lines: int = 15) -> str:
+    """The last lines of the server's log (shown when it ends with an error)."""
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _watch(proc: subprocess.Popen) -> int:
+    """Wait for the server; our SIGTERM/SIGINT/SIGHUP go to its whole group (killed STOP_GRACE_S later)."""
     stop: list[int] = []
 
     def forward(signum, _frame) -> None:
