@@ -43,10 +43,12 @@ def _main(ctx: typer.Context,
 
 OverridesArg = typer.Argument(None, metavar="KEY=VALUE", show_default=False,
                               help="settings over the file's, e.g. train.pred.lr=1e-4 seeds=[1] (values are YAML)")
-TrackingOpt = typer.Option(None, "--tracking-uri", metavar="URI", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
+TrackingOpt = typer.Option(None, "--tracking-uri", metavar="URI",
+                           help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
                            "else sqlite:///./mlflow.db)")
 # Commands that read a YAML file: its `tracking_uri:` comes after the environment (tracking.pick_tracking_uri).
-FileTrackingOpt = typer.Option(None, "--tracking-uri", metavar="URI", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
+FileTrackingOpt = typer.Option(None, "--tracking-uri", metavar="URI",
+                               help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
                                "else the file's tracking_uri:, else sqlite:///./mlflow.db)")
 
 
@@ -124,7 +126,8 @@ ForceOpt = typer.Option(False, "--force", help="run configs that already have a 
 
 
 @app.command()
-def run(file: Path = typer.Argument(..., metavar="FILE", help="trial or sweep YAML"), overrides: Optional[list[str]] = OverridesArg,
+def run(file: Path = typer.Argument(..., metavar="FILE", help="trial or sweep YAML"),
+        overrides: Optional[list[str]] = OverridesArg,
         tracking_uri: Optional[str] = FileTrackingOpt,
         dry_run: bool = typer.Option(False, "--dry-run", "-n", help="validate, check the local data files and "
                                      "teacher checkpoints the run would read (nothing is downloaded), and list "
@@ -187,14 +190,16 @@ def teacher(file: Path = typer.Argument(..., metavar="FILE", help="trial or swee
 
 
 @app.command()
-def sweep(file: Path = typer.Argument(..., metavar="FILE", help="sweep YAML"), overrides: Optional[list[str]] = OverridesArg,
+def sweep(file: Path = typer.Argument(..., metavar="FILE", help="sweep YAML"),
+          overrides: Optional[list[str]] = OverridesArg,
           dry_run: bool = typer.Option(False, "--dry-run", "-n", help="check the local data files and teacher "
                                        "checkpoints (nothing is downloaded), print the trial table (count, teachers to train, trials already done) "
                                        "and run nothing"),
           resume: bool = typer.Option(False, "--resume", help="continue an interrupted run of this sweep file"),
           fresh: bool = typer.Option(False, "--fresh", help="abandon an interrupted run of this file (its open "
                                      "runs become KILLED) and start again; finished trials are still skipped"),
-          address: Optional[str] = typer.Option(None, "--address", metavar="ADDRESS", help="join this Ray cluster (default: start "
+          address: Optional[str] = typer.Option(None, "--address", metavar="ADDRESS",
+                                                help="join this Ray cluster (default: start "
                                                 "a local one)"),
           max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", "-j", min=1, metavar="N",
                                                        help="at most N trials at once"),
@@ -202,7 +207,8 @@ def sweep(file: Path = typer.Argument(..., metavar="FILE", help="sweep YAML"), o
           tracking_uri: Optional[str] = FileTrackingOpt,
           storage: Optional[Path] = typer.Option(None, "--storage", metavar="DIR", help="Ray results folder (default: "
                                                  "./ray_results)"),
-          num_cpus: Optional[int] = typer.Option(None, "--num-cpus", min=1, metavar="N", help="CPUs of the local Ray cluster"),
+          num_cpus: Optional[int] = typer.Option(None, "--num-cpus", min=1, metavar="N",
+                                                 help="CPUs of the local Ray cluster"),
           num_gpus: Optional[int] = typer.Option(None, "--num-gpus", min=0, metavar="N",
                                                   help="GPUs of the local Ray cluster (0: run on the CPU, the "
                                                        "trials' GPU requests dropped)")
@@ -288,7 +294,8 @@ def _list_students(uri: str, parent_id: str) -> None:
 def export(run_id: str = typer.Argument(..., metavar="RUN_ID", help="a student run's MLflow run id"),
            dest: Path = typer.Argument(..., metavar="DEST", help="new (or empty) folder to write the model to"),
            tracking_uri: Optional[str] = TrackingOpt,
-           which: str = typer.Option("best", "--which", metavar="best|last", help="best (best dev score) or last (end of training; "
+           which: str = typer.Option("best", "--which", metavar="best|last",
+                                     help="best (best dev score) or last (end of training; "
                                      "kept with output.keep_models: best+last)")) -> None:
     """Copy a student run's saved model into a folder `from_pretrained` loads (quantized: see its README.md)."""
     if which not in ("best", "last"):
