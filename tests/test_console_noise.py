@@ -24,7 +24,10 @@ from kdplatform.library_logs import send_library_logs_to_file, wrote_library_log
 log = send_library_logs_to_file()
 parent = runs.create_parent(sys.argv[1], "noise", "noise", spec_hash="h", spec_file=Path(sys.argv[2]), runner="run")
 parent.finish()
-print(log, wrote_library_log())
+quiet = wrote_library_log()  # INFO lines only: kept in the file, not announced
+import logging
+logging.getLogger("mlflow.store").warning("a library warning")
+print(log, quiet, wrote_library_log())
 """
 
 
@@ -35,9 +38,10 @@ def test_a_new_store_creates_its_tables_without_a_console_line(tmp_path):
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "Creating initial MLflow database tables" not in proc.stderr + proc.stdout, proc.stderr
-    log, wrote = proc.stdout.split()
-    assert wrote == "True" and Path(log) == tmp_path / "cache" / "logs" / "libraries.log"
+    log, quiet, wrote = proc.stdout.split()
+    assert (quiet, wrote) == ("False", "True") and Path(log) == tmp_path / "cache" / "logs" / "libraries.log"
     assert "Creating initial MLflow database tables" in Path(log).read_text()
+    assert "a library warning" in Path(log).read_text() and "a library warning" not in proc.stderr
 
 
 def _free_port() -> int:

@@ -3,7 +3,7 @@
 MLflow logs "Creating initial MLflow database tables..." (and alembic its migrations) on a store's first use,
 and `mlflow ui`'s server prints Starlette/uvicorn deprecation warnings: none of it is ours to show, none of it
 needs the user, all of it may help someone debugging. It goes to `<KDP_CACHE_DIR>/logs/`, and the command
-names the file when something was written there.
+names the file when a warning or an error was written there.
 
 >>> path = send_library_logs_to_file()        # doctest: +SKIP
 >>> ... ; if wrote_library_log(): print(f"library messages: {path}")   # doctest: +SKIP
@@ -21,14 +21,15 @@ _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class _CountingFileHandler(logging.FileHandler):
-    """Opens the file on the first record (a dry run that logs nothing writes nothing) and counts records."""
+    """Opens the file on the first record (a dry run that logs nothing writes nothing) and counts the warnings
+    and errors among them (INFO lines such as alembic's on every store open are kept, not announced)."""
 
     def __init__(self, path: Path):
         super().__init__(path, delay=True)
-        self.records = 0
+        self.warnings = 0
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.records += 1
+        self.warnings += record.levelno >= logging.WARNING
         if self.stream is None:  # first record: the folder may not exist yet
             Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
         super().emit(record)
@@ -58,6 +59,6 @@ def send_library_logs_to_file(name: str = "libraries.log") -> Path:
 
 
 def wrote_library_log() -> bool:
-    """Whether this process has written a library record to the log file."""
-    return any(isinstance(h, _CountingFileHandler) and h.records
+    """Whether this process has written a library warning or error to the log file (worth naming)."""
+    return any(isinstance(h, _CountingFileHandler) and h.warnings
                for name in LIBRARY_LOGGERS for h in logging.getLogger(name).handlers)

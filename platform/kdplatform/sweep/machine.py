@@ -9,7 +9,7 @@
   (written by benchmarks/bench_throughput.py, with its source): examples x epochs / examples per second, for
   the model's size and sequence length; a size not in the table is scaled from the nearest measured row by
   its FLOPs per example. Full-length sequences and no quantization overhead: a rough figure.
-- Disk: teacher checkpoints, the student models kept, the teacher-output cache bound, hub downloads.
+- Disk: teacher checkpoints, the student models kept, hub downloads; the teacher-output cache's bound beside.
 
 >>> for label, text, warn in machine_lines(plan, teacher_outcomes, address=None, num_gpus=None):  # doctest: +SKIP
 ...     print(label, text)
@@ -208,16 +208,24 @@ def disk_bytes(trials: list[ResolvedTrial], teacher_trials: list[ResolvedTrial],
     keep = {"none": 0, "best": 1, "best+last": 2}
     teachers = sum(4 * parameters(t.teacher_layers, width_of(t)) for t in teacher_trials)
     students = sum(4 * keep[t.output.keep_models] * parameters(t.student_layers, width_of(t)) for t in trials)
-    cache = max((t.speed.teacher_cache.max_gb for t in trials if t.speed.teacher_cache.enabled), default=0) * 1e9
     downloads = sum(4 * parameters(model_depth(h) or 12, model_width(h) or 768) for h in hub_ids)
-    return {"teacher checkpoints": teachers, "student models": students, "teacher-output cache (bound)": cache,
-            "model downloads": downloads}
+    return {"teacher checkpoints": teachers, "student models": students, "model downloads": downloads}
+
+
+def cache_bound_gb(trials: list[ResolvedTrial]) -> float:
+    """The teacher-output cache's size bound (shared by every sweep on this cache folder): at most this."""
+    return max((t.speed.teacher_cache.max_gb for t in trials if t.speed.teacher_cache.enabled), default=0.0)
 
 
 # ---------------------------------------------------------------------------------------------- report
 def _hours(seconds: float) -> str:
     h = seconds / 3600
     return f"{h:,.0f}" if h >= 10 else f"{h:.1f}" if h >= 0.1 else f"{h:.2f}"
+
+
+def _span(seconds: float) -> str:
+    days = seconds / 86400
+    return f"{days:,.0f} days" if days >= 2 else f"{seconds / 3600:.1f} hours"
 
 
 def _gb(n: float) -> str:
@@ -263,15 +271,17 @@ def machine_lines(plan, teacher_trials: list[ResolvedTrial], *, address: str | N
 
     rows += _hour_rows(trials, teacher_trials, use_gpu=bool(gpus and (student_gpu or teacher_gpu)
                                                              and num_gpus != 0))
-    hub_bytes = disk_bytes(trials, teacher_trials, models)
-    total = sum(hub_bytes.values())
-    parts = ", ".join(f"{k} {_gb(v)}" for k, v in hub_bytes.items() if v)
+    by_kind = disk_bytes(trials, teacher_trials, models)
+    total = sum(by_kind.values())
+    parts = ", ".join(f"{k} {_gb(v)}" for k, v in by_kind.items() if v)
     folder = Path(storage or ".").resolve()
     while not folder.exists():
         folder = folder.parent
     free = shutil.disk_usage(folder).free
-    rows.append(("disk", f"up to {_gb(total)} ({parts or 'nothing'}); {_gb(free)} free under {folder}",
-                 total > free))
+    cache = cache_bound_gb(trials)
+    cache_text = f", plus the teacher-output cache (at most {cache:g} GB, shared)" if cache else ""
+    rows.append(("disk", f"about {_gb(total)} ({parts or 'nothing'}){cache_text}; {_gb(free)} free under "
+                 f"{folder}", total > free))
     return rows
 
 
@@ -288,8 +298,11 @@ def _hour_rows(trials: list[ResolvedTrial], teacher_trials: list[ResolvedTrial],
                 out.append((f"{label} hours", text, False))
             continue
         threads = table[device].get("threads", 0)
-        each = "one GPU" if device == "cuda" else "one core" if threads == 1 else f"{threads} threads"
-        text = (f"teachers {_hours(sum(t_s))} h ({len(t_s)} to train), students {_hours(sum(s_s))} h "
-                f"({len(s_s)} trials), {each} each, from {table[device]['source'].split(':')[0]}")
+        unit = "GPU-h" if device == "cuda" else "core-h" if threads == 1 else f"h at {threads} threads"
+        text = f"teachers {_hours(sum(t_s))} {unit} ({len(t_s)} to train), students {_hours(sum(s_s))} {unit} " \
+               f"({len(s_s)} trials)"
+        if device == "cpu" and threads == 1:  # core-hours spread over this machine's cores, at best
+            text += f"; on this machine's {os.cpu_count()} cores at least {_span(sum(t_s + s_s) / os.cpu_count())}"
+        text += f"; from {table[device]['source'].split(':')[0]}"
         out.append((f"{label} hours", text, device == "cpu" and not use_gpu and sum(t_s + s_s) > 24 * 3600))
     return out
