@@ -24,7 +24,8 @@ from kdplatform.library_logs import send_library_logs_to_file, wrote_library_log
 log = send_library_logs_to_file()
 parent = runs.create_parent(sys.argv[1], "noise", "noise", spec_hash="h", spec_file=Path(sys.argv[2]), runner="run")
 parent.finish()
-quiet = wrote_library_log()  # INFO lines only: kept in the file, not announced
+quiet = wrote_library_log()  # INFO lines only: kept in the file, announced by run/sweep only
+assert wrote_library_log(warnings_only=False)
 import logging
 logging.getLogger("mlflow.store").warning("a library warning")
 print(log, quiet, wrote_library_log())

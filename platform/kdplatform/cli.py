@@ -38,8 +38,9 @@ def _main(ctx: typer.Context,
         from kdplatform.library_logs import send_library_logs_to_file, wrote_library_log
 
         log = send_library_logs_to_file()
-        ctx.call_on_close(lambda: wrote_library_log() and err.print(f"MLflow's messages: {escape(str(log))}",
-                                                                    soft_wrap=True))
+        summary = ctx.invoked_subcommand in ("run", "sweep")  # their summary names the logs to look at
+        ctx.call_on_close(lambda: wrote_library_log(warnings_only=not summary) and
+                          err.print(f"MLflow's messages: {escape(str(log))}", soft_wrap=True))
 
 OverridesArg = typer.Argument(None, metavar="KEY=VALUE", show_default=False,
                               help="settings over the file's, e.g. train.pred.lr=1e-4 seeds=[1] (values are YAML)")

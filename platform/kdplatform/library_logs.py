@@ -3,7 +3,8 @@
 MLflow logs "Creating initial MLflow database tables..." (and alembic its migrations) on a store's first use,
 and `mlflow ui`'s server prints Starlette/uvicorn deprecation warnings: none of it is ours to show, none of it
 needs the user, all of it may help someone debugging. It goes to `<KDP_CACHE_DIR>/logs/`, and the command
-names the file when a warning or an error was written there.
+names the file when a warning or an error was written there (`run` and `sweep`, whose summary ends with the
+places to look, when anything was).
 
 >>> path = send_library_logs_to_file()        # doctest: +SKIP
 >>> ... ; if wrote_library_log(): print(f"library messages: {path}")   # doctest: +SKIP
@@ -26,9 +27,10 @@ class _CountingFileHandler(logging.FileHandler):
 
     def __init__(self, path: Path):
         super().__init__(path, delay=True)
-        self.warnings = 0
+        self.records = self.warnings = 0
 
     def emit(self, record: logging.LogRecord) -> None:
+        self.records += 1
         self.warnings += record.levelno >= logging.WARNING
         if self.stream is None:  # first record: the folder may not exist yet
             Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
@@ -58,7 +60,8 @@ def send_library_logs_to_file(name: str = "libraries.log") -> Path:
     return path
 
 
-def wrote_library_log() -> bool:
-    """Whether this process has written a library warning or error to the log file (worth naming)."""
-    return any(isinstance(h, _CountingFileHandler) and h.warnings
+def wrote_library_log(warnings_only: bool = True) -> bool:
+    """Whether this process has written a library warning or error (or, with `warnings_only=False`, any
+    record) to the log file."""
+    return any(isinstance(h, _CountingFileHandler) and (h.warnings if warnings_only else h.records)
                for name in LIBRARY_LOGGERS for h in logging.getLogger(name).handlers)
