@@ -119,7 +119,7 @@ def test_ui_binds_localhost_unless_told_otherwise(monkeypatch, tmp_path):
     help_text = CliRunner().invoke(cli.app, ["ui", "--help"], terminal_width=200).output
     assert "127.0.0.1" in help_text
     calls = []
-    monkeypatch.setattr(ui_server, "serve", lambda uri, host, port: calls.append(host) or 0)
+    monkeypatch.setattr(ui_server, "serve", lambda uri, host, port, log=None: calls.append(host) or 0)
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     tracking_client = __import__("mlflow.tracking", fromlist=["MlflowClient"]).MlflowClient(uri)
     tracking_client.search_experiments()  # the store exists: `ui` refuses a missing one

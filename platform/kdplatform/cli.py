@@ -13,24 +13,43 @@ from pathlib import Path
 from typing import NoReturn, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from kdplatform import tracking
+from kdplatform.cli_help import HelpGroup, HelpTyper, output_console, version_callback
 from kdplatform.config import ConfigError, ResolvedTrial, describe_trials, load_trials
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Sweeps of knowledge distillation and quantization-aware training for BERT-like encoders.")
-console = Console()
-err = Console(stderr=True)
+app = HelpTyper(add_completion=False, no_args_is_help=True, cls=HelpGroup,
+                help="Sweeps of knowledge distillation and quantization-aware training for BERT-like encoders.")
+console = output_console()  # piped (logs, CI, `| cat`): wide, so table rows stay one line each
+err = output_console(stderr=True)
+
+
+MLFLOW_COMMANDS = {"run", "teacher", "sweep", "ls", "export", "report"}
+
+
+@app.callback()
+def _main(ctx: typer.Context,
+          version: bool = typer.Option(False, "--version", "-V", callback=version_callback, is_eager=True,
+                                       help="print kdplatform's version and exit")) -> None:
+    """Sweeps of knowledge distillation and quantization-aware training for BERT-like encoders."""
+    if ctx.invoked_subcommand in MLFLOW_COMMANDS:  # MLflow's own INFO lines: to a file, named at the end
+        from kdplatform.library_logs import send_library_logs_to_file, wrote_library_log
+
+        log = send_library_logs_to_file()
+        summary = ctx.invoked_subcommand in ("run", "sweep")  # their summary names the logs to look at
+        ctx.call_on_close(lambda: wrote_library_log(warnings_only=not summary) and
+                          err.print(f"MLflow's messages: {escape(str(log))}", soft_wrap=True))
 
 OverridesArg = typer.Argument(None, metavar="KEY=VALUE", show_default=False,
                               help="settings over the file's, e.g. train.pred.lr=1e-4 seeds=[1] (values are YAML)")
-TrackingOpt = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
+TrackingOpt = typer.Option(None, "--tracking-uri", metavar="URI",
+                           help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
                            "else sqlite:///./mlflow.db)")
 # Commands that read a YAML file: its `tracking_uri:` comes after the environment (tracking.pick_tracking_uri).
-FileTrackingOpt = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
+FileTrackingOpt = typer.Option(None, "--tracking-uri", metavar="URI",
+                               help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
                                "else the file's tracking_uri:, else sqlite:///./mlflow.db)")
 
 
@@ -118,9 +137,10 @@ ForceOpt = typer.Option(False, "--force", help="run configs that already have a 
 
 
 @app.command()
-def run(file: Path = typer.Argument(..., help="trial or sweep YAML"), overrides: Optional[list[str]] = OverridesArg,
+def run(file: Path = typer.Argument(..., metavar="FILE", help="trial or sweep YAML"),
+        overrides: Optional[list[str]] = OverridesArg,
         tracking_uri: Optional[str] = FileTrackingOpt,
-        dry_run: bool = typer.Option(False, "--dry-run", help="validate, check the local data files and "
+        dry_run: bool = typer.Option(False, "--dry-run", "-n", help="validate, check the local data files and "
                                      "teacher checkpoints the run would read (nothing is downloaded), and list "
                                      "the trials; run nothing"),
         force: bool = ForceOpt) -> None:
@@ -164,7 +184,7 @@ def run(file: Path = typer.Argument(..., help="trial or sweep YAML"), overrides:
 
 
 @app.command()
-def teacher(file: Path = typer.Argument(..., help="trial or sweep YAML"),
+def teacher(file: Path = typer.Argument(..., metavar="FILE", help="trial or sweep YAML"),
             tracking_uri: Optional[str] = FileTrackingOpt) -> None:
     """Fine-tune (or find) every distinct teacher the file needs, once each."""
     _, trials, _ = _load(file)
@@ -185,23 +205,28 @@ def teacher(file: Path = typer.Argument(..., help="trial or sweep YAML"),
 
 
 @app.command()
-def sweep(file: Path = typer.Argument(..., help="sweep YAML"), overrides: Optional[list[str]] = OverridesArg,
-          dry_run: bool = typer.Option(False, "--dry-run", help="check the local data files and teacher "
+def sweep(file: Path = typer.Argument(..., metavar="FILE", help="sweep YAML"),
+          overrides: Optional[list[str]] = OverridesArg,
+          dry_run: bool = typer.Option(False, "--dry-run", "-n", help="check the local data files and teacher "
                                        "checkpoints (nothing is downloaded), print the trial table (count, teachers to train, trials already done) "
                                        "and run nothing"),
           resume: bool = typer.Option(False, "--resume", help="continue an interrupted run of this sweep file"),
           fresh: bool = typer.Option(False, "--fresh", help="abandon an interrupted run of this file (its open "
                                      "runs become KILLED) and start again; finished trials are still skipped"),
-          address: Optional[str] = typer.Option(None, "--address", help="join this Ray cluster (default: start "
+          address: Optional[str] = typer.Option(None, "--address", metavar="ADDRESS",
+                                                help="join this Ray cluster (default: start "
                                                 "a local one)"),
-          max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", min=1,
+          max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", "-j", min=1, metavar="N",
                                                        help="at most N trials at once"),
           force: bool = ForceOpt,
           tracking_uri: Optional[str] = FileTrackingOpt,
-          storage: Optional[Path] = typer.Option(None, "--storage", help="Ray results folder (default: "
+          storage: Optional[Path] = typer.Option(None, "--storage", metavar="DIR", help="Ray results folder (default: "
                                                  "./ray_results)"),
-          num_cpus: Optional[int] = typer.Option(None, "--num-cpus", min=1, help="CPUs of the local Ray cluster"),
-          num_gpus: Optional[int] = typer.Option(None, "--num-gpus", min=0, help="GPUs of the local Ray cluster")
+          num_cpus: Optional[int] = typer.Option(None, "--num-cpus", min=1, metavar="N",
+                                                 help="CPUs of the local Ray cluster"),
+          num_gpus: Optional[int] = typer.Option(None, "--num-gpus", min=0, metavar="N",
+                                                  help="GPUs of the local Ray cluster (0: run on the CPU, the "
+                                                       "trials' GPU requests dropped)")
           ) -> None:
     """Run a sweep on Ray Tune: teachers once, then every missing student trial; resumable."""
     from kdplatform.sweep.driver import SweepError, run_sweep
@@ -220,14 +245,14 @@ def sweep(file: Path = typer.Argument(..., help="sweep YAML"), overrides: Option
         raise typer.Exit(outcome.exit_code)
 
 
-def _listing_console() -> Console:
-    """The console for `ls` tables: piped, wide enough for one line per row (for grep)."""
-    return console if console.is_terminal else Console(width=200)
+def _listing_console():
+    """The console for `ls` tables (piped: wide, one line per row, for grep; see cli_help.output_console)."""
+    return console
 
 
 @app.command(name="ls")
 def list_runs(tracking_uri: Optional[str] = TrackingOpt,
-              sweep: Optional[str] = typer.Option(None, "--sweep", metavar="RUN_ID",
+              sweep: Optional[str] = typer.Option(None, "--sweep", "-s", metavar="RUN_ID",
                                                   help="a parent run id (from plain `ls`): list its student runs "
                                                        "with their run ids (for `kdplatform export`)")) -> None:
     """List the store's sweeps and runs (parent runs) with their trial counts by status; with --sweep, the
@@ -287,10 +312,11 @@ def _list_students(uri: str, parent_id: str) -> None:
 
 
 @app.command()
-def export(run_id: str = typer.Argument(..., help="a student run's MLflow run id"),
-           dest: Path = typer.Argument(..., help="new (or empty) folder to write the model to"),
+def export(run_id: str = typer.Argument(..., metavar="RUN_ID", help="a student run's MLflow run id"),
+           dest: Path = typer.Argument(..., metavar="DEST", help="new (or empty) folder to write the model to"),
            tracking_uri: Optional[str] = TrackingOpt,
-           which: str = typer.Option("best", "--which", help="best (best dev score) or last (end of training; "
+           which: str = typer.Option("best", "--which", metavar="best|last",
+                                     help="best (best dev score) or last (end of training; "
                                      "kept with output.keep_models: best+last)")) -> None:
     """Copy a student run's saved model into a folder `from_pretrained` loads (quantized: see its README.md)."""
     if which not in ("best", "last"):
@@ -366,14 +392,14 @@ def tasks() -> None:
 
 
 @app.command()
-def report(experiment: Optional[str] = typer.Option(None, "--experiment", "-e",
+def report(experiment: Optional[str] = typer.Option(None, "--experiment", "-e", metavar="NAME",
                                                     help="MLflow experiment (the sweep file's name)"),
-           sweep: Optional[str] = typer.Option(None, "--sweep", help="parent sweep run id"),
-           dashboard: Optional[list[str]] = typer.Option(None, "--dashboard", "-d",
+           sweep: Optional[str] = typer.Option(None, "--sweep", "-s", metavar="RUN_ID", help="parent sweep run id"),
+           dashboard: Optional[list[str]] = typer.Option(None, "--dashboard", "-d", metavar="FILE|NAME",
                                                          help="dashboards/FILE.yaml or a name; repeatable "
                                                               "(default: every dashboard)"),
-           out: Path = typer.Option(Path("report"), "--out", "-o", help="output folder"),
-           formats: str = typer.Option("html,png,tex,md,csv", "--format",
+           out: Path = typer.Option(Path("report"), "--out", "-o", metavar="DIR", help="output folder"),
+           formats: str = typer.Option("html,png,tex,md,csv", "--format", "-f", metavar="LIST",
                                        help="any of html,png,svg,pdf,tex,md,csv or 'all'"),
            tracking_uri: Optional[str] = TrackingOpt) -> None:
     """Paper-style accuracy tables and overfitting/bit-width/sweep figures from MLflow runs."""
@@ -384,15 +410,17 @@ def report(experiment: Optional[str] = typer.Option(None, "--experiment", "-e",
 
 @app.command()
 def ui(tracking_uri: Optional[str] = TrackingOpt,
-       host: str = typer.Option("127.0.0.1", help="bind address (127.0.0.1: this machine only; any other "
-                                "needs --read-only or --auth)"),
-       port: int = typer.Option(5000),
+       host: str = typer.Option("127.0.0.1", "--host", metavar="ADDRESS",
+                                help="bind address (127.0.0.1: this machine only; any other needs --read-only "
+                                "or --auth)"),
+       port: int = typer.Option(5000, "--port", "-p", metavar="PORT", help="port the UI listens on"),
        read_only: bool = typer.Option(False, "--read-only", help="refuse the UI's write endpoints (delete, "
                                       "create, rename, log): browse only"),
        auth: bool = typer.Option(False, "--auth", help="MLflow's basic-auth login (user admin, password from "
                                  "$MLFLOW_AUTH_ADMIN_PASSWORD)"),
-       allowed_hosts: Optional[str] = typer.Option(None, "--allowed-hosts", help="Host headers the server "
-                                                   "accepts, comma-separated (passed to MLflow)")) -> None:
+       allowed_hosts: Optional[str] = typer.Option(None, "--allowed-hosts", metavar="HOSTS",
+                                                   help="Host headers the server accepts, comma-separated "
+                                                   "(passed to MLflow)")) -> None:
     """Start the MLflow UI on the store (bound to 127.0.0.1 unless told otherwise)."""
     from kdplatform import ui_server
 
@@ -404,9 +432,17 @@ def ui(tracking_uri: Optional[str] = TrackingOpt,
         ui_server.check_port_free(host, port)
     except ui_server.UiError as e:
         _fail(str(e).replace("[", r"\["))
+    from kdplatform.library_logs import logs_dir
+
+    log = logs_dir() / f"ui-{port}.log"  # the server's own output (Starlette warnings, access lines)
     mode = " (read-only)" if read_only else " (login: admin)" if auth else ""
-    console.print(f"MLflow UI on {ui_server.url_of(host, port)} for {escape(tracking.redact(uri))}{mode}")
-    raise typer.Exit(ui_server.serve(uri, host, port, access))
+    console.print(f"MLflow UI on {ui_server.url_of(host, port)} for {escape(tracking.redact(uri))}{mode} "
+                  f"(server log: {escape(str(log))})", soft_wrap=True)
+    code = ui_server.serve(uri, host, port, access, log)
+    if code:
+        err.print(f"the MLflow UI ended with exit code {code}; the end of its log:\n"
+                  f"{escape(ui_server.log_tail(log))}", soft_wrap=True)
+    raise typer.Exit(code)
 
 
 def main() -> None:  # pragma: no cover

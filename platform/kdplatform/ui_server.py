@@ -160,10 +160,37 @@ def _auth_config(uri: str) -> str:
     return path
 
 
-def serve(uri: str, host: str, port: int, access: Access = Access()) -> int:
-    """Run `mlflow ui` in its own process group until it ends or we are signalled; returns its exit code."""
+def serve(uri: str, host: str, port: int, access: Access = Access(), log: Path | None = None) -> int:
+    """Run `mlflow ui` in its own process group until it ends or we are signalled; returns its exit code.
+
+    With `log`, the server's output (uvicorn's access lines, Starlette's deprecation warnings) goes to that
+    file rather than the user's console."""
     cmd, env = server_command(uri, host, port, access)
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)  # its own group: signals reach its workers
+    out = None
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        out = open(log, "ab")  # noqa: SIM115  (closed in the finally below, after the server ends)
+    try:
+        # its own group: forwarded signals reach its workers
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=out,
+                                stderr=subprocess.STDOUT if out else None)
+        return _watch(proc, env)
+    finally:
+        if out is not None:
+            out.close()
+
+
+def log_tail(log: Path, lines: int = 15) -> str:
+    """The last lines of the server's log (shown when it ends with an error)."""
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _watch(proc: subprocess.Popen, env: dict[str, str]) -> int:
+    """Wait for the server; our SIGTERM/SIGINT/SIGHUP go to its whole group (killed STOP_GRACE_S later); the
+    auth settings file made for it is removed when it ends."""
     stop: list[int] = []
 
     def forward(signum, _frame) -> None:

@@ -2,7 +2,9 @@
 
 Output folder:
 
-    index.html                 every dashboard as a section; plotly.js embedded once, works offline
+    index.html                 every dashboard as a section (blocks without data listed once at the end
+                               as "not drawn", not drawn empty); works offline
+    plotly.min.js              the plotting library, one shared file beside the page (only with figures)
     tables/<page>-<name>.html|md|tex|csv
     figures/<page>-<figure>.png|svg|pdf   (static export through kaleido and a system Chromium)
     runs.csv                   the student runs used, one row each, with their best dev score
@@ -36,6 +38,7 @@ FORMATS = ("html", "png", "svg", "pdf", "tex", "md", "csv")
 IMAGE_FORMATS = ("png", "svg", "pdf")
 TABLE_FORMATS = ("html", "md", "tex", "csv")
 MARKER = ".kdplatform-report"  # marks a folder this command wrote (so it may replace it)
+PLOTLY_JS = "plotly.min.js"  # beside index.html: the page itself stays sized to the sweep's data
 
 
 def parse_formats(text: str | None) -> list[str]:
@@ -263,6 +266,10 @@ def write_report(report: Report, folder: Path, formats: list[str], chromium: str
                     f.files = [(fmt.upper(), f"figures/{f.name}.{fmt}") for fmt in image_formats]
                 written["images"] = len(report.figures) * len(image_formats)
     if "html" in formats:
+        if report.figures:
+            from plotly.offline import get_plotlyjs
+
+            (folder / PLOTLY_JS).write_text(get_plotlyjs(), encoding="utf-8")
         (folder / "index.html").write_text(render_html(report), encoding="utf-8")
     (folder / MARKER).write_text("written by kdplatform report\n", encoding="utf-8")
     return written
@@ -292,7 +299,7 @@ PAGE = """<!DOCTYPE html>
 <meta charset="utf-8">
 <title>{{ title }}</title>
 <style>{{ css }}</style>
-<script type="text/javascript">{{ plotlyjs }}</script>
+{% if plotlyjs %}<script type="text/javascript" src="{{ plotlyjs }}"></script>{% endif %}
 </head>
 <body>
 <header>
@@ -303,9 +310,9 @@ generated {{ generated }}.{% if not ui_base %} Runs are not linked: the store is
 </header>
 <nav><h2>Contents</h2><ul>
 {% for s in sections %}<li><a href="#{{ s.anchor }}">{{ s.dashboard.title }}</a><ul>
-{% for b in s.blocks %}<li><a href="#{{ b.anchor }}">{{ b.title }}</a>{% for f in b.figures %}{% if loop.first %}: {% endif %}<a href="#{{ f.name }}">{{ f.title }}</a>{% if not loop.last %}, {% endif %}{% endfor %}</li>
+{% for b in s.blocks %}{% if not b.note %}<li><a href="#{{ b.anchor }}">{{ b.title }}</a>{% for f in b.figures %}{% if loop.first %}: {% endif %}<a href="#{{ f.name }}">{{ f.title }}</a>{% if not loop.last %}, {% endif %}{% endfor %}</li>{% endif %}
 {% endfor %}</ul></li>
-{% endfor %}<li><a href="#runs">Runs</a></li></ul></nav>
+{% endfor %}<li><a href="#runs">Runs</a></li>{% if not_drawn %}<li><a href="#not-drawn">Not drawn</a></li>{% endif %}</ul></nav>
 <main>
 {% for s in sections %}
 <section id="{{ s.anchor }}">
@@ -313,9 +320,8 @@ generated {{ generated }}.{% if not ui_base %} Runs are not linked: the store is
 {% if s.dashboard.description %}<p>{{ s.dashboard.description }}</p>{% endif %}
 {% if s.dashboard.filters %}<p class="meta">Runs: {{ filters(s.dashboard.filters) }} ({{ s.n_runs }} runs).</p>{% endif %}
 {% for n in s.notes %}<p class="note">{{ n }}</p>{% endfor %}
-{% for b in s.blocks %}
+{% for b in s.blocks %}{% if not b.note %}
 <h3 id="{{ b.anchor }}">{{ b.title }}</h3>
-{% if b.note %}<p class="note">Nothing to show: {{ b.note }}.</p>{% endif %}
 {% if b.html %}{{ b.html | safe }}{% endif %}
 {% if b.files %}<p class="files">Download: {% for label, path in b.files %}<a href="{{ path }}">{{ label }}</a>{% endfor %}</p>{% endif %}
 {% for f in b.figures %}
@@ -324,7 +330,7 @@ generated {{ generated }}.{% if not ui_base %} Runs are not linked: the store is
 {% if f.files %}<p class="files">Download: {% for label, path in f.files %}<a href="{{ path }}">{{ label }}</a>{% endfor %}</p>{% endif %}
 </div>
 {% endfor %}
-{% endfor %}
+{% endif %}{% endfor %}
 </section>
 {% endfor %}
 <section id="runs">
@@ -335,6 +341,11 @@ generated {{ generated }}.{% if not ui_base %} Runs are not linked: the store is
 {% for r in runs %}<tr><td>{% if r.url %}<a href="{{ r.url }}" target="_blank" rel="noopener">{{ r.run_name }}</a>{% else %}{{ r.run_name }} <span class="meta">{{ r.run_id }}</span>{% endif %}</td><td>{{ r.task }}</td>{% for c in axes %}<td>{{ r[c] or "–" }}</td>{% endfor %}<td>{{ r.seed }}</td><td>{{ "%.2f" | format(r.best_score * 100) }}</td><td>{{ r.best_step }}</td><td>{{ "%.2f" | format(r.final_score * 100) }}</td><td>{{ r.status }}</td></tr>
 {% endfor %}</tbody></table></details>
 </section>
+{% if not_drawn %}<section id="not-drawn">
+<h2>Not drawn</h2>
+<ul class="meta">{% for title, why in not_drawn %}<li>{{ title }}: {{ why }}</li>
+{% endfor %}</ul>
+</section>{% endif %}
 </main>
 </body>
 </html>
@@ -346,10 +357,33 @@ def _figure_html(f: F.Figure) -> str:
                          config={"displaylogo": False, "responsive": True})
 
 
+def not_drawn(report: Report) -> list[tuple[str, str]]:
+    """(title, why) of each block without data: listed once at the end of the page, not drawn empty."""
+    out = []
+    for s in report.sections:
+        for b in s.blocks:
+            if b.note:
+                title = b.title if len(report.sections) == 1 else f"{s.dashboard.title}: {b.title}"
+                out.append((title, b.note))
+    return out
+
+
+def store_label(uri: str) -> str:
+    """The store as the page shows it: a SQLite file under the working folder by its relative path."""
+    uri = redact(uri)
+    prefix = "sqlite:///"
+    if uri.startswith(prefix + "/"):
+        path = Path(uri[len(prefix):])
+        try:
+            return prefix + str(path.relative_to(Path.cwd()))
+        except ValueError:
+            return uri
+    return uri
+
+
 def render_html(report: Report) -> str:
     import jinja2
     from markupsafe import Markup
-    from plotly.offline import get_plotlyjs
 
     data = report.data
     env = jinja2.Environment(autoescape=True)
@@ -357,12 +391,15 @@ def render_html(report: Report) -> str:
     runs = _runs_frame(data)
     axes = [a for a in CONFIG_AXES if (runs[a] != "").any()]
     experiments = ", ".join(sorted(data.experiments.values()))
+    drawn = [s for s in report.sections if any(not b.note for b in s.blocks)]
     return template.render(
-        title=f"kdplatform report: {experiments}", css=Markup(PAGE_CSS), plotlyjs=Markup(get_plotlyjs()),
+        title=f"kdplatform report: {experiments}", css=Markup(PAGE_CSS),
+        plotlyjs=PLOTLY_JS if report.figures else None,
         n_runs=len(data.runs), n_tasks=data.runs.task.nunique(), n_methods=data.runs.method.nunique(),
-        store=redact(data.tracking_uri),
+        store=store_label(data.tracking_uri),
         generated=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"), ui_base=data.ui_base, notes=report.notes,
-        sections=report.sections, figure_html=_figure_html, filters=describe_filters, runs=runs.to_dict("records"),
+        sections=drawn, not_drawn=not_drawn(report), figure_html=_figure_html, filters=describe_filters,
+        runs=runs.to_dict("records"),
         axes=axes, axis_labels=[AXIS_LABELS[a] for a in axes])
 
 

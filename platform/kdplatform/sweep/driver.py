@@ -31,10 +31,11 @@ from rich.markup import escape
 from kdplatform import runs, tracking
 from kdplatform.config import describe_trials
 from kdplatform.sweep.expand import SweepPlan, plan_sweep, preflight_plan
-from kdplatform.sweep.progress import SweepMonitor, plan_tables
+from kdplatform.sweep.machine import cpu_only_resources, gpu_refusal
+from kdplatform.sweep.progress import SweepMonitor, machine_table, plan_tables
 from kdplatform.sweep.session import (SweepError, SweepOutcome, close_orphans_of, close_parent, counts_of, hold_spec,
                                       nothing_new, open_parent, print_results, refresh_done, sweep_command)
-from kdplatform.sweep.teachers import TeacherOutcome, teacher_status, train_teachers
+from kdplatform.sweep.teachers import TO_TRAIN, TeacherOutcome, teacher_status, train_teachers
 
 STATE_FILE = "kdp_sweep.json"
 LOOPBACK = "127.0.0.1"  # a local cluster started by kdplatform listens here only
@@ -71,15 +72,24 @@ def run_sweep(file: str | Path, *, tracking_uri: str | None = None, dry_run: boo
         raise SweepError("--max-concurrent cannot change a resumed sweep: Ray restores the limit it started with",
                          f"resume without --max-concurrent, or start again with: {again} (finished trials are "
                          "kept and skipped)")
+    refusal = None if dry_run else gpu_refusal(plan.spec, address, num_gpus)
+    if refusal:  # before the data checks, which would fetch hub data for a sweep that cannot start here
+        raise SweepError(refusal, "run them on this machine's CPU: "
+                         f"{sweep_command(plan, '--num-gpus', '0')}; or run on a machine with GPUs, or join a "
+                         "GPU cluster with --address")
+    if num_gpus == 0 and not address:  # --num-gpus 0: CPU only, so GPU requests would never be met
+        plan.spec = cpu_only_resources(plan.spec)
     # every data file and ready checkpoint the trials read, checked before anything is written (the spec's
     # claim, the parent run, Ray); a dry run checks them too, without downloading hub data
     preflight_plan(plan, runs_here=not address, fetch=not dry_run)
     if dry_run:
-        for r in plan_tables(plan, [teacher_status(t, plan.tracking_uri) for t in plan.teachers().values()],
-                             plan.tracking_uri):
+        teachers = [teacher_status(t, plan.tracking_uri) for t in plan.teachers().values()]
+        for r in plan_tables(plan, teachers, plan.tracking_uri):
             console.print(r)
         for line in describe_trials(plan.trials):  # what each trial computes: loss terms, layer pairs, weights
             console.print(escape(line))
+        console.print(machine_table(plan, [o.trial for o in teachers if o.status == TO_TRAIN], address=address,
+                                    num_gpus=num_gpus, storage=storage))
         if (exp_path / STATE_FILE).is_file():
             console.print(f"Ray experiment folder exists: {escape(str(exp_path))}")
         console.print("[bold]dry run:[/] nothing was started.")

@@ -78,6 +78,18 @@ def plan_tables(plan, teacher_outcomes: list, tracking_uri: str) -> list:
     return out
 
 
+def machine_table(plan, teacher_trials: list, *, address: str | None, num_gpus: int | None, storage=None) -> Table:
+    """The dry run's "this machine" section (sweep/machine.py): GPUs, hub, estimated hours, disk."""
+    from kdplatform.sweep.machine import machine_lines
+
+    table = Table.grid(padding=(0, 2))
+    table.title, table.title_justify = "this machine", "left"
+    for label, text, warn in machine_lines(plan, teacher_trials, address=address, num_gpus=num_gpus,
+                                           storage=storage):
+        table.add_row(f"[yellow]warning[/] {label}" if warn else label, escape(text))
+    return table
+
+
 def count_table(plan) -> Table:
     """Trials per task x method (to run / total): the shape of a big grid at a glance."""
     total: Counter = Counter()

@@ -9,6 +9,7 @@ process (`runs.close_orphan_parents`).
 
 from __future__ import annotations
 
+import os
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,6 +142,15 @@ def trials_table(rows: list[dict[str, Any]]) -> Table:
     return table
 
 
+REPORT_ENV = ("KDP_GLUE_DIR",)  # what `report` reads besides the store: GLUE dev labels (majority-class level)
+
+
+def report_env() -> str:
+    """The environment settings of this run that `kdplatform report` reads, as `NAME=value ` words to put
+    before the command, so the hint works pasted into another shell."""
+    return "".join(f"{k}={shlex.quote(v)} " for k in REPORT_ENV if (v := os.environ.get(k)))
+
+
 def print_results(console: Console, plan: SweepPlan, parent_id: str, rows: list[dict[str, Any]],
                   counts: dict[str, int]) -> None:
     """The closing summary shared by `run` and `sweep`: per task x method, failures, trials with run ids, and
@@ -156,5 +166,6 @@ def print_results(console: Console, plan: SweepPlan, parent_id: str, rows: list[
         console.print(trials_table(rows))
     redacted = tracking.redact(plan.tracking_uri)
     console.print(f"MLflow: parent run {parent_id} in experiment '{escape(spec.name)}' ({escape(redacted)})")
-    report = command("report", "--experiment", spec.name, "--sweep", parent_id, "--tracking-uri", redacted)
+    report = report_env() + command("report", "--experiment", spec.name, "--sweep", parent_id,
+                                    "--tracking-uri", redacted)
     console.print(f"Open the report: [bold]{escape(report)}[/]", soft_wrap=True)  # one line, to paste
