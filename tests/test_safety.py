@@ -119,12 +119,14 @@ def test_ui_binds_localhost_unless_told_otherwise(monkeypatch, tmp_path):
     help_text = CliRunner().invoke(cli.app, ["ui", "--help"], terminal_width=200).output
     assert "127.0.0.1" in help_text
     calls = []
-    monkeypatch.setattr(ui_server, "serve", lambda uri, host, port, log=None: calls.append(host) or 0)
+    monkeypatch.setattr(ui_server, "serve", lambda uri, host, port, access, log=None: calls.append(host) or 0)
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     tracking_client = __import__("mlflow.tracking", fromlist=["MlflowClient"]).MlflowClient(uri)
     tracking_client.search_experiments()  # the store exists: `ui` refuses a missing one
     assert CliRunner().invoke(cli.app, ["ui", "--tracking-uri", uri, "--port", "0"]).exit_code == 0
-    assert CliRunner().invoke(cli.app, ["ui", "--tracking-uri", uri, "--port", "0", "--host", "0.0.0.0"]).exit_code == 0
+    wide = ["ui", "--tracking-uri", uri, "--port", "0", "--host", "0.0.0.0"]
+    assert CliRunner().invoke(cli.app, wide).exit_code == 2  # other machines reach it: an access setting first
+    assert CliRunner().invoke(cli.app, [*wide, "--read-only"]).exit_code == 0
     assert calls == ["127.0.0.1", "0.0.0.0"]
 
 
