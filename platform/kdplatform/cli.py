@@ -323,7 +323,7 @@ def _export_onnx(run_id: str, dest: Path, tracking_uri: str | None, which: str, 
     try:
         out = export_deployable(_uri(tracking_uri), run_id, dest, which, int8=int8, min_agreement=min_agreement,
                                 max_abs_diff=max_abs_diff, examples=examples,
-                                say=lambda line: console.print(escape(line), highlight=False))
+                                say=lambda line: console.print(escape(line), highlight=False, soft_wrap=True))
     except ExportError as e:
         _fail(escape(str(e)))
     sizes = ", ".join(f"{k} {v:.2f} MB" for k, v in out.sizes_mb.items())
@@ -350,7 +350,8 @@ def bench(run_ids: list[str] = typer.Argument(..., metavar="RUN_ID...", help="st
     settings = BenchSettings(threads=threads, warmup=warmup, iters=iters, batch_iters=batch_iters)
     for run_id in run_ids:
         try:
-            bench_run(uri, run_id, settings, which, say=lambda line: console.print(escape(line), highlight=False))
+            bench_run(uri, run_id, settings, which,
+                      say=lambda line: console.print(escape(line), highlight=False, soft_wrap=True))
         except ExportError as e:
             _fail(escape(str(e)))
 
