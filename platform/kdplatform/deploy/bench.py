@@ -23,14 +23,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from kdplatform import tracking
+from kdplatform import runs, tracking
 from kdplatform.deploy.agreement import MODEL_KEYS
 from kdplatform.deploy.onnx_export import export_int8, export_onnx, open_session
 from kdplatform.deploy.source import fetch_student
 
 FORMATS = ("torch_fp32", "onnx_fp32", "onnx_int8")
-TAG_CPU, TAG_THREADS, TAG_SEQ, TAG_REPS = "kdp.deploy.cpu", "kdp.deploy.threads", "kdp.deploy.seq_len", \
-    "kdp.deploy.repetitions"
+TAG_CPU, TAG_THREADS, TAG_SEQ, TAG_REPS = (runs.DEPLOY_CPU, runs.DEPLOY_THREADS, runs.DEPLOY_SEQ_LEN,
+                                           runs.DEPLOY_REPETITIONS)
 
 
 @dataclass(frozen=True)
