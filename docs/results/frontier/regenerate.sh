@@ -20,4 +20,4 @@ PY
 )
 kdplatform bench $ids --threads 1 --iters 30 --batch-iters 3 --tracking-uri "$STORE"
 kdplatform report --experiment quickstart --dashboard $HERE/frontier_study.yaml --out $HERE/report \
-  --format html,png,md,csv --tracking-uri "$STORE"
+  --format png,md,csv --tracking-uri "$STORE"

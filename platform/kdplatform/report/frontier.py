@@ -117,7 +117,7 @@ class FrontierTable:
         return self.frame.to_html(index=False, classes="kdp-table", border=0, na_rep="–")
 
     def to_markdown(self) -> str:
-        return self.frame.to_markdown(index=False)
+        return self.frame.astype(object).where(self.frame.notna(), "–").to_markdown(index=False)
 
     def to_latex(self) -> str:
         return self.frame.to_latex(index=False, na_rep="--")
@@ -144,7 +144,9 @@ def frontier_table(data: ReportData, x: str = "latency", fmt: str = "onnx_int8")
                          "Dev score": f"{teacher:.1f}", "Seeds": None})
     if not rows:
         raise NoData(f"no run has deploy/{fmt}/{COSTS[x][0]}: run `kdplatform bench RUN_ID...` on the students")
-    return FrontierTable(pd.DataFrame(rows))
+    frame = pd.DataFrame(rows)
+    frame["Seeds"] = frame["Seeds"].astype("Int64")  # whole numbers, none for the teacher
+    return FrontierTable(frame)
 
 
 def _mean_std(mean: float, std: float, n: int) -> str:
