@@ -1,4 +1,4 @@
-"""`kdplatform` command line: run, teacher, sweep, export, report, ui, ls, methods, tasks.
+"""`kdplatform` command line: run, teacher, sweep, export, bench, report, ui, ls, methods, tasks.
 
 User mistakes (bad YAML, missing data, unusable checkpoints) print one clear message and exit 2, with
 nothing started and nothing written to MLflow. Heavy imports (torch, transformers, ray) happen inside the
@@ -317,16 +317,36 @@ def export(run_id: str = typer.Argument(..., metavar="RUN_ID", help="a student r
            tracking_uri: Optional[str] = TrackingOpt,
            which: str = typer.Option("best", "--which", metavar="best|last",
                                      help="best (best dev score) or last (end of training; "
-                                     "kept with output.keep_models: best+last)")) -> None:
-    """Copy a student run's saved model into a folder `from_pretrained` loads (quantized: see its README.md)."""
+                                     "kept with output.keep_models: best+last)"),
+           fmt: str = typer.Option("hf", "--format", metavar="hf|onnx",
+                                   help="hf (a Hugging Face folder) or onnx (model.onnx, checked against the "
+                                   "PyTorch student on dev; needs kdplatform[onnx])"),
+           int8: bool = typer.Option(False, "--int8", help="with --format onnx: also model_int8.onnx (dynamic "
+                                     "int8; a QAT student keeps its trained quantized weights)"),
+           min_agreement: float = typer.Option(0.99, "--min-agreement", min=0.0, max=1.0, metavar="FRACTION",
+                                               help="classification: exit 2 (nothing written) when the exported "
+                                                    "model's dev labels agree less with the PyTorch student's"),
+           max_abs_diff: float = typer.Option(0.05, "--max-abs-diff", min=0.0, metavar="X",
+                                              help="regression: exit 2 when a dev prediction differs more"),
+           examples: Optional[int] = typer.Option(None, "--examples", min=1, metavar="N",
+                                                  help="check agreement on the first N dev examples only")) -> None:
+    """Copy a student run's saved model into a folder `from_pretrained` loads (quantized: see its README.md),
+    or export it to ONNX (and int8) with its agreement with the PyTorch student."""
     if which not in ("best", "last"):
         _fail(f"--which takes best or last, not {which!r}")
+    if fmt not in ("hf", "onnx"):
+        _fail(f"--format takes hf or onnx, not {fmt!r}")
+    if int8 and fmt != "onnx":
+        _fail("--int8 needs --format onnx")
     from kdplatform import runs
     from kdplatform.distill.export import ExportError, export_run_model
 
     uri = _uri(tracking_uri)
     if not runs.store_missing(uri):
         _readable_store(uri)
+    if fmt == "onnx":
+        _export_onnx(run_id, dest, uri, which, int8, min_agreement, max_abs_diff, examples)
+        return
     try:
         folder = export_run_model(uri, run_id, dest, which)
     except ExportError as e:
@@ -334,6 +354,58 @@ def export(run_id: str = typer.Argument(..., metavar="RUN_ID", help="a student r
     console.print(f"{which} student of run {run_id} -> {escape(str(folder))}")
     if (folder / "README.md").is_file():
         console.print(escape((folder / "README.md").read_text().strip()))
+
+
+def _deploy_extra() -> None:
+    """The optional ONNX packages are installed, or one line saying how to get them (exit 2)."""
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        _fail(f"{', '.join(missing)} not installed: pip install 'kdplatform[onnx]'")
+
+
+def _export_onnx(run_id: str, dest: Path, uri: str, which: str, int8: bool, min_agreement: float,
+                 max_abs_diff: float, examples: int | None) -> None:
+    _deploy_extra()
+    from kdplatform.deploy.package import export_deployable
+    from kdplatform.distill.export import ExportError
+
+    try:
+        out = export_deployable(uri, run_id, dest, which, int8=int8, min_agreement=min_agreement,
+                                max_abs_diff=max_abs_diff, examples=examples,
+                                say=lambda line: console.print(escape(line), highlight=False, soft_wrap=True))
+    except ExportError as e:
+        _fail(escape(str(e)))
+    sizes = ", ".join(f"{k} {v:.2f} MB" for k, v in out.sizes_mb.items())
+    console.print(f"{which} student of run {run_id} -> {escape(str(out.folder))} ({sizes})")
+
+
+@app.command()
+def bench(run_ids: list[str] = typer.Argument(..., metavar="RUN_ID...", help="student run ids"),
+          tracking_uri: Optional[str] = TrackingOpt,
+          threads: int = typer.Option(1, "--threads", min=1, metavar="N", help="intra-op threads of PyTorch and ONNX Runtime"),
+          warmup: int = typer.Option(5, "--warmup", min=0, metavar="N", help="untimed calls before timing"),
+          iters: int = typer.Option(50, "--iters", min=2, metavar="N", help="timed batch-1 calls (p50, p95 over them)"),
+          batch_iters: int = typer.Option(5, "--batch-iters", min=1, metavar="N", help="timed batch-32 calls"),
+          which: str = typer.Option("best", "--which", metavar="best|last", help="best or last")) -> None:
+    """Measure size on disk, batch-1 latency and batch-32 throughput of students as PyTorch fp32, ONNX fp32
+    and ONNX int8 on this machine; log them to each run as deploy/* metrics (CPU and threads as tags)."""
+    if which not in ("best", "last"):
+        _fail(f"--which takes best or last, not {which!r}")
+    _deploy_extra()
+    from kdplatform.deploy.bench import BenchSettings, bench_run
+    from kdplatform.distill.export import ExportError
+
+    uri = _uri(tracking_uri)
+    _readable_store(uri)
+    settings = BenchSettings(threads=threads, warmup=warmup, iters=iters, batch_iters=batch_iters)
+    for run_id in run_ids:
+        try:
+            bench_run(uri, run_id, settings, which,
+                      say=lambda line: console.print(escape(line), highlight=False, soft_wrap=True))
+        except ExportError as e:
+            _fail(escape(str(e)))
 
 
 @app.command()

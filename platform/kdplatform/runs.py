@@ -51,6 +51,9 @@ NODE = "kdp.node"  # the Ray node that trained a student run
 # torch's intra-op thread count: float sums are split by thread, so a config gives bit-identical numbers only
 # at the same count (a sweep's trial gets int(resources.cpu) threads from Ray, `kdplatform run` every core)
 TORCH_THREADS = "kdp.torch_threads"
+# where `kdplatform bench` measured a run's deploy/* metrics: CPU model, threads, sequence length, repetitions
+DEPLOY_CPU, DEPLOY_THREADS = "kdp.deploy.cpu", "kdp.deploy.threads"
+DEPLOY_SEQ_LEN, DEPLOY_REPETITIONS = "kdp.deploy.seq_len", "kdp.deploy.repetitions"
 STUDENT, TEACHER, SWEEP_ROLE = "student", "teacher", "sweep"  # values of ROLE
 
 

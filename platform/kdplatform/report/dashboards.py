@@ -115,11 +115,27 @@ class ParamImportanceItem(_Item):
     kind: Literal["param_importance"]
 
 
+class FrontierItem(_Item):
+    """Per task: dev score against measured cost (`kdplatform bench`), one point per config, the Pareto front."""
+    kind: Literal["frontier"]
+    x: Literal["latency", "size"] = "latency"
+    format: Literal["onnx_int8", "onnx_fp32", "torch_fp32"] = "onnx_int8"
+
+
+class FrontierTableItem(_Item):
+    """The Pareto-front configs of each task (and the teacher's score) as a table."""
+    kind: Literal["frontier_table"]
+    name: str = "frontier"
+    x: Literal["latency", "size"] = "latency"
+    format: Literal["onnx_int8", "onnx_fp32", "torch_fp32"] = "onnx_int8"
+
+
 Item = Annotated[Union[AccuracyTableItem, ScoreCurvesItem, DistillLossCurvesItem, StageCurvesItem,
                        StageGapBarsItem, GapBarsItem, BitsItem, HeatmapItem, ParallelCoordinatesItem,
-                       ParamImportanceItem], Field(discriminator="kind")]
+                       ParamImportanceItem, FrontierItem, FrontierTableItem], Field(discriminator="kind")]
 ITEM_KINDS = ("accuracy_table", "score_curves", "distill_loss_curves", "stage_curves", "stage_gap_bars",
-              "gap_bars", "bits", "heatmap", "parallel_coordinates", "param_importance")
+              "gap_bars", "bits", "heatmap", "parallel_coordinates", "param_importance", "frontier",
+              "frontier_table")
 
 
 class Dashboard(BaseModel):
@@ -189,6 +205,27 @@ items:
   - kind: bits
     x: bits
   - kind: bits
+    x: size
+""",
+    "frontier": """\
+title: Accuracy-cost frontier
+description: >-
+  Best dev score of every student config (depth x method x bits, mean over seeds, error bars one std)
+  against its measured cost on the machine that ran `kdplatform bench` (see each run's kdp.deploy.* tags:
+  CPU, threads, sequence length): batch-1 latency and size on disk of the int8 ONNX export. The dotted line
+  is the Pareto front (no other config is both cheaper and better); its points are listed in the tables.
+  The dashed line is the teacher's dev score.
+order: 50
+items:
+  - kind: frontier
+    x: latency
+  - kind: frontier_table
+    name: frontier-latency
+    x: latency
+  - kind: frontier
+    x: size
+  - kind: frontier_table
+    name: frontier-size
     x: size
 """,
     "sweep_overview": """\

@@ -32,6 +32,7 @@ from kdplatform.report import figures as F
 from kdplatform.report.collect import (AXIS_LABELS, CONFIG_AXES, DEFAULT_HISTORY_KEYS, ReportData, ReportError,
                                        collect_runs, default_tracking_uri, redact, run_url)
 from kdplatform.report.dashboards import Dashboard, apply_filters, describe_filters, load_dashboards
+from kdplatform.report.frontier import frontier_figures, frontier_table
 from kdplatform.report.tables import accuracy_table
 
 FORMATS = ("html", "png", "svg", "pdf", "tex", "md", "csv")
@@ -122,7 +123,8 @@ DEFAULT_TITLES = {"accuracy_table": "Accuracy comparison", "score_curves": "Trai
                   "stage_curves": "Per stage: train vs dev of the stage's own objective",
                   "stage_gap_bars": "Gap at the end of each stage", "gap_bars": "Gap at the end of training",
                   "bits": "Score against weight bits", "heatmap": "Heatmap", "parallel_coordinates":
-                  "All axes against the best dev score", "param_importance": "Parameter importance (Optuna)"}
+                  "All axes against the best dev score", "param_importance": "Parameter importance (Optuna)",
+                  "frontier": "Dev score against cost", "frontier_table": "Pareto front"}
 
 
 def _item_title(item) -> str:
@@ -134,6 +136,8 @@ def _item_title(item) -> str:
         return "Score against model size"
     if item.kind == "heatmap":
         return f"{AXIS_LABELS.get(item.x, item.x)} x {AXIS_LABELS.get(item.y, item.y)}"
+    if item.kind in ("frontier", "frontier_table"):
+        return f"{DEFAULT_TITLES[item.kind]} ({item.x}, {item.format.replace('_', ' ')})"
     return DEFAULT_TITLES[item.kind]
 
 
@@ -163,6 +167,10 @@ def build_item(item, data: ReportData) -> tuple[str, list[F.Figure] | object]:
         return "figures", F.parallel_coordinates(data)
     if item.kind == "param_importance":
         return "figures", F.param_importance(data)
+    if item.kind == "frontier":
+        return "figures", frontier_figures(data, item.x, item.format)
+    if item.kind == "frontier_table":
+        return "table", frontier_table(data, item.x, item.format)
     raise AssertionError(item.kind)
 
 
