@@ -394,11 +394,13 @@ def bench(run_ids: list[str] = typer.Argument(..., metavar="RUN_ID...", help="st
     if which not in ("best", "last"):
         _fail(f"--which takes best or last, not {which!r}")
     _deploy_extra()
+    from kdplatform import runs
     from kdplatform.deploy.bench import BenchSettings, bench_run
     from kdplatform.distill.export import ExportError
 
     uri = _uri(tracking_uri)
-    _readable_store(uri)
+    if not runs.store_missing(uri):
+        _readable_store(uri)
     settings = BenchSettings(threads=threads, warmup=warmup, iters=iters, batch_iters=batch_iters)
     for run_id in run_ids:
         try:
