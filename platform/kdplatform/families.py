@@ -51,7 +51,7 @@ class Family:
     depth_key: str  # config.json keys
     width_key: str
     heads_key: str
-    token_type_ids: bool  # whether the model takes token_type_ids (segment embeddings)
+    token_type_ids: bool  # whether its forward takes token_type_ids (passed when the tokenizer gives them)
     attn_implementation: str  # what it is loaded with: "sdpa" where the family supports it, else "eager"
     maps: str  # how its real attention probabilities are read (MAP_SOURCES)
     positions: str  # how positions enter (docs)
@@ -80,8 +80,8 @@ _BERT_PATHS = dict(layers="encoder.layer", query="attention.self.query", key="at
 
 FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("bert", ("bert",), token_type_ids=True, **_BERT_PATHS),
-    Family("roberta", ("roberta",), token_type_ids=False, **_BERT_PATHS),
-    Family("xlm-roberta", ("xlm-roberta",), token_type_ids=False, **_BERT_PATHS),
+    Family("roberta", ("roberta",), token_type_ids=True, **_BERT_PATHS),  # its tokenizers give none
+    Family("xlm-roberta", ("xlm-roberta",), token_type_ids=True, **_BERT_PATHS),
     Family("electra", ("electra",), token_type_ids=True, **_BERT_PATHS),
     Family("distilbert", ("distilbert",), layers="transformer.layer", query="attention.q_lin",
            key="attention.k_lin", value="attention.v_lin", attention="attention", attn_output="attention.out_lin",
