@@ -39,6 +39,23 @@ def family_dirs(tmp_path_factory, minilm) -> dict[str, Path]:
     return {f: save_tiny(f, root / f, minilm) for f in FAMILY_NAMES}
 
 
+@pytest.fixture(scope="session")
+def family_teachers(tmp_path_factory, family_dirs) -> dict[str, Path]:
+    """Each tiny model as a 2-label classifier checkpoint (`teacher.checkpoint`: no fine-tune before a trial)."""
+    root = tmp_path_factory.mktemp("family_teachers")
+    for family, folder in family_dirs.items():
+        torch.manual_seed(0)
+        load_classifier(str(folder), 2).save_pretrained(root / family)
+        load_tokenizer(str(folder)).save_pretrained(root / family)
+    return {f: root / f for f in family_dirs}
+
+
+@pytest.fixture(scope="session")
+def family_store(tmp_path_factory) -> str:
+    """One MLflow store for the family trials (a fresh SQLite store costs seconds to create)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('family_store') / 'mlflow.db'}"
+
+
 def _batch(tokenizer_dir: Path, family: str) -> dict[str, torch.Tensor]:
     """Three padded sentences (16, 10 and 5 valid tokens) as the collator gives them."""
     torch.manual_seed(1)
@@ -116,6 +133,8 @@ def test_tapped_maps_equal_the_familys_output_attentions(family, family_dirs):
     for n in range(1, LAYERS + 1):
         want = ref.attentions[n - 1]
         assert (feats.probs(n) - want).abs()[rows].max() < 1e-5, f"layer {n}"
+        # the tokens' projections (DeBERTa also projects its relative position embeddings with them)
+        assert feats.q[n].shape == feats.k[n].shape == (3, 16, 32)
         naive = masked_log_softmax(masked_scores(feats.q[n], feats.k[n], 4), batch["attention_mask"]).exp()
         naive_gap = max(naive_gap, float((naive - want).abs()[rows].max()))
     assert torch.allclose(feats.logits, ref.logits, atol=1e-5)
@@ -172,15 +191,20 @@ ALL_LOSSES = ["logit_kd", "hidden_mse", "attention_score_mse", "attention_kl", "
 
 
 def _truncate_file(glue: Path, teacher: Path, methods: list[str]) -> str:
+    """A 2-layer truncated student; cr_ild's consistency ramps by step (its 2 steps are within one epoch)."""
+    cr = ", consistency: {ramp: step}" if methods == ["cr_ild"] else ""
     return (f"name: fam\ntask: sst2\n"
             + DATA.format(glue=glue, teacher=teacher, extra=", supplementary_tasks: [cola], supplementary_examples: 8")
             + "student: {init: truncate, layers: 2}\nconsistency_weight: 0.5\n"
-            f"train:\n  - {{name: ild, {STEPS}, consistency: {{ramp: step}}}}\n  - {{name: pred, {STEPS}}}\n"
+            f"train:\n  - {{name: ild, {STEPS}{cr}}}\n  - {{name: pred, {STEPS}}}\n"
             f"grid:\n  method: {methods}\n")
 
 
-def _qat_file(glue: Path, teacher: Path, methods: list[str], act_bits: int) -> str:
-    return (f"name: fam\ntask: sst2\n" + DATA.format(glue=glue, teacher=teacher, extra="")
+def _qat_file(glue: Path, teacher: Path, methods: list[str], act_bits: int, checkpoint: Path | None = None) -> str:
+    data = DATA.format(glue=glue, teacher=teacher, extra="")
+    if checkpoint is not None:
+        data = data.replace("finetune:", f"checkpoint: {checkpoint}, finetune:")
+    return (f"name: fam\ntask: sst2\n" + data
             + f"student: {{init: teacher_copy, quantize_embeddings: true}}\nbits: 2\nact_bits: {act_bits}\n"
             f"train:\n  - {{name: qat, {STEPS}}}\ngrid:\n  method: {methods}\n")
 
@@ -214,12 +238,14 @@ def test_every_method_is_covered_here():
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_kdqat_unified_at_2_bits_finishes_on_every_family(family, family_dirs, glue_dir, tmp_path):
-    """The fast one per family: a ternary teacher copy (8-bit activations where the family's attention passes
-    through the attention interface) trained with every KD-QAT term, maps included."""
+def test_kdqat_unified_at_2_bits_finishes_on_every_family(family, family_dirs, family_teachers, family_store,
+                                                          glue_dir, tmp_path):
+    """The fast one per family: a ternary copy of a ready teacher checkpoint (8-bit activations where the
+    family's attention passes through the attention interface) trained with every KD-QAT term, maps included."""
     act_bits = 8 if FAMILIES[family].attention_interface else 32
-    cfg = write_yaml(tmp_path / "qat.yaml", _qat_file(glue_dir, family_dirs[family], ["kdqat_unified"], act_bits))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = write_yaml(tmp_path / "qat.yaml", _qat_file(glue_dir, family_dirs[family], ["kdqat_unified"], act_bits,
+                                                      checkpoint=family_teachers[family]))
+    uri = family_store
     results = _run_all(cfg, uri)
     assert [m for m, _ in results] == ["kdqat_unified"]
     _assert_finished_with_dev_scores(results, uri)
@@ -234,7 +260,9 @@ def test_every_method_finishes_on_every_family(family, family_dirs, glue_dir, tm
     teacher = family_dirs[family]
     act_bits = 8 if FAMILIES[family].attention_interface else 32
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    results = _run_all(write_yaml(tmp_path / "ild.yaml", _truncate_file(glue_dir, teacher, ILD_METHODS)), uri)
+    ild = [m for m in ILD_METHODS if m != "cr_ild"]
+    results = _run_all(write_yaml(tmp_path / "ild.yaml", _truncate_file(glue_dir, teacher, ild)), uri)
+    results += _run_all(write_yaml(tmp_path / "cr.yaml", _truncate_file(glue_dir, teacher, ["cr_ild"])), uri)
     results += _run_all(write_yaml(tmp_path / "qat.yaml", _qat_file(glue_dir, teacher, QAT_METHODS, act_bits)), uri)
     results += _run_all(write_yaml(tmp_path / "custom.yaml", _custom_file(glue_dir, teacher)), uri)
     assert sorted(m for m, _ in results) == sorted(PRESETS)
@@ -271,3 +299,20 @@ def test_act_bits_on_a_family_without_the_attention_interface_exits_2_with_one_l
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
     assert len(lines) == 1 and "act_bits" in lines[0] and "deberta-v2 family" in lines[0], lines
+
+
+def test_models_lists_the_known_names_and_the_family_table(tmp_path):
+    from kdplatform.config import MODEL_ALIASES
+    from kdplatform.families import family_rows
+
+    proc = subprocess.run([sys.executable, "-m", "kdplatform.cli", "models"], cwd=tmp_path, capture_output=True,
+                          text=True, env={**os.environ, "COLUMNS": "400"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("mpnet-base", "deberta-v3-base", "modernbert-base", "distilbert-base-uncased", "roberta-base",
+                 "xlm-roberta-base"):
+        assert name in MODEL_ALIASES and name in proc.stdout
+    rows = family_rows()
+    assert [r["family"] for r in rows] == list(FAMILIES)
+    for row in rows:  # generated from the table: each row's cells as printed
+        line = next(ln for ln in proc.stdout.splitlines() if ln.strip("│ ").startswith(row["family"] + " "))
+        assert row["QAT activations"] in line and row["depth / width"] in line

@@ -142,3 +142,19 @@ def read_model_config(folder: str | Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+MAP_NOTES = {"recompute": "softmax(QK^T/sqrt(d)+mask) from Q, K (exact)",
+             "interface": "recorded by the eager attention function",
+             "probs_dropout": "read at the probabilities' dropout (= output_attentions)"}
+
+
+def family_rows() -> list[dict[str, str]]:
+    """The family table as text rows (`kdplatform models`, docs/families.md): what each family supports."""
+    return [{"family": f.name, "model types": ", ".join(f.model_types),
+             "depth / width": f"{f.depth_key} / {f.width_key}",
+             "attention": f.attn_implementation, "positions": f.positions,
+             "ILD maps": MAP_NOTES[f.maps],
+             "QAT weights": ", ".join(p if p != f.qkv else f"{p} (per third)" for p in f.linears()),
+             "QAT activations": "yes" if f.attention_interface else "no (act_bits refused)",
+             "mixup": f.embeddings + " output"} for f in FAMILIES.values()]

@@ -209,16 +209,15 @@ def quant_eager_attention(module: nn.Module, query: Tensor, key: Tensor, value: 
 
     When a feature tap set `module.kdp_capture`, the maps the losses supervise are kept on the module as
     `module.kdp_maps = (scores, probs)`, as KD-QAT's reference returns them: the scores from the QUANTIZED
-    Q and K (scaled, plus the additive mask) and their softmax before dropout and before the 8-bit
-    quantization of the probabilities; gradients flow through the activation quantizer's STE."""
+    Q and K, scaled, before the additive mask (the losses mask padding themselves; ModernBERT's local-window
+    mask would put the mask's minimum into a score MSE), and their masked softmax before dropout and before
+    the 8-bit quantization of the probabilities; gradients flow through the activation quantizer's STE."""
     bits, clip = getattr(module, "kdp_act_bits", 32), getattr(module, "kdp_act_clip", DEFAULT_CLIP)
     query, key, value = (quantize_activation(t, bits, clip) for t in (query, key, value))
     if scaling is None:
         scaling = query.size(-1) ** -0.5
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        scores = scores + attention_mask
-    softmax = nn.functional.softmax(scores, dim=-1)
+    softmax = nn.functional.softmax(scores if attention_mask is None else scores + attention_mask, dim=-1)
     if getattr(module, "kdp_capture", False):
         module.kdp_maps = (scores, softmax)
     # as the reference: dropout first, then the 8-bit quantization of what multiplies V

@@ -82,6 +82,9 @@ class FeatureTap:
         self._handles = []
         self._capturing: dict[int, nn.Module] = {}  # layer -> attention module keeping its maps (kdp_maps)
         self._model, self._restore_attn = model, None
+        # a forward starts afresh: each hook keeps the first call of a forward (DeBERTa with share_att_key calls
+        # query_proj / key_proj again on the relative position embeddings after the tokens' projections)
+        self._handles.append(model.register_forward_pre_hook(lambda _m, _a: self._clear()))
         family = self.family = family_of(model)
         layers = encoder_layers(model)
         for layer in qkv_layers:
@@ -113,21 +116,28 @@ class FeatureTap:
             self._restore_attn = model.config._attn_implementation
             use_recording_attention(model)
 
+    def _clear(self) -> None:
+        for d in (self.q, self.k, self.v, self.attn_out, self._probs):
+            d.clear()
+
     @staticmethod
     def _store(dest: dict[int, Tensor], layer: int):
         def hook(_module, _inputs, output):
-            dest[layer] = output[0] if isinstance(output, tuple) else output
+            if layer not in dest:
+                dest[layer] = output[0] if isinstance(output, tuple) else output
         return hook
 
     @staticmethod
     def _store_input(dest: dict[int, Tensor], layer: int):
         def hook(_module, inputs, _output):
-            dest[layer] = inputs[0]
+            if layer not in dest:
+                dest[layer] = inputs[0]
         return hook
 
     def _store_split(self, layer: int):
         def hook(_module, _inputs, output):
-            self.q[layer], self.k[layer], self.v[layer] = output.chunk(3, dim=-1)
+            if layer not in self.q:
+                self.q[layer], self.k[layer], self.v[layer] = output.chunk(3, dim=-1)
         return hook
 
     def maps(self) -> dict[int, tuple[Tensor, Tensor]]:
