@@ -98,6 +98,15 @@ def test_each_row_names_real_modules_of_its_family(family):
     assert takes_types == fam.token_type_ids
 
 
+def test_depth_and_width_of_every_family_folder_are_read_before_loading(family_dirs):
+    """config.json keys per family (DistilBERT: n_layers / dim), so layer maps are checked at file-check time."""
+    from kdplatform.config.models import model_depth, model_family, model_width
+
+    for family, folder in family_dirs.items():
+        assert (model_depth(str(folder)), model_width(str(folder))) == (LAYERS, 32), family
+        assert model_family(str(folder)) is FAMILIES[family]
+
+
 def test_module_paths_are_named_only_in_the_family_table():
     """grep: no other file of the package writes a family's module paths."""
     pattern = re.compile(r"attention\.self|encoder\.layer|base_model\.encoder|attention\.output|\.Wqkv|q_lin")
