@@ -43,9 +43,11 @@ def _user_errors():
     from kdplatform.distill.preflight import DeviceError
     from kdplatform.distill.tasks import DataError
     from kdplatform.distill.teacher import TeacherError
+    from kdplatform.families import UnsupportedFamily
     from kdplatform.store_check import StoreUnusable
 
-    return (ConfigError, DataError, TeacherError, DeviceError, tracking.CredentialsInUri, StoreUnusable)
+    return (ConfigError, DataError, TeacherError, DeviceError, tracking.CredentialsInUri, StoreUnusable,
+            UnsupportedFamily)  # a hub model whose family shows only when its config is fetched
 
 
 def _fail_for(file: Path, e: Exception) -> NoReturn:
