@@ -1,4 +1,4 @@
-"""`kdplatform` command line: run, teacher, sweep, export, bench, report, ui, ls, methods, tasks.
+"""`kdplatform` command line: run, teacher, sweep, export, bench, report, ui, ls, methods, losses, tasks, models.
 
 User mistakes (bad YAML, missing data, unusable checkpoints) print one clear message and exit 2, with
 nothing started and nothing written to MLflow. Heavy imports (torch, transformers, ray) happen inside the
@@ -62,9 +62,11 @@ def _user_errors():
     from kdplatform.distill.preflight import DeviceError
     from kdplatform.distill.tasks import DataError
     from kdplatform.distill.teacher import TeacherError
+    from kdplatform.families import UnsupportedFamily
     from kdplatform.store_check import StoreUnusable
 
-    return (ConfigError, DataError, TeacherError, DeviceError, tracking.CredentialsInUri, StoreUnusable)
+    return (ConfigError, DataError, TeacherError, DeviceError, tracking.CredentialsInUri, StoreUnusable,
+            UnsupportedFamily)  # a hub model whose family shows only when its config is fetched
 
 
 def _fail_for(file: Path, e: Exception) -> NoReturn:
@@ -463,6 +465,29 @@ def tasks() -> None:
                 (Path(glue) / t.glue_dir).is_dir() else "no"
         table.add_row(t.name, str(t.num_labels), ", ".join(t.metrics), ", ".join(t.dev_splits), local)
     console.print(table)
+
+
+@app.command()
+def models() -> None:
+    """List the known model names and the encoder families (kdplatform/families.py) with what each supports."""
+    from kdplatform.config import MODEL_ALIASES
+    from kdplatform.families import family_rows
+
+    names = Table(title="models (teacher.model / student.init; or a local folder of a family below)")
+    for col in ("name", "family", "layers", "width", "source"):
+        names.add_column(col)
+    for name, a in MODEL_ALIASES.items():
+        offline = a.get("package") or (f"wheels {a['wheels'][0]}..{a['wheels'][-1][-3:]}" if a.get("wheels") else "")
+        names.add_row(name, a["family"], str(a["layers"]), str(a["width"]),
+                      a["hub"] + (f" (offline: {offline})" if offline else ""))
+    console.print(names)
+    rows = family_rows()
+    families = Table(title="families")
+    for col in rows[0]:
+        families.add_column(col, overflow="fold")
+    for row in rows:
+        families.add_row(*row.values())
+    console.print(families)
 
 
 @app.command()

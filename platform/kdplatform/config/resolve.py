@@ -12,13 +12,14 @@ from typing import Any
 
 from kdplatform.config.errors import ConfigError
 from kdplatform.config.layer_map import LayerMapError, canonical_layer_map, resolve_layer_map, with_embeddings
-from kdplatform.config.models import MODEL_ALIASES, model_depth
+from kdplatform.config.models import MODEL_ALIASES, model_depth, model_family
 from kdplatform.config.normalise import normalise_no_ops
 from kdplatform.config.presets import (DEFAULT_CONSISTENCY_WEIGHT, PRESETS, STAGE_DEFAULTS, Preset,
                                        StageTemplate)
 from kdplatform.config.schema import (REGRESSION_TASKS, ConsistencyConfig, LossTermConfig, StageConfig,
                                       TrialConfig)
 from kdplatform.config.trial import ResolvedConsistency, ResolvedLoss, ResolvedStage, ResolvedTrial
+from kdplatform.families import UnsupportedFamily
 from kdplatform.loss_menu import LOSS_MENU
 
 STAGE_FIELDS = ("epochs", "max_steps", "lr", "batch_size", "warmup", "weight_decay", "max_grad_norm", "eval_every")
@@ -61,6 +62,7 @@ def resolve_with_notes(cfg: TrialConfig, where: str = "", file: str | None = Non
                           f"folder {cfg.data.glue_dir} would never be read",
                           "drop data.glue_dir to read the hub, or set data.source: glue_dir (or auto) to read it")
     s_layers, t_layers = _depths(cfg, where, file)
+    _check_families(cfg, where, file)
     layer_map, cw, coeffs = _axes(cfg, preset, notes)
     written = layer_map
     if layer_map is not None:  # equal mappings hash equal: see canonical_layer_map
@@ -81,9 +83,24 @@ def resolve_with_notes(cfg: TrialConfig, where: str = "", file: str | None = Non
     return trial, notes
 
 
+def _check_families(cfg: TrialConfig, where: str, file: str | None) -> None:
+    """Activation quantization is refused (one line) where the student's attention does not pass through
+    transformers' attention interface. (A model of a family outside the table was refused by `_depths`.)"""
+    init = cfg.student.init
+    student = cfg.teacher.checkpoint or cfg.teacher.model if init in ("truncate", "teacher_copy") else init
+    family = model_family(student)
+    if cfg.act_bits < 32 and family is not None and not family.attention_interface:
+        raise ConfigError(file, f"{where}act_bits", f"activation quantization inside attention needs "
+                          f"transformers' attention interface, which the {family.name} family's attention does "
+                          "not use; set act_bits: 32 (weights are still quantized)")
+
+
 def _depths(cfg: TrialConfig, where: str, file: str | None) -> tuple[int, int]:
     """(student layers, teacher layers), checked against each other."""
-    t_layers = model_depth(cfg.teacher.checkpoint or cfg.teacher.model) or model_depth(cfg.teacher.model)
+    try:
+        t_layers = model_depth(cfg.teacher.checkpoint or cfg.teacher.model) or model_depth(cfg.teacher.model)
+    except UnsupportedFamily as e:
+        raise ConfigError(file, f"{where}teacher.model", str(e)) from None
     if t_layers is None:
         raise ConfigError(file, f"{where}teacher.model", f"unknown depth of model '{cfg.teacher.model}'",
                           f"use one of {sorted(MODEL_ALIASES)} or a local folder with a config.json")
@@ -99,7 +116,10 @@ def _depths(cfg: TrialConfig, where: str, file: str | None) -> tuple[int, int]:
             raise ConfigError(file, f"{where}student.layers", "teacher_copy keeps the teacher's depth "
                               f"({t_layers})", "remove student.layers or use init: truncate")
         return t_layers, t_layers
-    depth = model_depth(init)
+    try:
+        depth = model_depth(init)
+    except UnsupportedFamily as e:
+        raise ConfigError(file, f"{where}student.init", str(e)) from None
     if depth is None:
         raise ConfigError(file, f"{where}student.init", f"'{init}' is not truncate, teacher_copy, a known "
                           "model name or a local model folder", f"known models: {sorted(MODEL_ALIASES)}")

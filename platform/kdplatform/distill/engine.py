@@ -211,6 +211,8 @@ class StageRun:
         def open_cache(examples: list[dict], persistent: bool) -> TeacherCache | None:
             if teacher is None or not self.losses.needs_teacher:
                 return None
+            if any(f.startswith("map.") for f in self.losses.t_features):
+                return None  # a family's own attention maps (S x S per head) are not per-token features
             return TeacherCache.open(examples, features=self.losses.t_features,
                                      num_heads=teacher.config.num_attention_heads,
                                      identity=teacher_identity(getattr(teacher, "name_or_path", None)),

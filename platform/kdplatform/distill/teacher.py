@@ -28,12 +28,9 @@ from kdplatform.distill.engine import Hooks, LoopState, StageSettings, resolve_d
 from kdplatform.distill.faults import FaultPlan
 from kdplatform.distill.models import load_classifier, load_tokenizer, set_seed
 from kdplatform.distill.tasks import TASKS
+from kdplatform.families import UnsupportedFamily, family_of_type
 
 MARKER = "kdp_teacher.json"
-# model types with BERT's module layout (base_model.encoder.layer[i].attention.self/.output), which the
-# feature taps and the quantizer rely on
-BERT_LIKE = frozenset({"bert", "roberta", "xlm-roberta", "electra", "camembert", "ernie", "megatron-bert",
-                       "data2vec-text"})
 
 
 class TeacherError(ValueError):
@@ -81,7 +78,7 @@ def _tokenizer(folder: str, stamps: tuple):
 
 
 def check_checkpoint(folder: Path, trial: ResolvedTrial) -> None:
-    """A ready checkpoint must be a BERT-like sequence classifier for this task's number of labels."""
+    """A ready checkpoint must be a sequence classifier of a family in the table (`kdplatform/families.py`) for this task's number of labels."""
     cfg_file = folder / "config.json"
     if not cfg_file.is_file():
         raise TeacherError(f"{folder}: not a model folder (no config.json); teacher.checkpoint must point at a "
@@ -98,9 +95,10 @@ def check_checkpoint(folder: Path, trial: ResolvedTrial) -> None:
     if not any(a.endswith("ForSequenceClassification") for a in archs):
         raise TeacherError(f"{cfg_file}: architecture {archs or cfg.get('model_type')} is not a sequence "
                            "classifier; fine-tune it first with `kdplatform teacher`")
-    if cfg.get("model_type") not in BERT_LIKE:
-        raise TeacherError(f"{cfg_file}: model_type {cfg.get('model_type')!r} is not a BERT-like encoder (the "
-                           f"losses read BERT's layers); use one of: {', '.join(sorted(BERT_LIKE))}")
+    try:
+        family_of_type(cfg.get("model_type"), str(cfg_file))
+    except UnsupportedFamily as e:
+        raise TeacherError(str(e)) from None
     if got is not None and got != want:
         raise TeacherError(f"{cfg_file}: {got} labels, task {trial.task} has {want}")
     if not any((folder / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")):

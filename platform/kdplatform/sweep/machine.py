@@ -28,6 +28,7 @@ from urllib.parse import urlparse
 
 from kdplatform.config import ResolvedTrial
 from kdplatform.config.models import model_depth, model_width
+from kdplatform.loss_menu import needs_teacher
 
 THROUGHPUT_TABLE = Path(__file__).with_name("throughput.json")
 HUB_PROBE_S = 3.0  # how long the dry run waits for the hub to answer
@@ -186,7 +187,7 @@ def student_seconds(trial: ResolvedTrial, table: dict, device: str) -> float | N
         n = train_examples(trial) + (trial.data.supplementary_examples or 0) * len(trial.data.supplementary_tasks)
         seen = min(n * stage.epochs, stage.max_steps * stage.batch_size) if stage.max_steps else n * stage.epochs
         teacher_passes = n if cached and stage.reads_teacher_cache else seen
-        if all(t.name == "ce" for t in stage.losses):
+        if not needs_teacher(t.name for t in stage.losses):
             teacher_passes = 0
         evals = seen // (stage.eval_every * stage.batch_size) if stage.eval_every else stage.epochs
         scored = dev_examples(trial) + trial.data.train_eval_examples
