@@ -76,6 +76,10 @@ _LAST_RELATIONS = {**_RELATIONS, "layer_map": "last"}
 PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("kd", "prediction-layer KD only (Hinton et al.): soft cross-entropy on logits, T=2",
            (_pred_stage(),), paper="CR-ILD baseline"),
+    # The floor every KD method must beat: the same student trained on the labels alone (no teacher term).
+    Preset("finetune", "no teacher: the student fine-tuned on hard labels (cross-entropy; MSE for regression) in "
+           "the prediction stage's schedule, the floor a KD method must beat",
+           (StageTemplate("pred", ({"name": "ce"},), PRED_STAGE),), paper="baseline"),
     Preset("pkd", "Patient KD: MSE of L2-normalised [CLS] states of mapped layers (averaged over layers, learned "
            "projection as in the reference), then prediction KD",
            (_ild_stage(({"name": "pkd", "projection": True},)), _pred_stage()), layer_map="uniform",
