@@ -1,18 +1,21 @@
 """Regenerate docs/results/ from the studies' MLflow store, or check that what is committed equals a fresh report.
 
-    python docs/results/regenerate.py --tracking-uri sqlite:////path/to/studies/mlflow.db           # rewrite
-    python docs/results/regenerate.py --tracking-uri sqlite:////path/to/studies/mlflow.db --check   # compare
+    python docs/results/regenerate.py            # rewrite, from the committed store docs/results/studies.db
+    python docs/results/regenerate.py --check    # compare only; exit 1 with a diff on any difference
+    python docs/results/regenerate.py --tracking-uri sqlite:////abs/other.db   # another copy of the store
 
 Rewrite: `kdplatform report` writes each study's tables (Markdown) and figures (PNG) into docs/results/<study>/,
 then every block of docs/results/README.md marked
 
-    <!-- table: cr_ild/tables/paper_table-accuracy.md -->
+    <!-- table: mpnet_cola/tables/paper_table-accuracy.md -->
     ...
     <!-- /table -->
 
 is replaced by that table, so the write-up's tables are the report's, character for character.
 Check: the same reports go to a temporary folder (tables only) and the committed tables and README blocks are
-compared with them; exit 1 with a diff on any difference, 0 when equal. The store itself is never committed.
+compared with them. The store (params and metrics, no model artifacts, a few MB) is committed beside this
+file, so the check runs on a fresh clone and an interrupted study resumes from it (`--resume`).
+The earlier MiniLM-L6 studies (minilm_cpu.md) were published without their store and are not regenerated.
 """
 
 from __future__ import annotations
@@ -31,9 +34,9 @@ SHARED_GLUE = HERE.parents[2] / "shared" / "data" / "glue"  # beside the clone, 
 WRITE_UP = HERE / "README.md"
 # study folder -> (MLflow experiment, report pages)
 STUDIES = {
-    "cr_ild": ("study_cr_ild_cpu", ["paper_table", "overfitting"]),
-    "kd_qat": ("study_kd_qat_cpu", [str(HERE / "dashboards" / "kd_qat.yaml"), "overfitting"]),
+    "mpnet_cola": ("study_mpnet_cola", ["paper_table", "overfitting"]),
 }
+STORE = f"sqlite:///{HERE / 'studies.db'}"
 BLOCK = re.compile(r"(<!-- table: (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
 
 
@@ -90,7 +93,8 @@ def regenerate(tracking_uri: str) -> int:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tracking-uri", required=True, help="the studies' MLflow store, e.g. sqlite:////abs/mlflow.db")
+    p.add_argument("--tracking-uri", default=STORE, help="the studies' MLflow store (default: the committed "
+                   "docs/results/studies.db)")
     p.add_argument("--check", action="store_true", help="compare only; exit 1 on any difference")
     args = p.parse_args()
     return check(args.tracking_uri) if args.check else regenerate(args.tracking_uri)
