@@ -99,8 +99,9 @@ def _depths(cfg: TrialConfig, where: str, file: str | None) -> tuple[int, int]:
     """(student layers, teacher layers), checked against each other."""
     try:
         t_layers = model_depth(cfg.teacher.checkpoint or cfg.teacher.model) or model_depth(cfg.teacher.model)
-    except UnsupportedFamily as e:
-        raise ConfigError(file, f"{where}teacher.model", str(e)) from None
+    except UnsupportedFamily as e:  # named by the field that gave the folder
+        field = "teacher.checkpoint" if cfg.teacher.checkpoint else "teacher.model"
+        raise ConfigError(file, f"{where}{field}", str(e)) from None
     if t_layers is None:
         raise ConfigError(file, f"{where}teacher.model", f"unknown depth of model '{cfg.teacher.model}'",
                           f"use one of {sorted(MODEL_ALIASES)} or a local folder with a config.json")
