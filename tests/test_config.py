@@ -161,7 +161,7 @@ def test_teacher_hash_shared_across_methods_and_seeds_but_not_teacher_finetune(t
 
 def test_resolve_trial_from_a_local_teacher_folder(tmp_path):
     (tmp_path / "t").mkdir()
-    (tmp_path / "t" / "config.json").write_text('{"num_hidden_layers": 4}')
+    (tmp_path / "t" / "config.json").write_text('{"model_type": "bert", "num_hidden_layers": 4}')
     cfg = TrialConfig(task="rte", method="minilm", teacher={"model": str(tmp_path / "t")},
                       student={"layers": 2})
     trial = resolve_trial(cfg)
