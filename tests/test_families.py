@@ -193,7 +193,7 @@ DATA = ("data: {{glue_dir: {glue}, source: glue_dir, max_train_examples: 16, max
         "train_eval_examples: 8, max_seq_length: 16{extra}}}\n"
         "teacher: {{model: {teacher}, finetune: {{epochs: 1, max_steps: 2, batch_size: 8}}}}\n")
 STEPS = "max_steps: 2, eval_every: 2, batch_size: 8"
-ILD_METHODS = ["kd", "pkd", "tinybert", "minilm", "ild_last", "cr_ild", "supplementary_ild"]
+ILD_METHODS = ["kd", "finetune", "pkd", "tinybert", "minilm", "ild_last", "cr_ild", "supplementary_ild"]
 QAT_METHODS = ["ternarybert", "kdqat_map", "kdqat_output", "kdqat_unified"]
 ALL_LOSSES = ["logit_kd", "hidden_mse", "attention_score_mse", "attention_kl", "relation_kl", "pkd",
               "attention_map_kl", "attention_output_mse"]

@@ -46,6 +46,9 @@ class TaskSpec:
     label_names: tuple[str, ...] = ()  # id -> name, in the GLUE / `datasets` order; () for regression
     positive_label: str | None = None  # raw dev label F1 counts as positive (tasks scored with F1)
     hub_splits: dict[str, str] = field(default_factory=lambda: dict(_HUB_SPLITS))  # our split -> hub split
+    # official GLUE split sizes (nyu-mll/glue dataset card): train, dev examples (MNLI: both dev sets); the dry
+    # run's hour and disk estimates read them
+    sizes: tuple[int, int] = (0, 0)
 
     @property
     def is_regression(self) -> bool:
@@ -68,28 +71,31 @@ class TaskSpec:
 
 TASKS: dict[str, TaskSpec] = {t.name: t for t in [
     TaskSpec("cola", "CoLA", "cola", 2, ("mcc",), TsvColumns(3, None, 1, _BINARY, header=False, n_fields=4),
-             ("sentence", None), label_names=("unacceptable", "acceptable"), positive_label="1"),
+             ("sentence", None), label_names=("unacceptable", "acceptable"), positive_label="1", sizes=(8551, 1043)),
     TaskSpec("sst2", "SST-2", "sst2", 2, ("accuracy",), TsvColumns("sentence", None, "label", _BINARY),
-             ("sentence", None), label_names=("negative", "positive"), positive_label="1"),
+             ("sentence", None), label_names=("negative", "positive"), positive_label="1", sizes=(67349, 872)),
     TaskSpec("mrpc", "MRPC", "mrpc", 2, ("f1", "accuracy"), TsvColumns("#1 String", "#2 String", "Quality", _BINARY),
-             ("sentence1", "sentence2"), label_names=("not_equivalent", "equivalent"), positive_label="1"),
+             ("sentence1", "sentence2"), label_names=("not_equivalent", "equivalent"), positive_label="1",
+             sizes=(3668, 408)),
     TaskSpec("stsb", "STS-B", "stsb", 1, ("pearson", "spearmanr"),
-             TsvColumns("sentence1", "sentence2", "score", None), ("sentence1", "sentence2")),
+             TsvColumns("sentence1", "sentence2", "score", None), ("sentence1", "sentence2"), sizes=(5749, 1500)),
     TaskSpec("qqp", "QQP", "qqp", 2, ("f1", "accuracy"),
              TsvColumns("question1", "question2", "is_duplicate", _BINARY, skip_malformed=True),
-             ("question1", "question2"), label_names=("not_duplicate", "duplicate"), positive_label="1"),
+             ("question1", "question2"), label_names=("not_duplicate", "duplicate"), positive_label="1",
+             sizes=(363846, 40430)),
     TaskSpec("mnli", "MNLI", "mnli", 3, ("accuracy",),
              TsvColumns("sentence1", "sentence2", "gold_label", {"entailment": 0, "neutral": 1, "contradiction": 2},
                         files={"train": "train.tsv", "dev": "dev_matched.tsv", "dev_mm": "dev_mismatched.tsv"}),
              ("premise", "hypothesis"), dev_splits=("dev", "dev_mm"),
              label_names=("entailment", "neutral", "contradiction"),
-             hub_splits={"train": "train", "dev": "validation_matched", "dev_mm": "validation_mismatched"}),
+             hub_splits={"train": "train", "dev": "validation_matched", "dev_mm": "validation_mismatched"},
+             sizes=(392702, 19647)),
     TaskSpec("qnli", "QNLI", "qnli", 2, ("accuracy",), TsvColumns("question", "sentence", "label", _NLI2),
-             ("question", "sentence"), label_names=("entailment", "not_entailment")),
+             ("question", "sentence"), label_names=("entailment", "not_entailment"), sizes=(104743, 5463)),
     TaskSpec("rte", "RTE", "rte", 2, ("accuracy",), TsvColumns("sentence1", "sentence2", "label", _NLI2),
-             ("sentence1", "sentence2"), label_names=("entailment", "not_entailment")),
+             ("sentence1", "sentence2"), label_names=("entailment", "not_entailment"), sizes=(2490, 277)),
     TaskSpec("wnli", "WNLI", "wnli", 2, ("accuracy",), TsvColumns("sentence1", "sentence2", "label", _BINARY),
-             ("sentence1", "sentence2"), label_names=("not_entailment", "entailment")),
+             ("sentence1", "sentence2"), label_names=("not_entailment", "entailment"), sizes=(635, 71)),
 ]}
 
 TASK_NAMES = tuple(TASKS)  # in GLUE's order: the report's column order too

@@ -29,14 +29,11 @@ from urllib.parse import urlparse
 from kdplatform.config import ResolvedTrial
 from kdplatform.config.models import model_depth, model_width
 from kdplatform.loss_menu import needs_teacher
+from kdplatform.task_table import TASKS
 
 THROUGHPUT_TABLE = Path(__file__).with_name("throughput.json")
 HUB_PROBE_S = 3.0  # how long the dry run waits for the hub to answer
 VOCAB = 30522  # BERT's vocabulary: the embedding's share of a model's parameters
-# Official GLUE split sizes (nyu-mll/glue dataset card): train examples, dev examples (MNLI: both dev sets).
-GLUE_SIZES = {"cola": (8551, 1043), "sst2": (67349, 872), "mrpc": (3668, 408), "stsb": (5749, 1500),
-              "qqp": (363846, 40430), "mnli": (392702, 19647), "qnli": (104743, 5463), "rte": (2490, 277),
-              "wnli": (635, 71)}
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
 
 
@@ -149,12 +146,12 @@ def rate_for(table: dict, device: str, layers: int, width: int, seq: int) -> Rat
 
 
 def train_examples(trial: ResolvedTrial) -> int:
-    n = GLUE_SIZES.get(trial.task, (0, 0))[0]
+    n = TASKS[trial.task].sizes[0]
     return min(n, trial.data.max_train_examples) if trial.data.max_train_examples else n
 
 
 def dev_examples(trial: ResolvedTrial) -> int:
-    n = GLUE_SIZES.get(trial.task, (0, 0))[1]
+    n = TASKS[trial.task].sizes[1]
     return min(n, trial.data.max_dev_examples) if trial.data.max_dev_examples else n
 
 
