@@ -68,6 +68,7 @@ def test_dry_run_short_option_plans_and_runs_nothing(tmp_path, monkeypatch):
     assert not (tmp_path / "m.db").exists(), "a dry run wrote the store"
 
 
+@pytest.mark.slow  # two CLI processes on a fresh store (about 7 s)
 def test_ls_piped_keeps_each_run_on_one_line(tmp_path):
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     spec = write_yaml(tmp_path / "lsx.yaml", small_kd_yaml("lsx"))

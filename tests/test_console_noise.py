@@ -32,6 +32,7 @@ print(log, quiet, wrote_library_log())
 """
 
 
+@pytest.mark.slow  # a CLI process that creates a store (about 5 s)
 def test_a_new_store_creates_its_tables_without_a_console_line(tmp_path):
     spec = write_yaml(tmp_path / "noise.yaml", small_kd_yaml("noise"))
     env = cli_env(tmp_path, KDP_CACHE_DIR=str(tmp_path / "cache"))

@@ -162,6 +162,7 @@ def test_bad_export_options_are_one_line(tmp_path, store, args, message):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow  # a PyTorch, ONNX fp32 and int8 timing of two students (about 8 s)
 def test_bench_logs_sizes_latencies_and_machine_to_the_run(tmp_path, store, kd_run, qat_run):
     from kdplatform.deploy.bench import BenchSettings, bench_run
 
