@@ -79,7 +79,8 @@ def _kdplatform_on_path(folder: Path) -> str:
 
 
 def _hint(text: str, label: str) -> str:
-    found = re.findall(rf"{label}: (kdplatform .+)$", text, re.M)
+    # a hint may start with the environment settings the command reads (`KDP_GLUE_DIR=... kdplatform report`)
+    found = re.findall(rf"{label}: ((?:[A-Z_]+=\S+ )*kdplatform .+)$", text, re.M)
     assert found, f"no {label!r} hint in:\n{text[-3000:]}"
     return found[-1].strip()
 
