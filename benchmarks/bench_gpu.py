@@ -28,8 +28,8 @@ from the first step to the last, device synchronised at both ends, evaluation ex
 examples / that time; useful FLOP/s = `flops.kd_step_flops` of the timed batches' non-padding tokens / time
 (teacher forward + student forward and backward; formula in benchmarks/flops.py; executed_of_peak leaves out
 the teacher forwards the cache served); MFU = useful FLOP/s / the
-device's dense bf16 peak (`flops.DEVICE_PEAK_BF16`; on CPU, `--cpu-peak` from bench_cpu_peak.py or measured
-here); peak memory = torch.cuda.max_memory_allocated per run (CPU: the process's peak RSS so far).
+device's dense bf16 peak (`flops.DEVICE_PEAK_BF16`; on CPU, `--cpu-peak` from bench_cpu_peak.py or the faster
+of the bf16 and fp32 matmul peaks measured here); peak memory = torch.cuda.max_memory_allocated per run (CPU: the process's peak RSS so far).
 
 Dependencies: torch, transformers, numpy, pandas, plus kdplatform's worker, whose config models need
 pydantic and PyYAML (kdplatform.config). No mlflow, ray, sklearn or scipy: the final evaluation's metrics
@@ -360,8 +360,14 @@ def device_peak(a) -> tuple[float, str]:
         return peak, f"{name} (dense bf16 peak {peak / 1e12:.0f} TFLOP/s, data sheet)"
     if a.cpu_peak:
         return a.cpu_peak * 1e9, f"CPU (bf16 matmul peak {a.cpu_peak:.0f} GFLOP/s, given)"
-    peak = matmul_peak(torch.bfloat16, n=1024 if a.small else 2048)["best_flops"]
-    return peak, f"CPU, {torch.get_num_threads()} threads (bf16 matmul peak {peak / 1e9:.0f} GFLOP/s, measured)"
+    # The CPU's dense peak is its faster matmul dtype: a CPU without bf16 instructions runs bf16 slower than
+    # fp32 (seen here: the fp32 worker then measured an MFU of 3 against the bf16 peak), and the worker runs
+    # fp32 on a CPU.
+    n = 1024 if a.small else 2048
+    peaks = {dtype: matmul_peak(dtype, n=n)["best_flops"] for dtype in (torch.bfloat16, torch.float32)}
+    dtype, peak = max(peaks.items(), key=lambda kv: kv[1])
+    name = str(dtype).replace("torch.", "")
+    return peak, f"CPU, {torch.get_num_threads()} threads ({name} matmul peak {peak / 1e9:.0f} GFLOP/s, measured)"
 
 
 def parse(argv=None):
