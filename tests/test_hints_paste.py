@@ -54,21 +54,6 @@ def test_any_printable_argument_round_trips_through_sh(args):
     assert _sh_args(command(*args)) == args
 
 
-SPEC = """
-name: "hint test; touch PWNED"
-task: sst2
-method: kd
-data: {{glue_dir: {glue}, source: glue_dir, max_train_examples: 64, max_dev_examples: 32,
-        train_eval_examples: 32, max_seq_length: 32}}
-teacher: {{checkpoint: {ckpt}, model: {teacher}}}
-student: {{init: truncate, layers: 2}}
-train:
-  - {{name: pred, epochs: 2, batch_size: 16, eval_every: 2}}
-seeds: [1]
-resources: {{cpu: 1}}
-"""
-
-
 def _kdplatform_on_path(folder: Path) -> str:
     """A `kdplatform` command on PATH that runs this checkout (as the console script would)."""
     folder.mkdir()
@@ -91,24 +76,22 @@ def test_the_printed_resume_hint_pasted_after_ctrl_c_resumes_the_same_sweep_in_t
         tmp_path, glue_dir, tiny_bert_dir):
     from mlflow.tracking import MlflowClient
 
-    from test_sweep_signals_secrets import _classifier, _kill_session_leftovers, _sleep_until_checkpointed
+    from ray_sweeps import TINY_SWEEP_SPEC, kill_session_leftovers, sweep_env, teacher_checkpoint
     import tempfile
     import shutil
 
     ray_tmp = Path(tempfile.mkdtemp(prefix="kdpray", dir="/tmp"))
-    env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST" and not k.startswith("MLFLOW_")}
-    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_TMPDIR": str(ray_tmp),
-                "KDP_CACHE_DIR": str(tmp_path / "cache"), "KDP_FAULTS_DIR": str(tmp_path / "faults"),
-                "PATH": _kdplatform_on_path(tmp_path / "bin")})
+    env = sweep_env(tmp_path, ray_tmp, PATH=_kdplatform_on_path(tmp_path / "bin"))
     try:
-        ckpt = _classifier(tiny_bert_dir, tmp_path / "teacher_ckpt")
+        ckpt = teacher_checkpoint(tiny_bert_dir, tmp_path / "teacher_ckpt")
         first_cwd, paste_cwd = tmp_path / "first", tmp_path / "somewhere else"
         first_cwd.mkdir()
         paste_cwd.mkdir()
         store_dir = tmp_path / "my store"
         store_dir.mkdir()
         spec = first_cwd / "sweep.yaml"
-        spec.write_text(SPEC.format(glue=glue_dir, teacher=tiny_bert_dir, ckpt=ckpt))
+        spec.write_text(TINY_SWEEP_SPEC.format(name='"hint test; touch PWNED"', glue=glue_dir, teacher=tiny_bert_dir,
+                                               ckpt=ckpt))
         uri = f"sqlite:///{store_dir / 'mlflow.db'}"
         storage = tmp_path / "ray results"
         log = tmp_path / "driver.log"
@@ -150,5 +133,5 @@ def test_the_printed_resume_hint_pasted_after_ctrl_c_resumes_the_same_sweep_in_t
         assert (paste_cwd / "report" / "index.html").is_file()
         assert not [p for p in tmp_path.rglob("PWNED")], "a name in a hint ran as a command"
     finally:
-        _kill_session_leftovers(ray_tmp)
+        kill_session_leftovers(ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -179,5 +179,12 @@ def test_bench_logs_sizes_latencies_and_machine_to_the_run(tmp_path, store, kd_r
             assert m["deploy/onnx_int8/size_mb"] < m["deploy/onnx_fp32/size_mb"] / 2
         assert tags["kdp.deploy.threads"] == "1" and tags["kdp.deploy.seq_len"] == "32"
         assert tags["kdp.deploy.cpu"]
-    proc = _cli(tmp_path, "bench", "0" * 32, "--tracking-uri", store)
+    bad = "0" * 32
+    before = MlflowClient(store).get_run(kd_run).data.metrics["deploy/onnx_fp32/latency_p50_ms"]
+    proc = _cli(tmp_path, "bench", bad, kd_run, "--iters", "2", "--warmup", "0", "--batch-iters", "1",
+                "--tracking-uri", store)
     assert proc.returncode == 2 and "no run" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert f"1 of 2 runs not measured: {bad}" in proc.stderr
+    # the bad id first did not stop the good one: it was measured again and logged
+    history = MlflowClient(store).get_metric_history(kd_run, "deploy/onnx_fp32/latency_p50_ms")
+    assert len(history) == 2 and before in [h.value for h in history], history

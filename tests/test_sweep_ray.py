@@ -23,6 +23,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import cli_env, kill_session, write_yaml
+from ray_sweeps import teacher_checkpoint
 from kdplatform.sweep.expand import plan_sweep
 from kdplatform.sweep.teachers import teacher_status
 
@@ -171,9 +172,10 @@ def test_sweep_retries_a_crash_fails_a_divergence_then_runs_only_what_is_missing
 
 def test_sigkill_of_the_driver_then_resume_finishes_each_trial_in_its_own_run(
         tmp_path, glue_dir, tiny_bert_dir, mlflow_uri):
+    ckpt = teacher_checkpoint(tiny_bert_dir, tmp_path / "teacher_ckpt")
     spec = write_yaml(tmp_path / "sweep.yaml", SPEC.format(name="resume", glue=glue_dir, teacher=tiny_bert_dir,
                                                            seeds="[1]").replace(
-        "teacher: {model: ", f"teacher: {{checkpoint: {_classifier(tiny_bert_dir, tmp_path)}, model: "))
+        "teacher: {model: ", f"teacher: {{checkpoint: {ckpt}, model: "))
     slow = cli_env(tmp_path, KDP_FAULTS="sst2/*:slow@0:0.8")  # 0.8 s a step: the kill lands mid-trial
     log = tmp_path / "killed_driver.log"
     with open(log, "w") as out:  # a file, not a pipe: a full pipe would block the driver
@@ -245,13 +247,3 @@ def test_sigkill_of_the_driver_then_resume_finishes_each_trial_in_its_own_run(
     assert again.returncode == 0 and "nothing to resume: the last run of this sweep ended" in again.out, \
         again.out[-4000:]
 
-
-def _classifier(tiny_bert_dir: Path, tmp_path: Path) -> Path:
-    """A ready fine-tuned teacher checkpoint (random weights, 2 labels) built from the tiny BERT."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    folder = tmp_path / "teacher_ckpt"
-    cfg = BertConfig.from_pretrained(tiny_bert_dir, num_labels=2)
-    BertForSequenceClassification(cfg).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(folder)
-    return folder

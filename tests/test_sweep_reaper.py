@@ -89,21 +89,18 @@ def test_sigkill_of_a_real_sweep_driver_leaves_no_ray_process(tmp_path, glue_dir
     import tempfile
 
     from conftest import write_yaml
-    from test_sweep_signals_secrets import SPEC, _classifier, _cmd, _kill_session_leftovers
+    from ray_sweeps import TINY_SWEEP_SPEC, kill_session_leftovers, sweep_cmd, sweep_env, teacher_checkpoint
 
     ray_tmp = Path(tempfile.mkdtemp(prefix="kdpray", dir="/tmp"))
-    env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST" and not k.startswith("MLFLOW_")}
-    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_TMPDIR": str(ray_tmp),
-                "KDP_CACHE_DIR": str(tmp_path / "cache"), "KDP_FAULTS_DIR": str(tmp_path / "faults"),
-                "KDP_FAULTS": "sst2/*:slow@0:0.8"})
+    env = sweep_env(tmp_path, ray_tmp, KDP_FAULTS="sst2/*:slow@0:0.8")
     tree: dict[int, str] = {}
     try:
-        ckpt = _classifier(tiny_bert_dir, tmp_path / "teacher_ckpt")
-        spec = write_yaml(tmp_path / "sweep.yaml", SPEC.format(name="reaped", glue=glue_dir, teacher=tiny_bert_dir,
-                                                               ckpt=ckpt))
+        ckpt = teacher_checkpoint(tiny_bert_dir, tmp_path / "teacher_ckpt")
+        text = TINY_SWEEP_SPEC.format(name="reaped", glue=glue_dir, teacher=tiny_bert_dir, ckpt=ckpt)
+        spec = write_yaml(tmp_path / "sweep.yaml", text)
         log = tmp_path / "driver.log"
         with open(log, "w") as out:
-            driver = subprocess.Popen(_cmd(spec, f"sqlite:///{tmp_path / 'mlflow.db'}"), cwd=tmp_path, env=env,
+            driver = subprocess.Popen(sweep_cmd(spec, f"sqlite:///{tmp_path / 'mlflow.db'}"), cwd=tmp_path, env=env,
                                       stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 300
         while time.time() < deadline and driver.poll() is None and \
@@ -124,7 +121,7 @@ def test_sigkill_of_a_real_sweep_driver_leaves_no_ray_process(tmp_path, glue_dir
               f"SIGKILL: {left}")
         assert not left, left
     finally:
-        _kill_session_leftovers(ray_tmp)
+        kill_session_leftovers(ray_tmp)
         for pid in alive(tree):  # renamed agents (ray::...) the command-line sweep above cannot see
             os.kill(pid, signal.SIGKILL)
         shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,60 +22,21 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import write_yaml
+from ray_sweeps import (TINY_SWEEP_SPEC, kill_session_leftovers, sleep_until_checkpointed, sweep_cmd, sweep_env,
+                        teacher_checkpoint)
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 SECRETS = {"AWS_SECRET_ACCESS_KEY": "aws-s3cret-planted-81", "AWS_ACCESS_KEY_ID": "AKIAPLANTED00000082",
            "MLFLOW_TRACKING_PASSWORD": "mlflow-s3cret-planted-83", "HF_TOKEN": "hf_s3cretPlanted84"}
-SPEC = """
-name: {name}
-task: sst2
-method: kd
-data: {{glue_dir: {glue}, source: glue_dir, max_train_examples: 64, max_dev_examples: 32,
-        train_eval_examples: 32, max_seq_length: 32}}
-teacher: {{checkpoint: {ckpt}, model: {teacher}}}
-student: {{init: truncate, layers: 2}}
-train:
-  - {{name: pred, epochs: 2, batch_size: 16, eval_every: 2}}
-seeds: [1]
-resources: {{cpu: 1}}
-"""
-
-
-def _classifier(tiny_bert_dir: Path, folder: Path) -> Path:
-    """A ready teacher checkpoint (random weights, 2 labels): no teacher fine-tune in these tests."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    BertForSequenceClassification(BertConfig.from_pretrained(tiny_bert_dir, num_labels=2)).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture()
 def sweep_setup(tmp_path, glue_dir, tiny_bert_dir):
     ray_tmp = Path(tempfile.mkdtemp(prefix="kdpray", dir="/tmp"))  # short: Ray's socket paths have a limit
-    env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST" and not k.startswith("MLFLOW_")}
-    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_TMPDIR": str(ray_tmp),
-                "KDP_CACHE_DIR": str(tmp_path / "cache"), "KDP_FAULTS_DIR": str(tmp_path / "faults")})
-    ckpt = _classifier(tiny_bert_dir, tmp_path / "teacher_ckpt")
+    env = sweep_env(tmp_path, ray_tmp)
+    ckpt = teacher_checkpoint(tiny_bert_dir, tmp_path / "teacher_ckpt")
     yield tmp_path, env, ray_tmp, ckpt
-    _kill_session_leftovers(ray_tmp)
+    kill_session_leftovers(ray_tmp)
     shutil.rmtree(ray_tmp, ignore_errors=True)
-
-
-def _kill_session_leftovers(ray_tmp: Path) -> None:
-    """Ray processes of this test that outlived it (only if the test failed half-way)."""
-    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
-        try:
-            if str(ray_tmp) in Path(cmdline).read_text():
-                os.kill(int(Path(cmdline).parent.name), signal.SIGKILL)
-        except (OSError, ValueError):
-            pass
-
-
-def _cmd(spec: Path, uri: str, *more: str) -> list[str]:
-    return [sys.executable, "-m", "kdplatform.cli", "sweep", str(spec), "--tracking-uri", uri, "--num-cpus", "1",
-            *more]
 
 
 def _session_listeners(sid: int) -> list[str]:
@@ -96,14 +56,14 @@ def _session_listeners(sid: int) -> list[str]:
 def test_planted_secrets_reach_no_ray_log_nor_the_store_and_ray_listens_on_loopback(sweep_setup, glue_dir,
                                                                                        tiny_bert_dir):
     tmp_path, env, ray_tmp, ckpt = sweep_setup
-    spec = write_yaml(tmp_path / "sweep.yaml", SPEC.format(name="secrets", glue=glue_dir, teacher=tiny_bert_dir,
+    spec = write_yaml(tmp_path / "sweep.yaml", TINY_SWEEP_SPEC.format(name="secrets", glue=glue_dir, teacher=tiny_bert_dir,
                                                            ckpt=ckpt))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env.update(SECRETS)
     env["KDP_FAULTS"] = "sst2/*:slow@0:0.3"  # slow enough to look at the listening sockets while it runs
     log = tmp_path / "driver.log"
     with open(log, "w") as out:
-        driver = subprocess.Popen(_cmd(spec, uri), cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+        driver = subprocess.Popen(sweep_cmd(spec, uri), cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
                                   start_new_session=True)
     seen: set[str] = set()
     while driver.poll() is None:
@@ -129,27 +89,16 @@ def test_planted_secrets_reach_no_ray_log_nor_the_store_and_ray_listens_on_loopb
     assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]  # the parent and the trial
 
 
-def _sleep_until_checkpointed(tmp_path: Path, driver: subprocess.Popen, log: Path) -> None:
-    deadline = time.time() + 300
-    while time.time() < deadline and driver.poll() is None:
-        ckpts = glob.glob(str(tmp_path / "ray_results" / "*" / "*" / "checkpoint_*"))
-        states = glob.glob(str(tmp_path / "ray_results" / "*" / "experiment_state-*.json"))
-        if ckpts and states and max(map(os.path.getmtime, states)) > os.path.getmtime(ckpts[0]):
-            return
-        time.sleep(0.2)
-    pytest.fail("no trial checkpointed: " + log.read_text()[-3000:])
-
-
 def test_sigterm_ends_the_sweep_cleanly_runs_killed_then_resume_finishes(sweep_setup, glue_dir, tiny_bert_dir):
     tmp_path, env, ray_tmp, ckpt = sweep_setup
-    spec = write_yaml(tmp_path / "sweep.yaml", SPEC.format(name="sigterm", glue=glue_dir, teacher=tiny_bert_dir,
+    spec = write_yaml(tmp_path / "sweep.yaml", TINY_SWEEP_SPEC.format(name="sigterm", glue=glue_dir, teacher=tiny_bert_dir,
                                                            ckpt=ckpt))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     log = tmp_path / "driver.log"
     with open(log, "w") as out:
-        driver = subprocess.Popen(_cmd(spec, uri), cwd=tmp_path, env={**env, "KDP_FAULTS": "sst2/*:slow@0:0.8"},
+        driver = subprocess.Popen(sweep_cmd(spec, uri), cwd=tmp_path, env={**env, "KDP_FAULTS": "sst2/*:slow@0:0.8"},
                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    _sleep_until_checkpointed(tmp_path, driver, log)
+    sleep_until_checkpointed(tmp_path, driver, log)
     start = time.monotonic()
     driver.send_signal(signal.SIGTERM)
     code = driver.wait(timeout=120)
@@ -164,7 +113,7 @@ def test_sigterm_ends_the_sweep_cleanly_runs_killed_then_resume_finishes(sweep_s
     runs = {r.data.tags["kdp.role"]: r for r in c.search_runs([exp])}
     assert {role: r.info.status for role, r in runs.items()} == {"sweep": "KILLED", "student": "KILLED"}
 
-    resumed = subprocess.run(_cmd(spec, uri, "--resume"), cwd=tmp_path, env=env, capture_output=True, text=True,
+    resumed = subprocess.run(sweep_cmd(spec, uri, "--resume"), cwd=tmp_path, env=env, capture_output=True, text=True,
                              timeout=420)
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
     after = c.search_runs([exp])
@@ -191,13 +140,13 @@ def test_ray_storage_full_closes_the_sweep_failed_and_resume_never_runs_a_phanto
     if why:
         pytest.skip(why)
     try:
-        spec = write_yaml(tmp_path / "sweep.yaml", SPEC.format(name="diskfull", glue=glue_dir,
+        spec = write_yaml(tmp_path / "sweep.yaml", TINY_SWEEP_SPEC.format(name="diskfull", glue=glue_dir,
                                                                teacher=tiny_bert_dir, ckpt=ckpt))
         uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
         c = MlflowClient(uri)
 
         def sweep(*more: str) -> tuple[subprocess.CompletedProcess, dict]:
-            proc = subprocess.run(_cmd(spec, uri, "--storage", str(full), *more), cwd=tmp_path, env=env,
+            proc = subprocess.run(sweep_cmd(spec, uri, "--storage", str(full), *more), cwd=tmp_path, env=env,
                                   capture_output=True, text=True, timeout=420)
             exp = c.get_experiment_by_name("diskfull").experiment_id
             runs = {}

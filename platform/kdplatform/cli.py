@@ -404,12 +404,16 @@ def bench(run_ids: list[str] = typer.Argument(..., metavar="RUN_ID...", help="st
     if not runs.store_missing(uri):
         _readable_store(uri)
     settings = BenchSettings(threads=threads, warmup=warmup, iters=iters, batch_iters=batch_iters)
-    for run_id in run_ids:
+    failed = []
+    for run_id in run_ids:  # a bad id is reported and skipped: the others' measurements are still logged
         try:
             bench_run(uri, run_id, settings, which,
                       say=lambda line: console.print(escape(line), highlight=False, soft_wrap=True))
         except ExportError as e:
-            _fail(escape(str(e)))
+            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            failed.append(run_id)
+    if failed:
+        _fail(f"{len(failed)} of {len(run_ids)} runs not measured: {' '.join(failed)} (see above)")
 
 
 @app.command()

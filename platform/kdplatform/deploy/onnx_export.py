@@ -16,7 +16,9 @@ and more for the dynamo exporter here, with the same outputs; batch and sequence
 
 Encoder families: everything here asks the model's own forward for logits and the tokenizer for its input
 names; the only family-specific knowledge is which modules `quantize_bert_` quantized (QuantLinear /
-QuantEmbedding instances), so a family table plugs in through `quantize_bert_` alone.
+QuantEmbedding instances), so a family table plugs in through `quantize_bert_` alone. All eight families of
+`kdplatform/families.py` export, full precision and 2-bit (tests/test_onnx_families.py); a model the tracer
+cannot follow raises ExportError (one line, exit 2 at the CLI).
 
 >>> fp32 = export_onnx(model, tokenizer, "out/model.onnx", seq_len=64)        # doctest: +SKIP
 >>> notes = export_int8(model, fp32, "out/model_int8.onnx")                   # doctest: +SKIP
@@ -33,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kdplatform.distill.export import ExportError
 from kdplatform.distill.quant import QuantEmbedding, QuantLinear, quantize_weight
 
 OPSET = 17
@@ -107,12 +110,20 @@ def export_onnx(model: nn.Module, tokenizer, path: str | Path, seq_len: int) -> 
     example = tokenizer(["an example sentence"] * 2, padding="max_length", truncation=True, max_length=seq_len,
                         return_tensors="pt")
     path = Path(path)
-    with torch.no_grad(), _quiet():
-        # the wrapper in eval mode: the exporter restores the wrapper's mode afterwards, and a new module's
-        # (train) would switch the caller's model to training, dropout on
-        torch.onnx.export(_Logits(model, names).eval(), tuple(example[n] for n in names), str(path), dynamo=False,
-                          opset_version=OPSET, input_names=names, output_names=["logits"],
-                          dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names}, "logits": {0: "batch"}})
+    try:
+        with torch.no_grad(), _quiet():
+            # the wrapper in eval mode: the exporter restores the wrapper's mode afterwards, and a new module's
+            # (train) would switch the caller's model to training, dropout on
+            torch.onnx.export(_Logits(model, names).eval(), tuple(example[n] for n in names), str(path),
+                              dynamo=False, opset_version=OPSET, input_names=names, output_names=["logits"],
+                              dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names},
+                                            "logits": {0: "batch"}})
+    except Exception as e:  # a family (or transformers version) the tracer cannot follow: one line, not a trace
+        kind = getattr(model.config, "model_type", type(model).__name__)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ExportError(f"cannot export this {kind} student to ONNX with torch.onnx (opset {OPSET}): "
+                          f"{type(e).__name__}: {first}; export it as a Hugging Face folder (--format hf) "
+                          f"instead") from e
     return path
 
 
