@@ -168,7 +168,10 @@ def run(file: Path = typer.Argument(..., metavar="FILE", help="trial or sweep YA
         for line in describe_trials(plan.trials):  # per stage: each loss term, its layer pairs and weight
             console.print(escape(line))
         return
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill`/`timeout`: end the open run as KILLED, not RUNNING
+    # `kill`/`timeout`, and Ctrl-C or `kill -INT` even where SIGINT arrives ignored (a background job of a
+    # script, nohup), which leaves Python without its handler: end the open run as KILLED, not RUNNING
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop, _interrupt)
     try:
         outcome = run_local(plan, file, console=console)
     except SweepError as e:

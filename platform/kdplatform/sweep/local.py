@@ -45,6 +45,9 @@ def run_local(plan: SweepPlan, file: str | Path, console: Console | None = None)
             rows = _run_all(plan, parent.run_id, console)
         except BaseException as e:
             status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+            # a trial run the signal caught between its creation and the worker's own handler is closed here
+            runs.close_children(plan.tracking_uri, plan.experiment, parent.run_id, status,
+                                f"{type(e).__name__} in `kdplatform run`; run the file again to continue")
             parent.set_tags({runs.FAILURE_REASON: f"{type(e).__name__}: {tracking.redact(str(e))[:2000]}"})
             parent.finish(status)
             raise
