@@ -7,7 +7,7 @@
 Rewrite: `kdplatform report` writes each study's tables (Markdown) and figures (PNG) into docs/results/<study>/,
 then every block of docs/results/README.md marked
 
-    <!-- table: mpnet_cola/tables/paper_table-accuracy.md -->
+    <!-- table: mpnet_cola/tables/mpnet_cola-accuracy.md -->
     ...
     <!-- /table -->
 
@@ -34,7 +34,8 @@ SHARED_GLUE = HERE.parents[2] / "shared" / "data" / "glue"  # beside the clone, 
 WRITE_UP = HERE / "README.md"
 # study folder -> (MLflow experiment, report pages)
 STUDIES = {
-    "mpnet_cola": ("study_mpnet_cola", ["paper_table", "overfitting"]),
+    "mpnet_cola": ("study_mpnet_cola", [str(HERE / "dashboards" / "mpnet_cola.yaml"), "overfitting"]),
+    "mpnet_kdqat": ("study_mpnet_kdqat", [str(HERE / "dashboards" / "mpnet_kdqat.yaml"), "overfitting"]),
 }
 STORE = f"sqlite:///{HERE / 'studies.db'}"
 BLOCK = re.compile(r"(<!-- table: (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
