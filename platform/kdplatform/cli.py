@@ -53,8 +53,13 @@ FileTrackingOpt = typer.Option(None, "--tracking-uri", metavar="URI",
                                "else the file's tracking_uri:, else sqlite:///./mlflow.db)")
 
 
-def _fail(message: str, code: int = 2) -> None:
+def _error(message: str) -> None:
+    """One error line on stderr (rich markup in `message` is rendered)."""
     err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    _error(message)
     raise typer.Exit(code)
 
 
@@ -413,7 +418,7 @@ def bench(run_ids: list[str] = typer.Argument(..., metavar="RUN_ID...", help="st
             bench_run(uri, run_id, settings, which,
                       say=lambda line: console.print(escape(line), highlight=False, soft_wrap=True))
         except ExportError as e:
-            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            _error(escape(str(e)))
             failed.append(run_id)
     if failed:
         _fail(f"{len(failed)} of {len(run_ids)} runs not measured: {' '.join(failed)} (see above)")
