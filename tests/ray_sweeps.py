@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import cli_env
+
 TINY_SWEEP_SPEC = """
 name: {name}
 task: sst2
@@ -39,13 +41,10 @@ def teacher_checkpoint(tiny_bert_dir: Path, folder: Path) -> Path:
 
 
 def sweep_env(tmp_path: Path, ray_tmp: Path, **extra: str) -> dict[str, str]:
-    """The driver's environment: offline hub, Ray's session under `ray_tmp`, cache and faults under
-    `tmp_path`, no MLflow settings of the caller's shell; plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST" and not k.startswith("MLFLOW_")}
-    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_TMPDIR": str(ray_tmp),
-                "KDP_CACHE_DIR": str(tmp_path / "cache"), "KDP_FAULTS_DIR": str(tmp_path / "faults")})
-    env.update(extra)
-    return env
+    """The driver's environment: a user's (`conftest.cli_env`), with Ray's session under `ray_tmp`, the cache
+    under `tmp_path` and no MLflow settings of the caller's shell; plus `extra`."""
+    shell = {k: v for k, v in cli_env(tmp_path).items() if not k.startswith("MLFLOW_")}
+    return {**shell, "RAY_TMPDIR": str(ray_tmp), "KDP_CACHE_DIR": str(tmp_path / "cache"), **extra}
 
 
 def sweep_cmd(spec: Path, uri: str, *more: str) -> list[str]:

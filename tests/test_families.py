@@ -157,6 +157,25 @@ def test_tapped_maps_equal_the_familys_output_attentions(family, family_dirs):
         assert naive_gap < 1e-5
 
 
+# ----------------------------------------------------------------------------------------- regression head
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_a_new_regression_head_starts_at_the_label_mean_and_a_saved_one_is_kept(family, family_dirs, tmp_path):
+    """STS-B: the one-output head the pretrained folder lacks starts at `regression_start`: the same random
+    head (same seed) outputs exactly that much more; a checkpoint's own regression head is not touched."""
+    batch = _inputs(_batch(family_dirs[family], family), family)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        plain = load_classifier(str(family_dirs[family]), 1).eval()(**batch).logits
+        torch.manual_seed(0)
+        started = load_classifier(str(family_dirs[family]), 1, regression_start=2.7).eval()
+        logits = started(**batch).logits
+    torch.testing.assert_close(logits, plain + 2.7)
+    started.save_pretrained(tmp_path / "fine_tuned")  # a regression checkpoint: its head is kept as trained
+    with torch.no_grad():
+        again = load_classifier(str(tmp_path / "fine_tuned"), 1, regression_start=-5.0).eval()(**batch).logits
+    torch.testing.assert_close(again, logits)
+
+
 # ----------------------------------------------------------------------------------------- QAT
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_qat_quantizes_the_familys_linears_and_reloads_identically(family, family_dirs, tmp_path):

@@ -59,3 +59,19 @@ def test_each_family_exports_to_onnx_and_int8(family, minilm, tmp_path):
         else:
             assert _onnx_logits(int8, enc).shape == reference.shape
             assert int8.stat().st_size < fp32.stat().st_size, f"{family}: int8 export is not smaller"
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_exported_weights_are_the_ones_the_qat_forward_used(family, minilm):
+    """`materialize` writes each quantized matrix as the QAT forward computes it (a fused QKV per Q/K/V
+    block, not as one matrix), so the copy traced to ONNX gives the student's logits to float precision."""
+    from transformers import AutoTokenizer
+
+    from kdplatform.deploy.onnx_export import materialize
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm)
+    enc = {n: t for n, t in tokenizer(SENTENCES, padding=True, return_tensors="pt").items()
+           if n in input_names(tokenizer)}
+    model = _classifier(family, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(materialize(model)[0](**enc).logits, model(**enc).logits)

@@ -11,7 +11,7 @@ from torch import nn
 
 from kdplatform.distill.quant import (
     ATTN_IMPLEMENTATION, QuantEmbedding, QuantLinear, int2_quantize, quantize_activation, quantize_bert_,
-    ternarize, ternarize_rows, uniform_quantize,
+    ternarize, ternarize_rows, twn_levels, uniform_quantize,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -206,6 +206,50 @@ def test_quant_linear_forward_uses_quantized_weights_and_inputs():
     torch.testing.assert_close(ffn1(x), expected)
     assert isinstance(model.classifier, nn.Linear) and not isinstance(model.classifier, QuantLinear)
     assert type(model.bert.embeddings.word_embeddings) is nn.Embedding
+
+
+def test_evaluation_reuses_the_quantized_weight_until_the_latent_weight_changes():
+    """Without autograd a QuantLinear computes its quantized weight once per version of the latent weight:
+    after an optimizer step (or a loaded state) the next evaluation uses the new weight, never a stale one."""
+    model = tiny_bert()
+    quantize_bert_(model, bits=2, act_bits=32)
+    ffn1 = model.bert.encoder.layer[1].intermediate.dense
+    x = torch.randn(2, 5, H)
+    with torch.no_grad():
+        first = ffn1(x)
+        assert ffn1.quantized_weight() is ffn1.quantized_weight()  # reused while the weight is unchanged
+    torch.testing.assert_close(first, nn.functional.linear(x, ternarize(ffn1.weight), ffn1.bias))
+    model.train()
+    model(**batch()).logits.sum().backward()
+    torch.optim.SGD(model.parameters(), lr=0.5).step()
+    with torch.no_grad():
+        after_step = ffn1(x)
+    torch.testing.assert_close(after_step, nn.functional.linear(x, ternarize(ffn1.weight), ffn1.bias))
+    assert not torch.equal(after_step, first)
+    model.load_state_dict(tiny_bert(seed=3).state_dict(), strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(ffn1(x), nn.functional.linear(x, ternarize(ffn1.weight), ffn1.bias))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_embedding_rows_quantized_after_lookup_equal_the_whole_table_quantized(bits):
+    """Per-row codes depend on their row alone: looking up first gives the same values and the same
+    gradient as quantizing the whole table and then looking up (the padding row gets no gradient)."""
+    model = tiny_bert()
+    quantize_bert_(model, bits=bits, act_bits=32, quantize_embeddings=True)
+    emb = model.bert.embeddings.word_embeddings
+    assert isinstance(emb, QuantEmbedding)
+    ids = batch()["input_ids"]
+    ids[0, -1] = emb.padding_idx
+    out = emb(ids)
+    out.pow(2).sum().backward()
+    got_grad, emb.weight.grad = emb.weight.grad.clone(), None
+    table = ternarize_rows(emb.weight) if bits == 2 else twn_levels(emb.weight, bits, per_row=True)
+    expected = nn.functional.embedding(ids, table, emb.padding_idx)
+    expected.pow(2).sum().backward()
+    assert torch.equal(out, expected)
+    torch.testing.assert_close(got_grad, emb.weight.grad)
+    assert not got_grad[emb.padding_idx].any()
 
 
 def test_attention_activations_quantized_and_mask_respected():

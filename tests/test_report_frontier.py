@@ -111,3 +111,23 @@ def test_frontier_says_what_to_run_when_nothing_was_benched(tmp_path):
     log_run(c, c.create_experiment("plain"), SynthRun("sst2", "kd", 42, 0.8))
     blocks = build_report(collect_runs(uri, experiment="plain"), [load_dashboard("frontier")]).sections[0].blocks
     assert all("kdplatform bench" in b.note for b in blocks)
+
+
+def test_a_config_benched_on_one_seed_is_priced_by_it_and_scored_over_every_seed(tmp_path):
+    """Cost belongs to the architecture: one benched seed prices the config; the score averages all seeds."""
+    from kdplatform.report.collect import collect_runs
+    from kdplatform.report.frontier import config_points
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = MlflowClient(uri)
+    exp = c.create_experiment("frontier")
+    for seed, best in zip((42, 43, 44), (0.60, 0.70, 0.80)):
+        rid = log_run(c, exp, SynthRun("cola", "kd", seed, best, extra_params={"student_layers": "3"}))
+        if seed == 42:
+            c.log_batch(rid, metrics=[Metric("deploy/onnx_int8/latency_p50_ms", 3.0, 0, 0)])
+    log_run(c, exp, SynthRun("cola", "kd", 42, 0.90, extra_params={"student_layers": "6"}))  # never benched
+    pts = config_points(collect_runs(uri, experiment="frontier"), "cola", "latency", "onnx_int8")
+    assert pts.depth.tolist() == ["3"]
+    row = pts.iloc[0]
+    assert (row.score, row.n, row.cost, row.benched) == (pytest.approx(70.0), 3, 3.0, 1)
+    assert row.score_std == pytest.approx(10.0)

@@ -206,6 +206,9 @@ def _drop_neutral(d: dict[str, Any]) -> None:
             d[section].pop(key)
 
 
+REGRESSION_HEAD_START = "regression_head_start"
+
+
 @dataclass(frozen=True)
 class DefinitionChange:
     """A loss or quantizer whose definition changed: it enters the hash only of the trials it affects."""
@@ -231,6 +234,9 @@ DEFINITION_CHANGES: tuple[DefinitionChange, ...] = (
                      "8-bit quantized word embeddings use the per-row TWN-scaled grid (the reference)"),
     DefinitionChange("hidden_projection", 2, lambda t: builds_projection(t),
                      "the hidden-state projection is one linear shared by the mapped layers, normal-initialised"),
+    DefinitionChange(REGRESSION_HEAD_START, 2,
+                     lambda t: t.task in REGRESSION_TASKS and t.student.init != "teacher_copy",
+                     "a new regression head's bias starts at the training labels' mean (it started at 0)"),
 )
 
 
@@ -271,8 +277,11 @@ def teacher_hash(trial: Any) -> str:
     if data["subsample_seed"] == NEUTRAL_VALUES[("data", "subsample_seed")] or not (
             data["max_train_examples"] or data["label_noise"]):
         data.pop("subsample_seed")
-    return digest({"task": trial.task, "model": trial.teacher.model, "seed": trial.teacher.seed,
-                   "finetune": trial.teacher.finetune.model_dump(mode="json"), "data": data})
+    fields = {"task": trial.task, "model": trial.teacher.model, "seed": trial.teacher.seed,
+              "finetune": trial.teacher.finetune.model_dump(mode="json"), "data": data}
+    if trial.task in REGRESSION_TASKS:  # its new head starts at the label mean: not the teachers cached before
+        fields["definitions"] = {REGRESSION_HEAD_START: 2}
+    return digest(fields)
 
 
 def digest(obj: Any) -> str:

@@ -74,7 +74,7 @@ def materialize(model: nn.Module) -> tuple[nn.Module, list[torch.Tensor]]:
     with torch.no_grad():
         for m in out.modules():
             if isinstance(m, QuantLinear) and m.bits < 32:
-                m.weight.copy_(quantize_weight(m.weight, m.bits, two_bit=m.two_bit, clip=m.clip))
+                m.weight.copy_(m.quantized_weight())  # per block of a fused QKV, as the forward
                 m.bits = 32
                 linears.append(m.weight.detach().clone())
             elif isinstance(m, QuantEmbedding) and m.bits < 32:

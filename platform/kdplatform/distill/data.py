@@ -36,6 +36,13 @@ class TrialData:
     source_used: str = ""  # where the train split came from: "glue_dir:<folder>", "hub:<id>/<config>", "disk:..."
     train_rows: TaskData | None = None  # the train examples used (downsampled, noised), as text
 
+    @property
+    def label_mean(self) -> float | None:
+        """The training labels' mean for a regression task (where a new head's output starts), else None."""
+        if self.num_labels != 1 or not self.train:
+            return None
+        return float(np.mean([f["label"] for f in self.train]))
+
 
 def _with_labels(encodings: list[dict], labels) -> list[dict]:
     return [{**e, "label": y} for e, y in zip(encodings, labels)]

@@ -46,9 +46,16 @@ def load_tokenizer(name_or_path: str):
     return AutoTokenizer.from_pretrained(resolve_model(name_or_path))
 
 
-def load_classifier(name_or_path: str, num_labels: int, num_layers: int | None = None) -> nn.Module:
+def load_classifier(name_or_path: str, num_labels: int, num_layers: int | None = None, *,
+                    regression_start: float | None = None) -> nn.Module:
     """A sequence classifier from pretrained weights; `num_layers` keeps only the bottom layers. Loaded with
-    its family's attention implementation (SDPA where the family supports it, else eager)."""
+    its family's attention implementation (SDPA where the family supports it, else eager).
+
+    `regression_start`: for a regression head the checkpoint does not provide (one output), the output
+    bias starts at this value (the training labels' mean) instead of 0. Why: a new head on an encoder whose
+    pooler was never trained (sentence-transformers checkpoints: MiniLM, MPNet) outputs about 0.01 while
+    STS-B labels average 2.7, and Adam moves a bias by about lr per step (0.03 in 300 steps at 1e-4), so
+    the MSE's gradient spends the fine-tune shifting every prediction up instead of ranking them."""
     paths.quiet_transformers()
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
@@ -61,8 +68,26 @@ def load_classifier(name_or_path: str, num_labels: int, num_layers: int | None =
         config.num_hidden_layers = num_layers  # every family's config maps this name to its depth key
         for key in family.per_layer_config:
             setattr(config, key, getattr(config, key)[:num_layers])
-    return AutoModelForSequenceClassification.from_pretrained(path, config=config,
-                                                              attn_implementation=family.attn_implementation)
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        path, config=config, attn_implementation=family.attn_implementation, output_loading_info=True)
+    if regression_start is not None and num_labels == 1:
+        start_regression_head(model, info["missing_keys"], regression_start)
+    return model
+
+
+def start_regression_head(model: nn.Module, missing_keys, value: float) -> bool:
+    """Set the bias of the new one-output head (its output layer: a Linear with one output whose bias is
+    among `missing_keys`, the weights the checkpoint lacked) to `value`; False when there is none."""
+    for name in missing_keys:
+        module_name, _, leaf = name.rpartition(".")
+        if leaf != "bias":
+            continue
+        module = model.get_submodule(module_name)
+        if isinstance(module, nn.Linear) and module.out_features == 1:
+            with torch.no_grad():
+                module.bias.fill_(value)
+            return True
+    return False
 
 
 def family_of(model: nn.Module) -> Family:

@@ -88,7 +88,8 @@ def twn_levels(w: Tensor, bits: int, clip: float = DEFAULT_CLIP, *, per_row: boo
     keep = (a > mean_abs).to(x.dtype)
     kept = keep.sum(dim=-1, keepdim=True) if per_row else keep.sum()
     alpha = ((a * keep).sum(dim=-1, keepdim=True) if per_row else (a * keep).sum()) / kept.clamp(min=1)
-    step = alpha * 2 / (2**bits - 1)
+    # an all-zero matrix or row (e.g. a padding token's embedding) has step 0: its codes are 0, not 0/0 = NaN
+    step = (alpha * 2 / (2**bits - 1)).clamp(min=torch.finfo(x.dtype).tiny)
     return _ste(wc, torch.round(torch.minimum(torch.maximum(x, -alpha), alpha) / step) * step)
 
 
@@ -173,9 +174,24 @@ class QuantLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         x = quantize_activation(x, self.act_bits, self.act_clip)
+        return nn.functional.linear(x, self.quantized_weight(), self.bias)
+
+    def quantized_weight(self) -> Tensor:
+        """The weight the forward computes with. Without autograd (evaluation) it is computed once per version
+        of the latent weight and reused: an evaluation re-quantized every matrix for every batch, which cost
+        more than the matmuls on short sequences. The cache is a plain attribute, not in the state dict."""
+        if torch.is_grad_enabled():
+            return self._quantize()
+        key = (self.weight.data_ptr(), self.weight._version, self.bits, self.two_bit, self.clip, self.groups)
+        cached = getattr(self, "_kdp_cached_weight", None)
+        if cached is None or cached[0] != key:
+            cached = (key, self._quantize())
+            self._kdp_cached_weight = cached
+        return cached[1]
+
+    def _quantize(self) -> Tensor:
         blocks = self.weight.chunk(self.groups, dim=0)
-        w = torch.cat([quantize_weight(b, self.bits, two_bit=self.two_bit, clip=self.clip) for b in blocks])
-        return nn.functional.linear(x, w, self.bias)
+        return torch.cat([quantize_weight(b, self.bits, two_bit=self.two_bit, clip=self.clip) for b in blocks])
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, bits={self.bits}, act_bits={self.act_bits}"
@@ -193,8 +209,12 @@ class QuantEmbedding(nn.Embedding):
         return q
 
     def forward(self, ids: Tensor) -> Tensor:
-        w = quantize_weight(self.weight, self.bits, two_bit="ternary", clip=self.clip, per_row=True)
-        return nn.functional.embedding(ids, w, self.padding_idx)
+        # per-row quantization makes each row's code depend on that row alone, so the looked-up rows are
+        # quantized after the lookup: the same values and gradients as quantizing the whole table first
+        # (30k rows, every step and every eval batch) at the cost of the batch's tokens
+        rows = nn.functional.embedding(ids.reshape(-1), self.weight, self.padding_idx)  # 2-D like the table
+        codes = quantize_weight(rows, self.bits, two_bit="ternary", clip=self.clip, per_row=True)
+        return codes.reshape(*ids.shape, self.embedding_dim)
 
 
 def quant_eager_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,

@@ -55,16 +55,18 @@ class TrialResult:
     seconds: float = 0.0
 
 
-def build_student(trial: ResolvedTrial, teacher_dir: Path, num_labels: int):
+def build_student(trial: ResolvedTrial, teacher_dir: Path, num_labels: int, label_mean: float | None = None):
     """Student init: bottom layers of the pre-trained teacher (CR-ILD/PKD), a copy of the fine-tuned
-    teacher (KD-QAT), or another model; then quantized when `bits`/`act_bits` < 32."""
+    teacher (KD-QAT), or another model; then quantized when `bits`/`act_bits` < 32. A regression head the
+    init does not provide starts at `label_mean` (see `load_classifier`)."""
     init = trial.student.init
     if init == "truncate":
-        student = load_classifier(trial.teacher.model, num_labels, num_layers=trial.student_layers)
+        student = load_classifier(trial.teacher.model, num_labels, num_layers=trial.student_layers,
+                                  regression_start=label_mean)
     elif init == "teacher_copy":
         student = load_classifier(str(teacher_dir), num_labels)
     else:
-        student = load_classifier(init, num_labels)
+        student = load_classifier(init, num_labels, regression_start=label_mean)
     report = None
     if trial.bits < 32 or trial.act_bits < 32:
         from kdplatform.distill.quant import quantize_bert_
@@ -97,7 +99,7 @@ def run_trial(trial: ResolvedTrial, *, tracking_uri: str | None = None, parent_r
     tokenizer = teacher_tokenizer(teacher_dir)
     data = prepare_data(trial, tokenizer)
     teacher = freeze(load_classifier(str(teacher_dir), data.num_labels))
-    student, qreport = build_student(trial, teacher_dir, data.num_labels)
+    student, qreport = build_student(trial, teacher_dir, data.num_labels, data.label_mean)
     state, resume_blob, snapshot = LoopState(), _load_resume(resume_dir, student), BestSnapshot()
     if resume_blob is not None:
         state = LoopState(**resume_blob["loop"])

@@ -209,7 +209,7 @@ def finetune_teacher(trial: ResolvedTrial, tracking_uri: str, folder: Path, pare
     set_seed(trial.teacher.seed)
     tokenizer = load_tokenizer(trial.teacher.model)
     data = prepare_data(trial, tokenizer, run_seed=trial.teacher.seed)
-    model = load_classifier(trial.teacher.model, data.num_labels)
+    model = load_classifier(trial.teacher.model, data.num_labels, regression_start=data.label_mean)
     logger = _teacher_run(trial, tracking_uri, parent_run_id, len(data.train), data.source_used)
     state = LoopState()
     faults = FaultPlan(f"teacher/{trial.task}")

@@ -37,18 +37,21 @@ def pareto_front(costs, scores) -> np.ndarray:
 
 
 def config_points(data: ReportData, task: str, x: str, fmt: str) -> pd.DataFrame:
-    """One row per student config of `task` that has the cost metric: `label`, `depth`, `bits`, the config
-    axes, score mean/std (x100), cost mean/std, seeds `n`, and `front` (on the Pareto front)."""
+    """One row per student config of `task` with at least one benched run: `label`, `depth`, `bits`, the
+    config axes, score mean/std over every seed (x100, `n` seeds), cost mean/std over its benched runs
+    (`benched`), and `front` (on the Pareto front). Size and latency are the architecture's, not the seed's,
+    so benching one seed of a config prices all of them."""
     key = f"metrics.deploy/{fmt}/{COSTS[x][0]}"
-    runs = data.runs[data.runs.task == task]
+    runs = data.runs[data.runs.task == task].copy()
     if key not in runs.columns or runs[key].isna().all():
         raise NoData(f"no run of {task} has {key[len('metrics.'):]}: run `kdplatform bench RUN_ID...` first")
-    runs = runs.dropna(subset=[key]).copy()
     runs["depth"] = runs[DEPTH].fillna("") if DEPTH in runs.columns else ""
     runs["pct"], runs["cost"] = runs.best_score * 100, runs[key]
     axes = ["depth", *CONFIG_AXES]
     pts = runs.groupby(axes, dropna=False).agg(score=("pct", "mean"), score_std=("pct", "std"), n=("pct", "size"),
-                                               cost=("cost", "mean"), cost_std=("cost", "std")).reset_index()
+                                               cost=("cost", "mean"), cost_std=("cost", "std"),
+                                               benched=("cost", "count")).reset_index()
+    pts = pts[pts.benched > 0].copy()
     pts["label"] = [_label(r) for r in pts.to_dict("records")]
     pts["front"] = pareto_front(pts.cost, pts.score)
     return pts.sort_values("cost").reset_index(drop=True)
@@ -81,7 +84,7 @@ def frontier_figures(data: ReportData, x: str = "latency", fmt: str = "onnx_int8
                 x=p.cost, y=p.score, mode="markers+text", name=f"W{bits}", text=[f"L{d}" if d else "" for d in p.depth],
                 textposition="top center", marker={"size": 10, "color": PALETTE[i % len(PALETTE)]},
                 error_y={"type": "data", "array": error_array(p.score_std, p.n)},
-                error_x={"type": "data", "array": error_array(p.cost_std, p.n)},
+                error_x={"type": "data", "array": error_array(p.cost_std, p.benched)},
                 customdata=np.stack([p.label, p.n], axis=-1),
                 hovertemplate="%{customdata[0]}: %{y:.1f} at %{x:.3g} (%{customdata[1]} seeds)<extra></extra>"))
         front = pts[pts.front].sort_values(["cost", "score"])
