@@ -6,11 +6,11 @@ presets' setting), on a CoLA-like batch: 32 x 16 tokens for evaluation, 16 x 16 
 backward). One torch thread, medians of --reps passes after 2 warm-up passes, systems interleaved.
 
 - fp32: the plain model.
-- qat: the quantized model as the worker runs it. In evaluation (no autograd) each matrix is quantized once
-  per version of its latent weights and reused; word embeddings are quantized per row after the lookup.
+- qat: the quantized model as the worker runs it: every forward quantizes each linear's weight, and the
+  word embeddings per row after the lookup (only the batch's rows).
 - parts: what the quantizers themselves cost, timed alone: every quantized linear's weight quantized once
-  (what a training step, or an evaluation batch before the cache, pays), the whole word-embedding table
-  quantized per row (what every forward paid before the lookup came first) and only a batch's rows.
+  (what every forward pays), the whole word-embedding table quantized per row (what every forward paid
+  before the lookup came first) and only a batch's rows.
 
     python benchmarks/bench_qat.py                  # 8 bits
     python benchmarks/bench_qat.py --bits 2 --reps 5
@@ -81,7 +81,7 @@ def main() -> None:
     linears = [m for m in qat.modules() if isinstance(m, QuantLinear)]
     emb = next(m for m in qat.modules() if isinstance(m, QuantEmbedding))
     rows_ids = eval_batch["input_ids"]
-    parts = {  # with autograd on, as in a training step (without it the linears' weights come from the cache)
+    parts = {
         "every linear's weight": _median(lambda: [m.quantized_weight() for m in linears], args.reps),
         "whole embedding table": _median(lambda: quantize_weight(emb.weight, emb.bits, per_row=True), args.reps),
         "a batch's embedding rows": _median(

@@ -177,19 +177,9 @@ class QuantLinear(nn.Linear):
         return nn.functional.linear(x, self.quantized_weight(), self.bias)
 
     def quantized_weight(self) -> Tensor:
-        """The weight the forward computes with. Without autograd (evaluation) it is computed once per version
-        of the latent weight and reused: an evaluation re-quantized every matrix for every batch, which cost
-        more than the matmuls on short sequences. The cache is a plain attribute, not in the state dict."""
-        if torch.is_grad_enabled():
-            return self._quantize()
-        key = (self.weight.data_ptr(), self.weight._version, self.bits, self.two_bit, self.clip, self.groups)
-        cached = getattr(self, "_kdp_cached_weight", None)
-        if cached is None or cached[0] != key:
-            cached = (key, self._quantize())
-            self._kdp_cached_weight = cached
-        return cached[1]
-
-    def _quantize(self) -> Tensor:
+        """The weight the forward computes with (a fused QKV quantized per Q/K/V block). Computed on every call:
+        a cache keyed on the latent weight's version counter went stale, because fused AdamW updates the
+        weights without bumping it (evaluations then scored the first evaluation's weights)."""
         blocks = self.weight.chunk(self.groups, dim=0)
         return torch.cat([quantize_weight(b, self.bits, two_bit=self.two_bit, clip=self.clip) for b in blocks])
 
