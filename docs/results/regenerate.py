@@ -36,6 +36,7 @@ WRITE_UP = HERE / "README.md"
 STUDIES = {
     "mpnet_cola": ("study_mpnet_cola", [str(HERE / "dashboards" / "mpnet_cola.yaml"), "overfitting"]),
     "mpnet_kdqat": ("study_mpnet_kdqat", [str(HERE / "dashboards" / "mpnet_kdqat.yaml"), "overfitting"]),
+    "mpnet_frontier": ("study_mpnet_frontier", [str(HERE / "dashboards" / "mpnet_frontier.yaml")]),
 }
 STORE = f"sqlite:///{HERE / 'studies.db'}"
 BLOCK = re.compile(r"(<!-- table: (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
