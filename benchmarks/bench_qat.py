@@ -27,7 +27,7 @@ import time
 import torch
 from transformers import AutoModelForSequenceClassification, BertConfig
 
-from kdplatform.distill.quant import QuantEmbedding, QuantLinear, quantize_bert_, quantize_weight
+from kdplatform.distill.quant import QuantEmbedding, QuantLinear, quantize_bert_
 
 
 def _model() -> torch.nn.Module:
@@ -83,9 +83,8 @@ def main() -> None:
     rows_ids = eval_batch["input_ids"]
     parts = {
         "every linear's weight": _median(lambda: [m.quantized_weight() for m in linears], args.reps),
-        "whole embedding table": _median(lambda: quantize_weight(emb.weight, emb.bits, per_row=True), args.reps),
-        "a batch's embedding rows": _median(
-            lambda: quantize_weight(emb.weight[rows_ids], emb.bits, per_row=True), args.reps),
+        "whole embedding table": _median(lambda: emb.quantize_rows(emb.weight), args.reps),
+        "a batch's embedding rows": _median(lambda: emb.quantize_rows(emb.weight[rows_ids.reshape(-1)]), args.reps),
     }
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread, "
           f"{args.bits}-bit weights, quantized embeddings")

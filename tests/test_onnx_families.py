@@ -22,7 +22,7 @@ from kdplatform.families import FAMILIES  # noqa: E402
 SENTENCES = ["a fine film", "the worst thing i have ever seen in a cinema, and i have seen many"]
 
 
-def _classifier(family: str, bits: int) -> torch.nn.Module:
+def _classifier(family: str, bits: int, quantize_embeddings: bool = False) -> torch.nn.Module:
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(0)
@@ -30,7 +30,7 @@ def _classifier(family: str, bits: int) -> torch.nn.Module:
     config.num_labels = 2
     model = AutoModelForSequenceClassification.from_config(config).eval()
     if bits < 32:
-        quantize_bert_(model, bits)
+        quantize_bert_(model, bits, quantize_embeddings=quantize_embeddings)
     return model
 
 
@@ -64,7 +64,8 @@ def test_each_family_exports_to_onnx_and_int8(family, minilm, tmp_path):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_the_exported_weights_are_the_ones_the_qat_forward_used(family, minilm):
     """`materialize` writes each quantized matrix as the QAT forward computes it (a fused QKV per Q/K/V
-    block, not as one matrix), so the copy traced to ONNX gives the student's logits to float precision."""
+    block, not as one matrix; word embeddings per row), so the copy traced to ONNX gives the student's logits
+    to float precision."""
     from transformers import AutoTokenizer
 
     from kdplatform.deploy.onnx_export import materialize
@@ -72,6 +73,6 @@ def test_the_exported_weights_are_the_ones_the_qat_forward_used(family, minilm):
     tokenizer = AutoTokenizer.from_pretrained(minilm)
     enc = {n: t for n, t in tokenizer(SENTENCES, padding=True, return_tensors="pt").items()
            if n in input_names(tokenizer)}
-    model = _classifier(family, 2)
+    model = _classifier(family, 2, quantize_embeddings=True)
     with torch.no_grad():
         torch.testing.assert_close(materialize(model)[0](**enc).logits, model(**enc).logits)

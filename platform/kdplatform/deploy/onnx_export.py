@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from kdplatform.distill.export import ExportError
-from kdplatform.distill.quant import QuantEmbedding, QuantLinear, quantize_weight
+from kdplatform.distill.quant import QuantEmbedding, QuantLinear
 
 OPSET = 17
 INT8_MAX = 127
@@ -78,7 +78,7 @@ def materialize(model: nn.Module) -> tuple[nn.Module, list[torch.Tensor]]:
                 m.bits = 32
                 linears.append(m.weight.detach().clone())
             elif isinstance(m, QuantEmbedding) and m.bits < 32:
-                m.weight.copy_(quantize_weight(m.weight, m.bits, two_bit="ternary", clip=m.clip, per_row=True))
+                m.weight.copy_(m.quantize_rows(m.weight))
                 m.bits = 32
     return out, linears
 

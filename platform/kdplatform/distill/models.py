@@ -75,9 +75,9 @@ def load_classifier(name_or_path: str, num_labels: int, num_layers: int | None =
     return model
 
 
-def start_regression_head(model: nn.Module, missing_keys, value: float) -> bool:
+def start_regression_head(model: nn.Module, missing_keys, value: float) -> None:
     """Set the bias of the new one-output head (its output layer: a Linear with one output whose bias is
-    among `missing_keys`, the weights the checkpoint lacked) to `value`; False when there is none."""
+    among `missing_keys`, the weights the checkpoint lacked) to `value`; nothing when there is none."""
     for name in missing_keys:
         module_name, _, leaf = name.rpartition(".")
         if leaf != "bias":
@@ -86,8 +86,7 @@ def start_regression_head(model: nn.Module, missing_keys, value: float) -> bool:
         if isinstance(module, nn.Linear) and module.out_features == 1:
             with torch.no_grad():
                 module.bias.fill_(value)
-            return True
-    return False
+            return
 
 
 def family_of(model: nn.Module) -> Family:

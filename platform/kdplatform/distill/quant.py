@@ -203,8 +203,11 @@ class QuantEmbedding(nn.Embedding):
         # quantized after the lookup: the same values and gradients as quantizing the whole table first
         # (30k rows, every step and every eval batch) at the cost of the batch's tokens
         rows = nn.functional.embedding(ids.reshape(-1), self.weight, self.padding_idx)  # 2-D like the table
-        codes = quantize_weight(rows, self.bits, two_bit="ternary", clip=self.clip, per_row=True)
-        return codes.reshape(*ids.shape, self.embedding_dim)
+        return self.quantize_rows(rows).reshape(*ids.shape, self.embedding_dim)
+
+    def quantize_rows(self, rows: Tensor) -> Tensor:
+        """Rows of the table (all of it, or looked-up ones) as the forward quantizes them: one scale per row."""
+        return quantize_weight(rows, self.bits, two_bit="ternary", clip=self.clip, per_row=True)
 
 
 def quant_eager_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
