@@ -35,6 +35,7 @@ WRITE_UP = HERE / "README.md"
 # study folder -> (MLflow experiment, report pages)
 STUDIES = {
     "mpnet_cola": ("study_mpnet_cola", [str(HERE / "dashboards" / "mpnet_cola.yaml"), "overfitting"]),
+    "mpnet_sst2": ("study_mpnet_sst2", [str(HERE / "dashboards" / "mpnet_sst2.yaml"), "overfitting"]),
     "mpnet_kdqat": ("study_mpnet_kdqat", [str(HERE / "dashboards" / "mpnet_kdqat.yaml"), "overfitting"]),
     "mpnet_frontier": ("study_mpnet_frontier", [str(HERE / "dashboards" / "mpnet_frontier.yaml")]),
 }
