@@ -158,6 +158,8 @@ def run(file: Path = typer.Argument(..., metavar="FILE", help="trial or sweep YA
 
     try:
         plan = plan_sweep(file, tracking_uri, force=force, overrides=overrides or [])
+    except ConfigError as e:  # caught first: _user_errors() imports torch, seconds a config refusal need not cost
+        _fail_for(file, e)
     except _user_errors() as e:
         _fail_for(file, e)
     for n in plan.notes:
@@ -249,6 +251,8 @@ def sweep(file: Path = typer.Argument(..., metavar="FILE", help="sweep YAML"),
                             num_cpus=num_cpus, num_gpus=num_gpus, console=console, overrides=overrides or [])
     except SweepError as e:
         _fail(str(e).replace("[", r"\["))
+    except ConfigError as e:  # before _user_errors(), which imports torch
+        _fail_for(file, e)
     except _user_errors() as e:  # the file itself, the store, a data file or checkpoint it points at
         _fail_for(file, e)
     if outcome.exit_code:
