@@ -87,6 +87,35 @@ def test_estimated_hours_follow_the_table(work):
     assert machine.student_seconds(t, table, "cuda") is None, "no GPU rows: no GPU estimate"
 
 
+def test_data_not_local_falls_back_to_max_seq_length_as_an_upper_bound(work):
+    _, trials, _ = load_trials(write_yaml(work / "g.yaml", GPU_SWEEP))  # hub data, a hub model, offline
+    lengths = machine.mean_lengths(trials[0])
+    assert (lengths.train, lengths.dev, lengths.measured) == (128, 128, False)
+
+
+def test_local_data_prices_the_mean_token_length_not_max_seq_length(work, glue_dir, minilm):
+    """Batches are length-grouped, so a trial costs what its examples' mean length costs: CoLA sentences are
+    about 11 tokens, far below max_seq_length 128. Checked against the whole train split tokenized here."""
+    text = (f"name: c\ntask: cola\nmethod: kd\ndata: {{glue_dir: {glue_dir}, source: glue_dir, max_seq_length: 128,"
+            f" max_train_examples: 1000}}\nteacher: {{model: {minilm}}}\nstudent: {{layers: 3}}\n")
+    _, trials, _ = load_trials(write_yaml(work / "c.yaml", text))
+    lengths = machine.mean_lengths(trials[0])
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm)
+    rows = [line.split("\t") for line in (glue_dir / "CoLA" / "train.tsv").read_text().splitlines()]
+    ids = tokenizer([r[3] for r in rows], truncation=True, max_length=128)["input_ids"]
+    assert lengths.measured
+    assert lengths.train == pytest.approx(sum(map(len, ids)) / len(ids), abs=0.5)  # a 2,000-sentence sample
+    assert 8 < lengths.dev < 16
+    table = {"cpu": {"source": "s", "rows": [
+        {"layers": 12, "width": 384, "seq": 128, "train_examples_per_s": 2.0, "forward_examples_per_s": 8.0}]}}
+    at_mean = machine.student_seconds(trials[0], table, "cpu")
+    padded = machine.student_seconds(trials[0].model_copy(update={"data": trials[0].data.model_copy(
+        update={"glue_dir": None, "source": "hub"})}), table, "cpu")
+    assert at_mean < padded / 5, "11-token sentences priced as if padded to 128"
+
+
 def test_an_unmeasured_size_is_scaled_by_flops_from_the_nearest_row():
     table = {"cpu": {"rows": [{"layers": 6, "width": 384, "seq": 64, "train_examples_per_s": 30.0,
                                "forward_examples_per_s": 90.0}]}}

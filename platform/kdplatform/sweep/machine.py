@@ -8,7 +8,9 @@
 - Hours: teacher fine-tuning and student trials, from the measured throughput table `throughput.json`
   (written by benchmarks/bench_throughput.py, with its source): examples x epochs / examples per second, for
   the model's size and sequence length; a size not in the table is scaled from the nearest measured row by
-  its FLOPs per example. Full-length sequences and no quantization overhead: a rough figure.
+  its FLOPs per example. Batches are length-grouped (little padding), so the length is the data's mean tokens
+  per example (train and dev apart) where the data and the tokenizer are local, else max_seq_length (an upper
+  bound); no quantization overhead: a rough figure.
 - Disk: teacher checkpoints, the student models kept, hub downloads; the teacher-output cache's bound beside.
 
 >>> for label, text, warn in machine_lines(plan, teacher_outcomes, address=None, num_gpus=None):  # doctest: +SKIP
@@ -23,9 +25,11 @@ import os
 import shutil
 import socket
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlparse
 
+from kdplatform import paths
 from kdplatform.config import ResolvedTrial
 from kdplatform.config.models import model_depth, model_width
 from kdplatform.loss_menu import needs_teacher
@@ -155,27 +159,69 @@ def dev_examples(trial: ResolvedTrial) -> int:
     return min(n, trial.data.max_dev_examples) if trial.data.max_dev_examples else n
 
 
+LENGTH_SAMPLE = 2000  # examples tokenized per split for the mean length: enough for +-1 token, about a second
+
+
+@dataclass(frozen=True)
+class Lengths:
+    train: float  # mean tokens per training example, after truncation
+    dev: float
+    measured: bool  # False: both are max_seq_length, the data or tokenizer not local
+
+
+@lru_cache(maxsize=64)
+def _mean_lengths(task: str, source: str, glue_dir: str | None, hub_dataset: str | None, model: str,
+                  max_len: int) -> Lengths:
+    from kdplatform.distill.models import load_tokenizer, resolve_model
+    from kdplatform.distill.tasks import TASKS as SPECS, downsample, load_split, reads_hub
+
+    if reads_hub(source, glue_dir, hub_dataset) or not Path(resolve_model(model)).is_dir():
+        return Lengths(max_len, max_len, False)  # measuring would download: the upper bound instead
+    tokenizer = load_tokenizer(model)
+
+    def mean(split: str) -> float:
+        data = downsample(load_split(task, split, source=source, glue_dir=glue_dir), LENGTH_SAMPLE, 0)
+        texts = (list(data.text_a),) + ((list(data.text_b),) if data.text_b is not None else ())
+        ids = tokenizer(*texts, truncation=True, max_length=max_len)["input_ids"]
+        return sum(map(len, ids)) / max(len(ids), 1)
+
+    try:
+        return Lengths(mean("train"), mean(SPECS[task].dev_splits[0]), True)
+    except (OSError, ValueError):  # a split missing here (e.g. MNLI's train): the run itself will say so
+        return Lengths(max_len, max_len, False)
+
+
+def mean_lengths(trial: ResolvedTrial) -> Lengths:
+    """Mean tokens per train and dev example of this trial's task, as its teacher's tokenizer cuts them."""
+    d = trial.data
+    glue_dir = d.glue_dir if d.glue_dir is not None else paths.glue_dir()  # the folder load_split would read
+    glue_dir = str(glue_dir) if glue_dir is not None else None
+    return _mean_lengths(trial.task, d.source, glue_dir, d.hub_dataset, trial.teacher.model, d.max_seq_length)
+
+
 def teacher_seconds(trial: ResolvedTrial, table: dict, device: str) -> float | None:
     """Fine-tuning one teacher: its epochs over the train set, one dev evaluation per epoch (or per eval_every)."""
     layers, width = trial.teacher_layers, model_width(trial.teacher.model) or 768
-    rate = rate_for(table, device, layers, width, trial.data.max_seq_length)
+    lengths = mean_lengths(trial)
+    rate, dev_rate = (rate_for(table, device, layers, width, n) for n in (lengths.train, lengths.dev))
     if rate is None:
         return None
     ft = trial.teacher.finetune
     n = train_examples(trial)
     seen = min(n * ft.epochs, ft.max_steps * ft.batch_size) if ft.max_steps else n * ft.epochs
     evals = seen // (ft.eval_every * ft.batch_size) if ft.eval_every else ft.epochs
-    return seen / rate.train + evals * dev_examples(trial) / rate.forward
+    return seen / rate.train + evals * dev_examples(trial) / dev_rate.forward
 
 
 def student_seconds(trial: ResolvedTrial, table: dict, device: str) -> float | None:
     """One student trial: per stage, the student's training, the teacher's forward passes (once when its
     outputs are cached, every epoch under mixup) and the evaluations on dev and the train-eval subset."""
-    seq = trial.data.max_seq_length
+    lengths = mean_lengths(trial)
     t_width = model_width(trial.teacher.model) or 768
     s_width = t_width if trial.student.init in ("truncate", "teacher_copy") else model_width(trial.student.init)
-    student = rate_for(table, device, trial.student_layers, s_width or t_width, seq)
-    teacher = rate_for(table, device, trial.teacher_layers, t_width, seq)
+    student = rate_for(table, device, trial.student_layers, s_width or t_width, lengths.train)
+    student_dev = rate_for(table, device, trial.student_layers, s_width or t_width, lengths.dev)
+    teacher = rate_for(table, device, trial.teacher_layers, t_width, lengths.train)
     if student is None or teacher is None:
         return None
     total = 0.0
@@ -187,8 +233,8 @@ def student_seconds(trial: ResolvedTrial, table: dict, device: str) -> float | N
         if not needs_teacher(t.name for t in stage.losses):
             teacher_passes = 0
         evals = seen // (stage.eval_every * stage.batch_size) if stage.eval_every else stage.epochs
-        scored = dev_examples(trial) + trial.data.train_eval_examples
-        total += seen / student.train + teacher_passes / teacher.forward + evals * scored / student.forward
+        scoring = dev_examples(trial) / student_dev.forward + trial.data.train_eval_examples / student.forward
+        total += seen / student.train + teacher_passes / teacher.forward + evals * scoring
     return total
 
 
@@ -283,6 +329,15 @@ def machine_lines(plan, teacher_trials: list[ResolvedTrial], *, address: str | N
     return rows
 
 
+def _length_note(trials: list[ResolvedTrial]) -> str:
+    """The sequence lengths the hours assume, per task: measured means, or max_seq_length as an upper bound."""
+    parts = []
+    for task, lengths in dict((t.task, mean_lengths(t)) for t in trials).items():
+        parts.append(f"{task} {lengths.train:.0f}/{lengths.dev:.0f}" + (
+            "" if lengths.measured else " (max_seq_length, an upper bound: data or tokenizer not local)"))
+    return "mean tokens per train/dev example " + ", ".join(parts)
+
+
 def _hour_rows(trials: list[ResolvedTrial], teacher_trials: list[ResolvedTrial], use_gpu: bool) -> list:
     table = load_table()
     out = []
@@ -300,7 +355,7 @@ def _hour_rows(trials: list[ResolvedTrial], teacher_trials: list[ResolvedTrial],
         text = f"teachers {_hours(sum(t_s))} {unit} ({len(t_s)} to train), students {_hours(sum(s_s))} {unit} " \
                f"({len(s_s)} trials)"
         if device == "cpu" and threads == 1:  # core-hours spread over this machine's cores, at best
-            text += f"; on this machine's {os.cpu_count()} cores at least {_span(sum(t_s + s_s) / os.cpu_count())}"
-        text += f"; from {table[device]['source'].split(':')[0]}"
+            text += f"; on this machine's {os.cpu_count()} cores about {_span(sum(t_s + s_s) / os.cpu_count())}"
+        text += f"; from {table[device]['source'].split(':')[0]}; {_length_note(trials or teacher_trials)}"
         out.append((f"{label} hours", text, device == "cpu" and not use_gpu and sum(t_s + s_s) > 24 * 3600))
     return out
