@@ -36,6 +36,7 @@ WRITE_UP = HERE / "README.md"
 STUDIES = {
     "mpnet_cola": ("study_mpnet_cola", [str(HERE / "dashboards" / "mpnet_cola.yaml"), "overfitting"]),
     "mpnet_sst2": ("study_mpnet_sst2", [str(HERE / "dashboards" / "mpnet_sst2.yaml"), "overfitting"]),
+    "mpnet_stsb": ("study_mpnet_stsb", [str(HERE / "dashboards" / "mpnet_stsb.yaml"), "overfitting"]),
     "mpnet_kdqat": ("study_mpnet_kdqat", [str(HERE / "dashboards" / "mpnet_kdqat.yaml"), "overfitting"]),
     "mpnet_frontier": ("study_mpnet_frontier", [str(HERE / "dashboards" / "mpnet_frontier.yaml")]),
 }

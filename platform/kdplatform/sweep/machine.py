@@ -175,20 +175,20 @@ def _mean_lengths(task: str, source: str, glue_dir: str | None, hub_dataset: str
     from kdplatform.distill.models import load_tokenizer, resolve_model
     from kdplatform.distill.tasks import TASKS as SPECS, downsample, load_split, reads_hub
 
-    if reads_hub(source, glue_dir, hub_dataset) or not Path(resolve_model(model)).is_dir():
-        return Lengths(max_len, max_len, False)  # measuring would download: the upper bound instead
-    tokenizer = load_tokenizer(model)
-
-    def mean(split: str) -> float:
+    def mean(tokenizer, split: str) -> float:
         data = downsample(load_split(task, split, source=source, glue_dir=glue_dir), LENGTH_SAMPLE, 0)
         texts = (list(data.text_a),) + ((list(data.text_b),) if data.text_b is not None else ())
         ids = tokenizer(*texts, truncation=True, max_length=max_len)["input_ids"]
         return sum(map(len, ids)) / max(len(ids), 1)
 
+    upper_bound = Lengths(max_len, max_len, False)
     try:
-        return Lengths(mean("train"), mean(SPECS[task].dev_splits[0]), True)
-    except (OSError, ValueError):  # a split missing here (e.g. MNLI's train): the run itself will say so
-        return Lengths(max_len, max_len, False)
+        if reads_hub(source, glue_dir, hub_dataset) or not Path(resolve_model(model)).is_dir():
+            return upper_bound  # measuring would download
+        tokenizer = load_tokenizer(model)
+        return Lengths(mean(tokenizer, "train"), mean(tokenizer, SPECS[task].dev_splits[0]), True)
+    except Exception:  # noqa: BLE001 -- a missing split or tokenizer file: the run itself says so; an estimate
+        return upper_bound  # must never break the dry run
 
 
 def mean_lengths(trial: ResolvedTrial) -> Lengths:
