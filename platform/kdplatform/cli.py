@@ -64,9 +64,8 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def _user_errors():
+    from kdplatform.distill.errors import DataError, TeacherError
     from kdplatform.distill.preflight import DeviceError
-    from kdplatform.distill.tasks import DataError
-    from kdplatform.distill.teacher import TeacherError
     from kdplatform.families import UnsupportedFamily
     from kdplatform.store_check import StoreUnusable
 
@@ -158,8 +157,6 @@ def run(file: Path = typer.Argument(..., metavar="FILE", help="trial or sweep YA
 
     try:
         plan = plan_sweep(file, tracking_uri, force=force, overrides=overrides or [])
-    except ConfigError as e:  # caught first: _user_errors() imports torch, seconds a config refusal need not cost
-        _fail_for(file, e)
     except _user_errors() as e:
         _fail_for(file, e)
     for n in plan.notes:
@@ -251,8 +248,6 @@ def sweep(file: Path = typer.Argument(..., metavar="FILE", help="sweep YAML"),
                             num_cpus=num_cpus, num_gpus=num_gpus, console=console, overrides=overrides or [])
     except SweepError as e:
         _fail(str(e).replace("[", r"\["))
-    except ConfigError as e:  # before _user_errors(), which imports torch
-        _fail_for(file, e)
     except _user_errors() as e:  # the file itself, the store, a data file or checkpoint it points at
         _fail_for(file, e)
     if outcome.exit_code:

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from kdplatform import paths
+from kdplatform.distill.errors import DataError
 from kdplatform.task_table import TASKS, TaskSpec, TsvColumns
 
 log = logging.getLogger(__name__)
@@ -42,25 +43,6 @@ log = logging.getLogger(__name__)
 HUB_DATASET = "nyu-mll/glue"
 SPLITS = ("train", "dev", "dev_mm")
 _CACHE_FORMAT = 1  # bump when the on-disk token cache layout changes, so old files are not misread
-
-
-
-class DataError(ValueError):
-    """A data file or split that cannot be used; the message names the file, the line and a fix."""
-
-    def __init__(self, message: str, *, file: str | os.PathLike | None = None, line: int | None = None,
-                 fix: str = ""):
-        self.file = str(file) if file is not None else None
-        self.line = line
-        self.reason = message
-        self.fix = fix
-        where = ""
-        if self.file is not None:
-            where = f"{self.file}:{line}: " if line is not None else f"{self.file}: "
-        text = where + message
-        if fix:
-            text += f"\n  fix: {fix}"
-        super().__init__(text)
 
 
 # ------------------------------------------------------------------------------------------------ specs

@@ -25,16 +25,13 @@ from kdplatform import paths, runs, tracking
 from kdplatform.config import ResolvedLoss, ResolvedStage, ResolvedTrial
 from kdplatform.distill.data import prepare_data
 from kdplatform.distill.engine import Hooks, LoopState, StageSettings, resolve_device, train_stage
+from kdplatform.distill.errors import TeacherError
 from kdplatform.distill.faults import FaultPlan
 from kdplatform.distill.models import load_classifier, load_tokenizer, set_seed
 from kdplatform.distill.tasks import TASKS
 from kdplatform.families import UnsupportedFamily, family_of_type
 
 MARKER = "kdp_teacher.json"
-
-
-class TeacherError(ValueError):
-    """A teacher checkpoint that cannot be used (missing, wrong architecture or task)."""
 
 
 class TeacherDiskFull(TeacherError):
