@@ -7,7 +7,7 @@
 Rewrite: `kdplatform report` writes each study's tables (Markdown) and figures (PNG) into docs/results/<study>/,
 then every block of docs/results/README.md marked
 
-    <!-- table: mpnet_cola/tables/mpnet_cola-accuracy.md -->
+    <!-- table: mpnet_cola/tables/mpnet_cr_ild-accuracy.md -->
     ...
     <!-- /table -->
 
@@ -32,11 +32,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SHARED_GLUE = HERE.parents[2] / "shared" / "data" / "glue"  # beside the clone, as .ci/run finds it
 WRITE_UP = HERE / "README.md"
+CR_ILD_PAGE = str(HERE / "dashboards" / "mpnet_cr_ild.yaml")  # one page for the CR-ILD study of every task
 # study folder -> (MLflow experiment, report pages)
 STUDIES = {
-    "mpnet_cola": ("study_mpnet_cola", [str(HERE / "dashboards" / "mpnet_cola.yaml"), "overfitting"]),
-    "mpnet_sst2": ("study_mpnet_sst2", [str(HERE / "dashboards" / "mpnet_sst2.yaml"), "overfitting"]),
-    "mpnet_stsb": ("study_mpnet_stsb", [str(HERE / "dashboards" / "mpnet_stsb.yaml"), "overfitting"]),
+    "mpnet_cola": ("study_mpnet_cola", [CR_ILD_PAGE, "overfitting"]),
+    "mpnet_sst2": ("study_mpnet_sst2", [CR_ILD_PAGE, "overfitting"]),
+    "mpnet_stsb": ("study_mpnet_stsb", [CR_ILD_PAGE, "overfitting"]),
     "mpnet_kdqat": ("study_mpnet_kdqat", [str(HERE / "dashboards" / "mpnet_kdqat.yaml"), "overfitting"]),
     "mpnet_frontier": ("study_mpnet_frontier", [str(HERE / "dashboards" / "mpnet_frontier.yaml")]),
 }
